@@ -1,0 +1,495 @@
+"""
+Generative Adversarial Parallelization (GAP) on MNIST.
+
+Im, Ma, Kim & Taylor, "Generative Adversarial Parallelization", arXiv:1612.04021.
+Several GANs train side by side on the same data; every K iterations their
+discriminators change partners, so no generator stays coupled to one
+discriminator. K=0 never swaps: independent GANs, the baseline GAP is compared with.
+
+    python parallel_gan.py                      # the reference run: 2 pairs, K=100
+    python parallel_gan.py --K=0 --n_pairs=4    # override any hyperparameter below
+    python parallel_gan.py --help               # list them all
+
+Writes out/NNN.png (samples from a fixed noise batch), out/losses.png and
+out/checkpoint.pt (resume with --resume=True).
+"""
+import math
+import os
+import re
+import signal
+import sys
+import time
+from contextlib import redirect_stderr, redirect_stdout
+from io import StringIO
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# --- hyperparameters (override any of them as --name=value) -------------------------
+# networks
+z_dim = 10  # noise dimensions fed to each generator
+h_dim = 128  # hidden units of every generator and discriminator
+# GAP
+n_pairs = 2  # generator/discriminator pairs trained side by side
+K = 100  # the discriminators change partners every K iterations (0: never, independent GANs)
+# training
+mb_size = 32  # minibatch size; every pair sees the same noise and the same real batch
+lr = 1e-3  # Adam learning rate of every network
+iterations = 1_000_000  # training iterations
+seed = 0  # seeds the weights, the noise, the data order and the pairings
+# output
+log_every = 1000  # print a log line (means since the previous one) every this many iterations
+sample_every = 1000  # write out/NNN.png and the checkpoint every this many iterations
+out_dir = 'out'  # where samples, plots and the checkpoint go
+resume = False  # continue from out_dir/checkpoint.pt exactly where it stopped
+# system
+data_root = 'out/data'  # MNIST lives in data_root/MNIST/raw (downloaded there when missing)
+device = 'auto'  # 'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'
+dtype = 'float32'  # 'float32' or 'float64' for every weight and computation
+threads = 0  # CPU threads torch may use (0: torch's default)
+# --- end of hyperparameters ---------------------------------------------------------
+
+SHAPE_KEYS = ('z_dim', 'h_dim', 'n_pairs', 'dtype')  # a checkpoint only fits networks of its own shape
+MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
+               't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
+
+
+# ------------------------------------------------------------------------------------
+# command line: --name=value, checked against the default's type
+
+def hyperparameters():
+    """(name, default, meaning) of each line of the block above, read from this file so --help never drifts."""
+    with open(__file__) as f:
+        block = f.read().split('# --- hyperparameters')[1].split('# --- end of hyperparameters')[0]
+    return [(m[1], globals()[m[1]], m[2]) for m in re.finditer(r'^(\w+) = .*?  # (.*)$', block, re.M)]
+
+
+def refuse(message):
+    """Bad input: one line on stderr and exit status 2, before any work starts."""
+    print(f'parallel_gan.py: error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
+def convert(name, text, default):
+    """The text of --name=text as a value of the default's type, or a refusal saying what is accepted."""
+    kind = type(default)
+    try:
+        if kind is bool:
+            return {'true': True, '1': True, 'false': False, '0': False}[text.lower()]
+        return kind(text)
+    except (KeyError, ValueError):
+        accepted = {bool: 'True or False', int: 'an integer', float: 'a number', str: 'a string'}[kind]
+        refuse(f'--{name}={text}: expected {accepted} (default {default!r})')
+
+
+def check(cfg):
+    """Refuse values that make no sense, before any work starts."""
+    rules = [
+        (cfg['z_dim'] >= 1, 'z_dim must be at least 1'),
+        (cfg['h_dim'] >= 1, 'h_dim must be at least 1'),
+        (cfg['n_pairs'] >= 1, 'n_pairs must be at least 1'),
+        (cfg['K'] >= 0, 'K must be 0 (never swap) or a positive number of iterations'),
+        (cfg['K'] == 0 or cfg['n_pairs'] >= 2, 'K>0 swaps discriminators between pairs: it needs n_pairs >= 2 (or K=0)'),
+        (cfg['mb_size'] >= 1, 'mb_size must be at least 1'),
+        (cfg['lr'] > 0 and math.isfinite(cfg['lr']), 'lr must be a positive number'),
+        (cfg['iterations'] >= 1, 'iterations must be at least 1'),
+        (cfg['log_every'] >= 1, 'log_every must be at least 1'),
+        (cfg['sample_every'] >= 1, 'sample_every must be at least 1'),
+        (cfg['threads'] >= 0, 'threads must be 0 (torch default) or a positive count'),
+        (cfg['dtype'] in ('float32', 'float64'), "dtype must be 'float32' or 'float64'"),
+        (re.fullmatch(r'auto|cpu|cuda(:\d+)?', cfg['device']) is not None,
+         "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+        (not cfg['device'].startswith('cuda') or torch.cuda.is_available(),
+         f"device {cfg['device']!r} asked for, but CUDA is not available here (use --device=cpu or auto)"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            refuse(message)
+
+
+def parse_args(argv):
+    """The hyperparameters: the defaults above, overridden by --name=value arguments."""
+    table = hyperparameters()
+    cfg = {name: default for name, default, _ in table}
+    for arg in argv:
+        if arg in ('-h', '--help'):
+            print(__doc__.strip() + '\n\nhyperparameters (--name=value):')
+            for name, default, meaning in table:
+                print(f'  --{name:<13} {default!r:<12} {meaning}')
+            sys.exit(0)
+        name, eq, text = arg[2:].partition('=')
+        if not (arg.startswith('--') and eq and name in cfg):
+            refuse(f'unknown argument {arg!r}: use --name=value with a name from: {", ".join(cfg)}')
+        cfg[name] = convert(name, text, cfg[name])
+    check(cfg)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------
+# data: the whole training set as one uint8 tensor on the training device
+
+def load_mnist(root, train=True):
+    """MNIST images as a uint8 (N, 784) tensor and labels; one clear message and exit 1 when it cannot be had."""
+    import torchvision
+    raw = os.path.join(root, 'MNIST', 'raw')
+    try:
+        quiet = StringIO()  # torchvision narrates every failed mirror; the message below says what matters
+        with redirect_stdout(quiet), redirect_stderr(quiet):
+            dataset = torchvision.datasets.MNIST(root, train=train, download=True)
+        images, labels = dataset.data, dataset.targets
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        sys.exit(f'parallel_gan.py: could not load MNIST from {raw}/ ({reason}).\n'
+                 f'To run offline, put the four uncompressed files {", ".join(MNIST_FILES)}\n'
+                 f'in {raw}/ (torchvision\'s raw layout), or point --data_root at a folder that has them.')
+    return images.reshape(len(images), -1), labels
+
+
+class Batches:
+    """Minibatches from a data tensor on the training device, a fresh shuffle each epoch.
+
+    Every image is used once per epoch: a batch that runs past the end of an epoch
+    takes the rest from the next shuffle, as the reference's reader did. No per-image
+    Python work and no host-device synchronisation."""
+
+    def __init__(self, data, mb_size, seed):
+        self.data, self.mb_size = data, mb_size
+        self.rng = torch.Generator(device=data.device).manual_seed(seed)
+        self.order, self.pos = self.shuffle(), 0
+
+    def shuffle(self):
+        return torch.randperm(len(self.data), generator=self.rng, device=self.data.device)
+
+    def next(self):
+        parts, need = [], self.mb_size
+        while need:
+            if self.pos == len(self.order):
+                self.order, self.pos = self.shuffle(), 0
+            take = min(need, len(self.order) - self.pos)
+            parts.append(self.order[self.pos:self.pos + take])
+            self.pos, need = self.pos + take, need - take
+        return self.data[parts[0] if len(parts) == 1 else torch.cat(parts)]
+
+    def state_dict(self):
+        return {'rng': self.rng.get_state(), 'order': self.order.cpu(), 'pos': self.pos}
+
+    def load_state_dict(self, state):
+        self.rng.set_state(state['rng'])
+        self.order, self.pos = state['order'].to(self.data.device), state['pos']
+
+
+def as_pixels(batch, dtype):
+    """uint8 images to [0, 1]; kept as uint8 until a batch is drawn, which quarters the data's memory."""
+    return batch.to(dtype) / 255
+
+
+# ------------------------------------------------------------------------------------
+# networks: all pairs' networks of one side held as one stack of weights
+
+class Stack(nn.Module):
+    """n copies of the MLP n_in -> n_hidden -> ReLU -> n_out, network i being slice i.
+
+    Holding the pairs' networks as stacked weights lets every pair run in the same
+    batched matrix product; the maths per pair is exactly nn.Sequential(Linear, ReLU,
+    Linear), initialised the way nn.Linear is."""
+
+    def __init__(self, n, n_in, n_hidden, n_out):
+        super().__init__()
+        self.W1, self.b1 = self.linear(n, n_in, n_hidden)
+        self.W2, self.b2 = self.linear(n, n_hidden, n_out)
+
+    @staticmethod
+    def linear(n, n_in, n_out):
+        bound = 1 / math.sqrt(n_in)
+        uniform = lambda *shape: nn.Parameter(torch.empty(*shape).uniform_(-bound, bound))
+        return uniform(n, n_in, n_out), uniform(n, 1, n_out)
+
+    def forward(self, x):
+        """x: (n, batch, n_in), or (batch, n_in) shared by every network; returns (n, batch, n_out)."""
+        x = x.expand(len(self.W1), *x.shape[-2:])
+        return torch.baddbmm(self.b2, torch.baddbmm(self.b1, x, self.W1).relu(), self.W2)
+
+
+def make_side(n, n_in, n_out, cfg):
+    """One side of the pairs (all generators, or all discriminators): {'model': stacked networks, 'solver': Adam}.
+
+    One Adam over the stack is one Adam per network: Adam's update is elementwise."""
+    model = Stack(n, n_in, cfg['h_dim'], n_out)
+    return {'model': model, 'solver': torch.optim.Adam(model.parameters(), lr=cfg['lr'], fused=True)}
+
+
+def make_pairs(cfg, x_dim, dev, dtype):
+    """G: noise -> pixel logits (a sigmoid makes pixels); D: pixels -> logit of P(real)."""
+    G = make_side(cfg['n_pairs'], cfg['z_dim'], x_dim, cfg)
+    D = make_side(cfg['n_pairs'], x_dim, 1, cfg)
+    for side in (G, D):
+        side['model'].to(dev, dtype)
+    return G, D
+
+
+def generate(G, z):
+    """Each generator's samples of the noise z: (n_pairs, batch, 784) pixels in [0, 1]."""
+    return torch.sigmoid(G['model'](z))
+
+
+# ------------------------------------------------------------------------------------
+# the GAN losses, from D's logits: log D = -softplus(-logit), log(1 - D) = -softplus(logit),
+# so they cannot overflow to inf or NaN the way log(sigmoid) can.
+
+def d_loss(real_logit, fake_logit):
+    """-mean(log D(x) + log(1 - D(G(z)))), one value per pair."""
+    return F.softplus(-real_logit).mean((1, 2)) + F.softplus(fake_logit).mean((1, 2))
+
+
+def g_loss(fake_logit):
+    """-mean(log D(G(z))), one value per pair (the non-saturating generator loss)."""
+    return F.softplus(-fake_logit).mean((1, 2))
+
+
+def update(side, loss):
+    """One Adam step of one side on the sum of the pairs' losses (pair i's loss only reaches network i).
+    Gradients go to this side's weights only: nothing leaks into the other side."""
+    params = list(side['model'].parameters())
+    for p, grad in zip(params, torch.autograd.grad(loss.sum(), params)):
+        p.grad = grad
+    side['solver'].step()
+
+
+def train_step(G, D, z, x):
+    """One GAP iteration for every pair at once: a D step, then a G step against the just-updated D.
+
+    Returns (n_pairs, 4): D_loss, G_loss, mean D(x), mean D(G(z)) of the D step."""
+    fake = generate(G, z)  # each G runs once; its graph serves the G step below
+    real_logit, fake_logit = D['model'](torch.cat([x.expand(len(fake), -1, -1), fake.detach()], 1)).split(len(x), 1)
+    D_loss = d_loss(real_logit, fake_logit)
+    update(D, D_loss)
+    G_loss = g_loss(D['model'](fake))
+    update(G, G_loss)
+    with torch.no_grad():
+        D_real, D_fake = torch.sigmoid(real_logit).mean((1, 2)), torch.sigmoid(fake_logit).mean((1, 2))
+        return torch.stack([D_loss, G_loss, D_real, D_fake], 1)
+
+
+# ------------------------------------------------------------------------------------
+# the GAP swap
+
+def new_partners(n_pairs, seed, it):
+    """The pairing after a swap at iteration it: generator i gets discriminator partners[i].
+
+    A random permutation in which no discriminator stays with its generator (the paper's
+    random pairing; with two pairs, an exchange), drawn from (seed, it) alone so a resumed
+    run draws the same one."""
+    rng = torch.Generator().manual_seed(seed * 1_000_003 + it)
+    while True:
+        partners = torch.randperm(n_pairs, generator=rng)
+        if (partners != torch.arange(n_pairs)).all():
+            return partners
+
+
+@torch.no_grad()
+def swap_discriminators(D, partners):
+    """Each discriminator, with its Adam state, moves to another generator:
+    generator i now trains against the discriminator that was at partners[i]."""
+    partners = partners.to(D['model'].W1.device)
+    for p in D['model'].parameters():
+        p.copy_(p[partners])
+        state = D['solver'].state[p]
+        for moment in ('exp_avg', 'exp_avg_sq'):  # Adam's 'step' is the same for every discriminator
+            if moment in state:
+                state[moment].copy_(state[moment][partners])
+
+
+# ------------------------------------------------------------------------------------
+# checkpoint: written atomically, loaded with weights_only=True
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a crash while saving never leaves a broken checkpoint."""
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, cfg, dev):
+    """The checkpoint's state, or a clear refusal when it is missing, damaged or of other networks."""
+    if not os.path.exists(path):
+        refuse(f'--resume=True but there is no checkpoint at {path}')
+    try:
+        state = torch.load(path, map_location=dev, weights_only=True)
+        saved = state['hyperparameters']
+        state['iteration'], state['G'], state['D'], state['pairing']  # everything a resume needs is there
+    except Exception as error:
+        refuse(f'cannot resume: {path} is damaged or not a checkpoint of this script ({type(error).__name__})')
+    changed = [f'{k}={saved.get(k)!r} there, {cfg[k]!r} now' for k in SHAPE_KEYS if saved.get(k) != cfg[k]]
+    if changed:
+        refuse(f'cannot resume from {path}: it holds other networks ({"; ".join(changed)})')
+    return state
+
+
+# ------------------------------------------------------------------------------------
+# pictures
+
+def save_samples(path, samples, it, pairing):
+    """A 4x4 grid of 16 samples per generator, labelled G1, G2, ... with their current discriminator."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    n = len(samples)
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis('off')
+    for i, images in enumerate(samples.reshape(n, 4, 4, 28, 28).cpu().float()):
+        grid = torch.ones(4 * 30 - 2, 4 * 30 - 2)
+        for r in range(4):
+            for c in range(4):
+                grid[30 * r:30 * r + 28, 30 * c:30 * c + 28] = images[r, c]
+        axes.flat[i].imshow(grid, cmap='Greys_r', vmin=0, vmax=1)
+        axes.flat[i].set_title(f'G{i + 1}' + (f' (with D{pairing[i] + 1})' if n > 1 else ''))
+    fig.suptitle(f'iteration {it}')
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def save_losses(path, history, n_pairs, K):
+    """Each pair's D and G loss over the run (means over each log interval), with the swaps marked."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    if len(history) == 0:
+        return
+    its = history[:, 0].numpy()
+    stats = history[:, 1:].reshape(len(history), n_pairs, 4).numpy()
+    fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    swaps = range(K, int(its[-1]) + 1, K) if K else []
+    for ax, column, name in ((axes[0], 0, 'D_loss'), (axes[1], 1, 'G_loss')):
+        for i in range(n_pairs):
+            ax.plot(its, stats[:, i, column], label=f'pair {i + 1}', lw=1)
+        if 0 < len(swaps) <= 100:
+            ax.vlines(swaps, 0, 1, transform=ax.get_xaxis_transform(), colors='grey', alpha=0.3, lw=0.8)
+        ax.set_ylabel(name)
+        ax.legend(loc='upper right', fontsize=8)
+    axes[1].set_xlabel('iteration')
+    title = ('no swaps (K=0)' if not K else f'discriminators swap every K={K} iterations'
+             + (' (grey lines)' if 0 < len(swaps) <= 100 else f' ({len(swaps)} swaps, too dense to draw)'))
+    axes[0].set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------
+# the run
+
+def pick_device(name):
+    return torch.device('cuda' if name == 'auto' and torch.cuda.is_available() else 'cpu' if name == 'auto' else name)
+
+
+def format_log(it, stats, rate, left):
+    """One line: the iteration, then per pair (G1/G2/...) D_loss, G_loss, mean D(x), mean D(G(z))."""
+    join = lambda column, fmt: '/'.join(format(v, fmt) for v in stats[:, column].tolist())
+    eta = f'{int(left // 3600)}h{int(left % 3600 // 60):02d}m' if left >= 3600 else f'{int(left // 60)}m{int(left % 60):02d}s'
+    return (f'it {it:>7} | D_loss {join(0, ".3f")} | G_loss {join(1, ".3f")} | '
+            f'D(x) {join(2, ".2f")} | D(G(z)) {join(3, ".2f")} | {rate:.0f} it/s, {eta} left')
+
+
+def first_nonfinite(recent, first_it):
+    """(iteration, pair) of the first non-finite loss in the recorded stats, or None."""
+    bad = (~torch.isfinite(recent[:, :, :2])).any(2).nonzero()
+    return None if len(bad) == 0 else (first_it + int(bad[0, 0]), int(bad[0, 1]) + 1)
+
+
+def train(cfg):
+    dev, dtype = pick_device(cfg['device']), getattr(torch, cfg['dtype'])
+    if cfg['threads']:
+        torch.set_num_threads(cfg['threads'])
+    os.makedirs(cfg['out_dir'], exist_ok=True)
+    checkpoint_path = os.path.join(cfg['out_dir'], 'checkpoint.pt')
+    state = load_checkpoint(checkpoint_path, cfg, dev) if cfg['resume'] else None
+
+    # seeding: one seed, one stream per purpose
+    seed, P = cfg['seed'], cfg['n_pairs']
+    torch.manual_seed(seed)
+    images, _ = load_mnist(cfg['data_root'])
+    batches = Batches(images.to(dev), cfg['mb_size'], seed + 1)
+    G, D = make_pairs(cfg, images.shape[1], dev, dtype)
+    noise = torch.Generator(device=dev).manual_seed(seed + 2)
+    fixed_z = torch.randn(16, cfg['z_dim'], generator=torch.Generator().manual_seed(seed + 3)).to(dev, dtype)
+    pairing = list(range(P))  # pairing[i]: which discriminator generator i trains against now
+    history = torch.zeros(0, 1 + 4 * P)  # one row per log line: iteration, then each pair's mean stats
+    recent = torch.zeros(cfg['log_every'], P, 4, device=dev, dtype=dtype)  # stats since the last log, on device
+    n_recent, start = 0, 0
+
+    if state:
+        for side, saved in ((G, state['G']), (D, state['D'])):
+            side['model'].load_state_dict(saved['model'])
+            side['solver'].load_state_dict(saved['solver'])
+        noise.set_state(state['noise_rng'])
+        batches.load_state_dict(state['batches'])
+        pairing, history, start = state['pairing'], state['history'], state['iteration'] + 1
+        n_recent = len(state['recent'])
+        recent[:n_recent] = state['recent']
+        print(f'resumed from {checkpoint_path} after iteration {state["iteration"]}')
+
+    def snapshot(it):
+        return {'hyperparameters': cfg, 'iteration': it, 'pairing': pairing, 'history': history,
+                'G': {k: v.state_dict() for k, v in G.items()}, 'D': {k: v.state_dict() for k, v in D.items()},
+                'noise_rng': noise.get_state(), 'batches': batches.state_dict(), 'recent': recent[:n_recent].cpu()}
+
+    def stop_if_nonfinite(first_it):
+        bad = first_nonfinite(recent[:n_recent], first_it)
+        if bad:
+            save_losses(os.path.join(cfg['out_dir'], 'losses.png'), history, P, cfg['K'])
+            sys.exit(f'parallel_gan.py: a loss of pair {bad[1]} became non-finite at iteration {bad[0]}; '
+                     f'stopped. The last good checkpoint ({checkpoint_path}) is untouched.')
+
+    # Ctrl-C finishes the current iteration, then saves; a second Ctrl-C stops at once.
+    interrupted = []
+    def on_interrupt(signum, frame):
+        interrupted.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, on_interrupt)
+
+    print(f'GAP: {P} pairs, K={cfg["K"]}, {len(images)} training images, device {dev}, {cfg["dtype"]}, '
+          f'{torch.get_num_threads()} threads, iterations {start}..{cfg["iterations"] - 1}')
+    last = cfg['iterations'] - 1
+    clock, clock_it = time.perf_counter(), start
+    it = start - 1
+    for it in range(start, cfg['iterations']):
+        z = torch.randn(cfg['mb_size'], cfg['z_dim'], generator=noise, device=dev, dtype=dtype)
+        x = as_pixels(batches.next(), dtype)
+        recent[n_recent] = train_step(G, D, z, x)
+        n_recent += 1
+        if cfg['K'] and it % cfg['K'] == 0 and it != 0:
+            partners = new_partners(P, seed, it)
+            swap_discriminators(D, partners)
+            pairing = [pairing[j] for j in partners.tolist()]
+
+        if it % cfg['log_every'] == 0 or it == last:
+            stop_if_nonfinite(it - n_recent + 1)
+            means = recent[:n_recent].mean(0).cpu().double()
+            history = torch.cat([history, torch.cat([torch.tensor([it]), means.flatten()]).float()[None]])
+            now = time.perf_counter()
+            rate = (it + 1 - clock_it) / max(now - clock, 1e-9)
+            print(format_log(it, means, rate, (last - it) / max(rate, 1e-9)), flush=True)
+            clock, clock_it, n_recent = now, it + 1, 0
+        if it % cfg['sample_every'] == 0 or it == last or interrupted:
+            stop_if_nonfinite(it - n_recent + 1)
+            number = it // cfg['sample_every'] + (it % cfg['sample_every'] != 0)
+            with torch.no_grad():
+                save_samples(os.path.join(cfg['out_dir'], f'{number:03d}.png'), generate(G, fixed_z), it, pairing)
+            save_checkpoint(checkpoint_path, snapshot(it))
+        if interrupted:
+            print(f'interrupted: checkpoint saved after iteration {it}; continue with --resume=True', flush=True)
+            break
+    save_losses(os.path.join(cfg['out_dir'], 'losses.png'), history, P, cfg['K'])
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    return 130 if interrupted else 0
+
+
+if __name__ == '__main__':
+    sys.exit(train(parse_args(sys.argv[1:])))

@@ -1,0 +1,141 @@
+"""Speed of parallel_gan.py's training iteration against the plain reference loop.
+
+    python tests/benchmark.py                  # n_pairs 2, 4, 8 on the default device
+    python tests/benchmark.py --pairs=2 --rounds=3 --device=cpu --threads=1
+
+Both loops run in this process on the same data, in alternating timed rounds after a
+warm-up; each round times `--iterations` iterations (noise, batch and both updates).
+Printed: the median iterations per second of each, their ratio, and the peak memory of a
+whole default-sized run of each (measured in child processes, so one cannot hide the other's).
+Not collected by pytest: it is a measurement, not a test.
+"""
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
+import parallel_gan as pg  # noqa: E402
+from reference import ReferenceGAP  # noqa: E402
+
+SHARED_MNIST = os.path.join(os.path.dirname(HERE), '..', 'shared', 'mnist')
+
+
+def training_images(dev):
+    """Real MNIST when it is at hand, else 60,000 random images of the same size."""
+    if os.path.isdir(os.path.join(SHARED_MNIST, 'MNIST', 'raw')):
+        return pg.load_mnist(SHARED_MNIST)[0].to(dev), 'MNIST'
+    return torch.randint(0, 256, (60000, 784), dtype=torch.uint8, device=dev), 'random images'
+
+
+def reference_loop(n_pairs, images, dev):
+    """The reference: its own nets, its reader's float32 copy of the data, one step per call."""
+    cfg = pg.parse_args([f'--n_pairs={n_pairs}'])
+    ref = ReferenceGAP(n_pairs, cfg['z_dim'], cfg['h_dim'], images.shape[1], cfg['lr']).to(dev)
+    batches = pg.Batches(images.float() / 255, cfg['mb_size'], 1)
+    noise = torch.Generator(device=dev).manual_seed(2)
+    K = cfg['K']
+    state = {'it': 0}
+
+    def step():
+        z = torch.randn(cfg['mb_size'], cfg['z_dim'], generator=noise, device=dev)
+        ref.iteration(z, batches.next())
+        state['it'] += 1
+        if state['it'] % K == 0:
+            ref.swap(pg.new_partners(n_pairs, 0, state['it']).tolist())
+    return step
+
+
+def parallel_gan_loop(n_pairs, images, dev):
+    """parallel_gan.py's iteration, exactly as its training loop runs it."""
+    cfg = pg.parse_args([f'--n_pairs={n_pairs}'])
+    G, D = pg.make_pairs(cfg, images.shape[1], dev, torch.float32)
+    batches = pg.Batches(images, cfg['mb_size'], 1)
+    noise = torch.Generator(device=dev).manual_seed(2)
+    recent = torch.zeros(cfg['log_every'], n_pairs, 4, device=dev)
+    state = {'it': 0}
+
+    def step():
+        z = torch.randn(cfg['mb_size'], cfg['z_dim'], generator=noise, device=dev)
+        recent[state['it'] % len(recent)] = pg.train_step(G, D, z, pg.as_pixels(batches.next(), torch.float32))
+        state['it'] += 1
+        if state['it'] % cfg['K'] == 0:
+            pg.swap_discriminators(D, pg.new_partners(n_pairs, 0, state['it']))
+    return step
+
+
+def rate(step, iterations, dev):
+    sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(iterations):
+        step()
+    sync()
+    return iterations / (time.perf_counter() - start)
+
+
+def peak_memory(which, dev):
+    """Peak memory of a child process that runs 300 iterations of one loop on full-size data (MiB)."""
+    child = subprocess.run([sys.executable, __file__, f'--memory_child={which}', f'--device={dev}'],
+                           capture_output=True, text=True)
+    if child.returncode != 0:
+        return float('nan')
+    return float(child.stdout.split()[-1])
+
+
+def memory_child(which, dev):
+    images, _ = training_images(dev)
+    step = (reference_loop if which == 'reference' else parallel_gan_loop)(2, images, dev)
+    for _ in range(300):
+        step()
+    if dev.type == 'cuda':
+        print(torch.cuda.max_memory_allocated() / 2**20)
+    else:
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--pairs', default='2,4,8', help='comma-separated n_pairs values')
+    parser.add_argument('--iterations', type=int, default=0, help='iterations per timed round (0: about 1 s)')
+    parser.add_argument('--rounds', type=int, default=5, help='alternating timed rounds per loop')
+    parser.add_argument('--device', default='auto')
+    parser.add_argument('--threads', type=int, default=0, help='torch threads (0: default)')
+    parser.add_argument('--memory_child', default='', help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    dev = pg.pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        return memory_child(args.memory_child, dev)
+
+    torch.manual_seed(0)
+    images, source = training_images(dev)
+    name = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'CPU ({os.cpu_count()} cores)'
+    print(f'device {dev} [{name}], {torch.get_num_threads()} threads, torch {torch.__version__}, '
+          f'data: {source}, batch 32, {args.rounds} alternating rounds, median')
+    print(f'{"n_pairs":>7} {"reference it/s":>15} {"parallel_gan it/s":>18} {"speed-up":>9}')
+    for n_pairs in [int(p) for p in args.pairs.split(',')]:
+        loops = {'reference': reference_loop(n_pairs, images, dev), 'parallel_gan': parallel_gan_loop(n_pairs, images, dev)}
+        iterations = args.iterations or max(20, int(400 / n_pairs))
+        for step in loops.values():
+            rate(step, 20, dev)  # warm-up
+        rates = {name: [] for name in loops}
+        for _ in range(args.rounds):
+            for name, step in loops.items():
+                rates[name].append(rate(step, iterations, dev))
+        ref, ours = (statistics.median(rates[name]) for name in loops)
+        print(f'{n_pairs:>7} {ref:>15.1f} {ours:>18.1f} {ours / ref:>8.2f}x', flush=True)
+    ref_mem, our_mem = peak_memory('reference', dev), peak_memory('parallel_gan', dev)
+    kind = 'GPU memory allocated' if dev.type == 'cuda' else 'resident memory'
+    print(f'peak {kind}, 2 pairs, full-size data: reference {ref_mem:.0f} MiB, parallel_gan {our_mem:.0f} MiB')
+
+
+if __name__ == '__main__':
+    main()

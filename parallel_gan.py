@@ -191,8 +191,10 @@ class Stack(nn.Module):
     """n copies of the MLP n_in -> n_hidden -> ReLU -> n_out, network i being slice i.
 
     Holding the pairs' networks as stacked weights lets every pair run in the same
-    batched matrix product; the maths per pair is exactly nn.Sequential(Linear, ReLU,
-    Linear), initialised the way nn.Linear is."""
+    batched matrix product; per pair the maths is exactly nn.Sequential(Linear, ReLU,
+    Linear), initialised the way nn.Linear is. The backward pass is written out (two
+    layers: a handful of products), which computes only the gradients that are used and
+    runs about 1.4x faster than autograd at this size; tests pin it to autograd."""
 
     def __init__(self, n, n_in, n_hidden, n_out):
         super().__init__()
@@ -202,35 +204,51 @@ class Stack(nn.Module):
     @staticmethod
     def linear(n, n_in, n_out):
         bound = 1 / math.sqrt(n_in)
-        uniform = lambda *shape: nn.Parameter(torch.empty(*shape).uniform_(-bound, bound))
+        uniform = lambda *shape: nn.Parameter(torch.empty(*shape).uniform_(-bound, bound), requires_grad=False)
         return uniform(n, n_in, n_out), uniform(n, 1, n_out)
 
+    def expand(self, x):
+        """A (batch, n_in) input shared by every network, as (n, batch, n_in)."""
+        return x.expand(len(self.W1), *x.shape[-2:])
+
     def forward(self, x):
-        """x: (n, batch, n_in), or (batch, n_in) shared by every network; returns (n, batch, n_out)."""
-        x = x.expand(len(self.W1), *x.shape[-2:])
-        return torch.baddbmm(self.b2, torch.baddbmm(self.b1, x, self.W1).relu(), self.W2)
+        """(output, hidden) for x: (n, batch, n_in), or (batch, n_in) shared by every network."""
+        hidden = torch.baddbmm(self.b1, self.expand(x), self.W1).relu_()
+        return torch.baddbmm(self.b2, hidden, self.W2), hidden
+
+    def backward(self, x, hidden, grad_output, weights=True, inputs=False):
+        """Given d(loss)/d(output), write d(loss)/d(weight) into each weight's .grad (if weights)
+        and return d(loss)/d(x) (if inputs)."""
+        grad_hidden = torch.bmm(grad_output, self.W2.transpose(1, 2)).mul_(hidden > 0)
+        if weights:
+            torch.bmm(hidden.transpose(1, 2), grad_output, out=self.W2.grad)
+            torch.sum(grad_output, 1, keepdim=True, out=self.b2.grad)
+            torch.bmm(self.expand(x).transpose(1, 2), grad_hidden, out=self.W1.grad)
+            torch.sum(grad_hidden, 1, keepdim=True, out=self.b1.grad)
+        return torch.bmm(grad_hidden, self.W1.transpose(1, 2)) if inputs else None
 
 
-def make_side(n, n_in, n_out, cfg):
+def make_side(n, n_in, n_out, cfg, dev, dtype):
     """One side of the pairs (all generators, or all discriminators): {'model': stacked networks, 'solver': Adam}.
 
     One Adam over the stack is one Adam per network: Adam's update is elementwise."""
-    model = Stack(n, n_in, cfg['h_dim'], n_out)
+    model = Stack(n, n_in, cfg['h_dim'], n_out).to(dev, dtype)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
     return {'model': model, 'solver': torch.optim.Adam(model.parameters(), lr=cfg['lr'], fused=True)}
 
 
 def make_pairs(cfg, x_dim, dev, dtype):
     """G: noise -> pixel logits (a sigmoid makes pixels); D: pixels -> logit of P(real)."""
-    G = make_side(cfg['n_pairs'], cfg['z_dim'], x_dim, cfg)
-    D = make_side(cfg['n_pairs'], x_dim, 1, cfg)
-    for side in (G, D):
-        side['model'].to(dev, dtype)
+    G = make_side(cfg['n_pairs'], cfg['z_dim'], x_dim, cfg, dev, dtype)
+    D = make_side(cfg['n_pairs'], x_dim, 1, cfg, dev, dtype)
     return G, D
 
 
 def generate(G, z):
-    """Each generator's samples of the noise z: (n_pairs, batch, 784) pixels in [0, 1]."""
-    return torch.sigmoid(G['model'](z))
+    """Each generator's samples of the noise z: (n_pairs, batch, 784) pixels in [0, 1], and G's hidden layer."""
+    logits, hidden = G['model'](z)
+    return torch.sigmoid(logits), hidden
 
 
 # ------------------------------------------------------------------------------------
@@ -247,28 +265,32 @@ def g_loss(fake_logit):
     return F.softplus(-fake_logit).mean((1, 2))
 
 
-def update(side, loss):
-    """One Adam step of one side on the sum of the pairs' losses (pair i's loss only reaches network i).
-    Gradients go to this side's weights only: nothing leaks into the other side."""
-    params = list(side['model'].parameters())
-    for p, grad in zip(params, torch.autograd.grad(loss.sum(), params)):
-        p.grad = grad
-    side['solver'].step()
-
-
 def train_step(G, D, z, x):
     """One GAP iteration for every pair at once: a D step, then a G step against the just-updated D.
+    Pair i's losses reach only pair i's networks, and nothing leaks from one step into the next.
 
     Returns (n_pairs, 4): D_loss, G_loss, mean D(x), mean D(G(z)) of the D step."""
-    fake = generate(G, z)  # each G runs once; its graph serves the G step below
-    real_logit, fake_logit = D['model'](torch.cat([x.expand(len(fake), -1, -1), fake.detach()], 1)).split(len(x), 1)
-    D_loss = d_loss(real_logit, fake_logit)
-    update(D, D_loss)
-    G_loss = g_loss(D['model'](fake))
-    update(G, G_loss)
-    with torch.no_grad():
-        D_real, D_fake = torch.sigmoid(real_logit).mean((1, 2)), torch.sigmoid(fake_logit).mean((1, 2))
-        return torch.stack([D_loss, G_loss, D_real, D_fake], 1)
+    mb = len(x)
+    fake, G_hidden = generate(G, z)  # each G runs once; the G step below reuses it
+
+    # D step: one pass over the real and the fake batch together
+    both = torch.cat([x.expand(len(fake), -1, -1), fake], 1)
+    logit, D_hidden = D['model'](both)
+    D_loss = d_loss(logit[:, :mb], logit[:, mb:])
+    D_prob = torch.sigmoid(logit)
+    grad_logit = D_prob.clone()  # d D_loss / d logit: (D(x) - 1) / mb on real, D(G(z)) / mb on fake
+    grad_logit[:, :mb] -= 1
+    D['model'].backward(both, D_hidden, grad_logit.div_(mb))
+    D['solver'].step()
+
+    # G step: D scores the same samples again, after its update; only G's weights change
+    logit, D_hidden = D['model'](fake)
+    G_loss = g_loss(logit)
+    grad_fake = D['model'].backward(fake, D_hidden, (torch.sigmoid(logit) - 1) / mb, weights=False, inputs=True)
+    G['model'].backward(z, G_hidden, grad_fake.mul_(fake * (1 - fake)))  # through G's output sigmoid
+    G['solver'].step()
+
+    return torch.stack([D_loss, G_loss, D_prob[:, :mb].mean((1, 2)), D_prob[:, mb:].mean((1, 2))], 1)
 
 
 # ------------------------------------------------------------------------------------
@@ -287,7 +309,6 @@ def new_partners(n_pairs, seed, it):
             return partners
 
 
-@torch.no_grad()
 def swap_discriminators(D, partners):
     """Each discriminator, with its Adam state, moves to another generator:
     generator i now trains against the discriminator that was at partners[i]."""
@@ -348,7 +369,7 @@ def save_samples(path, samples, it, pairing):
         for r in range(4):
             for c in range(4):
                 grid[30 * r:30 * r + 28, 30 * c:30 * c + 28] = images[r, c]
-        axes.flat[i].imshow(grid, cmap='Greys_r', vmin=0, vmax=1)
+        axes.flat[i].imshow(grid.numpy(), cmap='Greys_r', vmin=0, vmax=1)
         axes.flat[i].set_title(f'G{i + 1}' + (f' (with D{pairing[i] + 1})' if n > 1 else ''))
     fig.suptitle(f'iteration {it}')
     fig.savefig(path, dpi=80)
@@ -428,6 +449,8 @@ def train(cfg):
         for side, saved in ((G, state['G']), (D, state['D'])):
             side['model'].load_state_dict(saved['model'])
             side['solver'].load_state_dict(saved['solver'])
+            for group in side['solver'].param_groups:
+                group['lr'] = cfg['lr']  # today's --lr applies from here on
         noise.set_state(state['noise_rng'])
         batches.load_state_dict(state['batches'])
         pairing, history, start = state['pairing'], state['history'], state['iteration'] + 1
@@ -480,8 +503,7 @@ def train(cfg):
         if it % cfg['sample_every'] == 0 or it == last or interrupted:
             stop_if_nonfinite(it - n_recent + 1)
             number = it // cfg['sample_every'] + (it % cfg['sample_every'] != 0)
-            with torch.no_grad():
-                save_samples(os.path.join(cfg['out_dir'], f'{number:03d}.png'), generate(G, fixed_z), it, pairing)
+            save_samples(os.path.join(cfg['out_dir'], f'{number:03d}.png'), generate(G, fixed_z)[0], it, pairing)
             save_checkpoint(checkpoint_path, snapshot(it))
         if interrupted:
             print(f'interrupted: checkpoint saved after iteration {it}; continue with --resume=True', flush=True)

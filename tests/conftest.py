@@ -1,0 +1,58 @@
+"""Shared test helpers: a tiny MNIST in torchvision's raw IDX layout, and running the script."""
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, 'parallel_gan.py')
+SHARED_MNIST = os.path.join(ROOT, '..', 'shared', 'mnist')
+sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
+
+
+def write_idx(path, tensor):
+    """A uint8 tensor as an IDX file (big-endian header: magic 0x08 type, dimension count, sizes)."""
+    with open(path, 'wb') as f:
+        f.write(struct.pack('>BBBB', 0, 0, 0x08, tensor.dim()))
+        f.write(struct.pack(f'>{tensor.dim()}I', *tensor.shape))
+        f.write(tensor.contiguous().numpy().tobytes())
+
+
+def toy_digits(n, seed):
+    """n 28x28 uint8 images of 10 easy classes (a bright square whose place is the class) and their labels."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 10
+    images = torch.randint(0, 40, (n, 28, 28), generator=g)
+    for i, label in enumerate(labels.tolist()):
+        r, c = 2 + 8 * (label // 4), 2 + 8 * (label % 4)
+        images[i, r:r + 8, c:c + 8] = 255
+    return images.to(torch.uint8), labels.to(torch.uint8)
+
+
+def make_mnist(root, train=300, test=100, kind='MNIST'):
+    raw = os.path.join(root, kind, 'raw')
+    os.makedirs(raw, exist_ok=True)
+    for split, n, seed in (('train', train, 1), ('t10k', test, 2)):
+        images, labels = toy_digits(n, seed)
+        write_idx(os.path.join(raw, f'{split}-images-idx3-ubyte'), images)
+        write_idx(os.path.join(raw, f'{split}-labels-idx1-ubyte'), labels)
+    return str(root)
+
+
+@pytest.fixture(scope='session')
+def tiny_mnist(tmp_path_factory):
+    """The data_root of a 300-image MNIST in torchvision's raw layout."""
+    return make_mnist(tmp_path_factory.mktemp('tiny_mnist'))
+
+
+def run_script(*args, timeout=120, env=None):
+    """Run parallel_gan.py as a user would; returns the CompletedProcess (text output)."""
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def load(path):
+    return torch.load(path, weights_only=True)

@@ -1,0 +1,171 @@
+"""The script run as a user runs it: outputs, repeatability, checkpoints, resume, and clear failures."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import parallel_gan as pg
+from conftest import SCRIPT, SHARED_MNIST, load, run_script
+
+SMALL = ['--h_dim=32', '--log_every=1']  # small networks; every iteration's losses logged
+
+
+def run_ok(*args):
+    result = run_script(*args)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def train(*args):
+    """Run the script's training in this process (faster than a subprocess); returns its exit status."""
+    return pg.train(pg.parse_args([str(a) for a in args]))
+
+
+def refused(capsys, *args):
+    """The message of a run that must stop before training, and its exit status."""
+    with pytest.raises(SystemExit) as stop:
+        train(*args)
+    code = stop.value.code
+    return (code, capsys.readouterr().err) if isinstance(code, int) else (1, code)
+
+
+def history(out):
+    return load(os.path.join(out, 'checkpoint.pt'))['history']
+
+
+def test_a_run_writes_samples_losses_and_a_checkpoint(tiny_mnist, tmp_path):
+    out = tmp_path / 'out'
+    result = run_ok(f'--data_root={tiny_mnist}', f'--out_dir={out}', '--iterations=250', '--sample_every=100',
+                    '--log_every=50')
+    assert sorted(os.listdir(out)) == ['000.png', '001.png', '002.png', '003.png', 'checkpoint.pt', 'losses.png']
+    logs = [line for line in result.stdout.splitlines() if line.startswith('it ')]
+    assert [int(line.split()[1]) for line in logs] == [0, 50, 100, 150, 200, 249]
+    assert all('it/s' in line and 'left' in line and line.count('/') >= 5 for line in logs)
+    state = load(out / 'checkpoint.pt')
+    assert state['iteration'] == 249 and state['hyperparameters']['iterations'] == 250
+    assert state['history'].shape == (6, 1 + 2 * 4)
+    assert sorted(state['pairing']) == [0, 1]
+    from PIL import Image
+    width, height = Image.open(out / '000.png').size
+    assert width > height  # two 4x4 grids side by side
+
+
+def test_the_same_seed_gives_the_same_losses_and_another_seed_does_not(tiny_mnist, tmp_path):
+    runs = {}
+    for name, seed in (('a', 3), ('b', 3), ('c', 4)):
+        train(f'--data_root={tiny_mnist}', f'--out_dir={tmp_path / name}', '--iterations=40', f'--seed={seed}', *SMALL)
+        runs[name] = history(tmp_path / name)
+    assert torch.equal(runs['a'], runs['b'])
+    assert not torch.allclose(runs['a'], runs['c'])
+
+
+def test_resume_continues_exactly_as_the_uninterrupted_run(tiny_mnist, tmp_path, capsys):
+    common = [f'--data_root={tiny_mnist}', '--K=10', '--n_pairs=3', '--sample_every=20', *SMALL]
+    train(*common, f'--out_dir={tmp_path / "whole"}', '--iterations=70')
+    train(*common, f'--out_dir={tmp_path / "split"}', '--iterations=35')
+    train(*common, f'--out_dir={tmp_path / "split"}', '--iterations=70', '--resume=True')
+    assert 'resumed from' in capsys.readouterr().out.split('after iteration 34')[0]
+    whole, split = load(tmp_path / 'whole' / 'checkpoint.pt'), load(tmp_path / 'split' / 'checkpoint.pt')
+    assert torch.equal(whole['history'], split['history'])
+    assert len(whole['history']) == 70
+    for side in ('G', 'D'):
+        for name, value in whole[side]['model'].items():
+            assert torch.equal(value, split[side]['model'][name])
+    assert whole['pairing'] == split['pairing']
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tiny_mnist, tmp_path):
+    common = [f'--data_root={tiny_mnist}', '--h_dim=16', '--log_every=7', '--sample_every=500', '--iterations=1200']
+    run_ok(*common, f'--out_dir={tmp_path / "whole"}')
+
+    out = tmp_path / 'split'
+    proc = subprocess.Popen([sys.executable, SCRIPT, *common, f'--out_dir={out}'], stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith('it ') and int(line.split()[1]) >= 60:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and 'interrupted: checkpoint saved after iteration' in rest
+    stopped = load(out / 'checkpoint.pt')['iteration']
+    assert 60 <= stopped < 1199
+    assert (out / 'losses.png').exists()
+    run_ok(*common, f'--out_dir={out}', '--resume=True')
+    assert torch.equal(history(tmp_path / 'whole'), history(out))
+
+
+def test_a_checkpoint_is_written_atomically(tmp_path, monkeypatch):
+    path = str(tmp_path / 'checkpoint.pt')
+    pg.save_checkpoint(path, {'iteration': 1, 'weights': torch.ones(3)})
+
+    def crash_midway(obj, f):
+        f.write(b'half a checkpoint')
+        raise OSError('disk full')
+    monkeypatch.setattr(torch, 'save', crash_midway)
+    with pytest.raises(OSError):
+        pg.save_checkpoint(path, {'iteration': 2, 'weights': torch.zeros(3)})
+    state = torch.load(path, weights_only=True)
+    assert state['iteration'] == 1 and torch.equal(state['weights'], torch.ones(3))
+
+
+def test_resume_refuses_a_damaged_checkpoint_a_missing_one_and_other_networks(tiny_mnist, tmp_path, capsys):
+    data, out = f'--data_root={tiny_mnist}', f'--out_dir={tmp_path / "out"}'
+    code, message = refused(capsys, data, out, '--resume=True')
+    assert code == 2 and 'no checkpoint' in message
+
+    train(data, out, '--iterations=5', *SMALL)
+    checkpoint = tmp_path / 'out' / 'checkpoint.pt'
+    good = checkpoint.read_bytes()
+    code, message = refused(capsys, data, out, '--iterations=9', '--resume=True', '--h_dim=64')
+    assert code == 2 and 'h_dim=32 there, 64 now' in message
+
+    for damaged in (good[:len(good) // 2], b'not a checkpoint at all'):
+        checkpoint.write_bytes(damaged)
+        code, message = refused(capsys, data, out, '--iterations=9', '--resume=True', *SMALL)
+        assert code == 2 and 'damaged' in message
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_mnist, tmp_path, capsys):
+    data, out = f'--data_root={tiny_mnist}', f'--out_dir={tmp_path / "out"}'
+    train(data, out, '--iterations=20', *SMALL)
+    good = (tmp_path / 'out' / 'checkpoint.pt').read_bytes()
+    code, message = refused(capsys, data, out, '--iterations=60', '--resume=True', '--lr=1e30', '--sample_every=5',
+                            *SMALL)
+    assert code == 1 and 'became non-finite at iteration 2' in message and 'of pair' in message
+    assert (tmp_path / 'out' / 'checkpoint.pt').read_bytes() == good
+
+
+def test_missing_data_offline_gives_one_clear_message(tmp_path):
+    offline = {'http_proxy': 'http://127.0.0.1:9', 'https_proxy': 'http://127.0.0.1:9'}
+    result = run_script(f'--data_root={tmp_path / "nothing"}', f'--out_dir={tmp_path / "out"}', env=offline)
+    assert result.returncode == 1
+    assert 'Traceback' not in result.stderr and result.stdout.count('\n') <= 1
+    assert str(tmp_path / 'nothing' / 'MNIST' / 'raw') in result.stderr
+    for name in pg.MNIST_FILES:
+        assert name in result.stderr
+
+
+def test_a_truncated_data_file_gives_the_same_message(tiny_mnist, tmp_path):
+    root = tmp_path / 'data'
+    shutil.copytree(tiny_mnist, root)
+    images = root / 'MNIST' / 'raw' / 'train-images-idx3-ubyte'
+    images.write_bytes(images.read_bytes()[:5000])
+    result = run_script(f'--data_root={root}', f'--out_dir={tmp_path / "out"}')
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert 'could not load MNIST' in result.stderr and 'train-images-idx3-ubyte' in result.stderr
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_MNIST, 'MNIST', 'raw')), reason='real MNIST not present')
+def test_a_short_run_on_real_mnist(tmp_path):
+    out = tmp_path / 'out'
+    start = time.time()
+    run_ok(f'--data_root={SHARED_MNIST}', f'--out_dir={out}', '--iterations=301', '--sample_every=100',
+           '--log_every=100')
+    assert {'000.png', '001.png', '002.png', '003.png', 'losses.png', 'checkpoint.pt'} <= set(os.listdir(out))
+    state = load(out / 'checkpoint.pt')
+    assert state['iteration'] == 300 and state['batches']['order'].shape == (60000,)
+    assert time.time() - start < 120

@@ -312,7 +312,8 @@ def new_partners(n_pairs, seed, it):
 def swap_discriminators(D, partners):
     """Each discriminator, with its Adam state, moves to another generator:
     generator i now trains against the discriminator that was at partners[i]."""
-    partners = partners.to(D['model'].W1.device)
+    dev = D['model'].W1.device
+    partners = partners.pin_memory().to(dev, non_blocking=True) if dev.type == 'cuda' else partners  # no sync
     for p in D['model'].parameters():
         p.copy_(p[partners])
         state = D['solver'].state[p]

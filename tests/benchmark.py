@@ -104,7 +104,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--pairs', default='2,4,8', help='comma-separated n_pairs values')
     parser.add_argument('--iterations', type=int, default=0, help='iterations per timed round (0: about 1 s)')
-    parser.add_argument('--rounds', type=int, default=5, help='alternating timed rounds per loop')
+    parser.add_argument('--rounds', type=int, default=7, help='alternating timed rounds per loop')
     parser.add_argument('--device', default='auto')
     parser.add_argument('--threads', type=int, default=0, help='torch threads (0: default)')
     parser.add_argument('--memory_child', default='', help=argparse.SUPPRESS)
@@ -131,7 +131,9 @@ def main():
             for name, step in loops.items():
                 rates[name].append(rate(step, iterations, dev))
         ref, ours = (statistics.median(rates[name]) for name in loops)
-        print(f'{n_pairs:>7} {ref:>15.1f} {ours:>18.1f} {ours / ref:>8.2f}x', flush=True)
+        ratios = sorted(o / r for r, o in zip(rates['reference'], rates['parallel_gan']))
+        print(f'{n_pairs:>7} {ref:>15.1f} {ours:>18.1f} {ours / ref:>8.2f}x   (per round {ratios[0]:.2f}x..{ratios[-1]:.2f}x)',
+              flush=True)
     ref_mem, our_mem = peak_memory('reference', dev), peak_memory('parallel_gan', dev)
     kind = 'GPU memory allocated' if dev.type == 'cuda' else 'resident memory'
     print(f'peak {kind}, 2 pairs, full-size data: reference {ref_mem:.0f} MiB, parallel_gan {our_mem:.0f} MiB')

@@ -43,16 +43,26 @@ log_every = 1000  # print a log line (means since the previous one) every this m
 sample_every = 1000  # write out/NNN.png and the checkpoint every this many iterations
 out_dir = 'out'  # where samples, plots and the checkpoint go
 resume = False  # continue from out_dir/checkpoint.pt exactly where it stopped
+# data
+dataset = 'mnist'  # 'mnist', 'fashion_mnist', or the 2-D Gaussian mixtures 'ring8' and 'grid25'
+data_root = 'out/data'  # MNIST lives in data_root/MNIST/raw, Fashion-MNIST in data_root/FashionMNIST/raw
+# evaluation: mode coverage and sample quality, GAP against no-swap
+eval_every = 10_000  # evaluate every this many iterations and at the end (0: never)
+eval_samples = 10_000  # samples per generator in each evaluation
+classifier_dir = 'out/classifiers'  # where the classifier that scores image samples is cached
 # system
-data_root = 'out/data'  # MNIST lives in data_root/MNIST/raw (downloaded there when missing)
 device = 'auto'  # 'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'
 dtype = 'float32'  # 'float32' or 'float64' for every weight and computation
 threads = 0  # CPU threads torch may use (0: torch's default)
 # --- end of hyperparameters ---------------------------------------------------------
 
-SHAPE_KEYS = ('z_dim', 'h_dim', 'n_pairs', 'dtype')  # a checkpoint only fits networks of its own shape
+CLASSIFIER_VERSION = 1  # bump when Classifier or its training changes, so caches are rebuilt
+CLASSIFIER_EPOCHS = {'mnist': 3, 'fashion_mnist': 6}
+SHAPE_KEYS = ('z_dim', 'h_dim', 'n_pairs', 'dtype', 'dataset')  # a checkpoint only fits networks of its own shape
+IMAGE_DATASETS = {'mnist': 'MNIST', 'fashion_mnist': 'FashionMNIST'}  # torchvision's class and folder names
+MIXTURES = ('ring8', 'grid25')
 MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
-               't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
+               't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')  # the same four names for Fashion-MNIST
 
 
 # ------------------------------------------------------------------------------------
@@ -97,6 +107,9 @@ def check(cfg):
         (cfg['log_every'] >= 1, 'log_every must be at least 1'),
         (cfg['sample_every'] >= 1, 'sample_every must be at least 1'),
         (cfg['threads'] >= 0, 'threads must be 0 (torch default) or a positive count'),
+        (cfg['dataset'] in (*IMAGE_DATASETS, *MIXTURES), f"dataset must be one of {', '.join((*IMAGE_DATASETS, *MIXTURES))}"),
+        (cfg['eval_every'] >= 0, 'eval_every must be 0 (never) or a positive number of iterations'),
+        (cfg['eval_samples'] >= 2, 'eval_samples must be at least 2'),
         (cfg['dtype'] in ('float32', 'float64'), "dtype must be 'float32' or 'float64'"),
         (re.fullmatch(r'auto|cpu|cuda(:\d+)?', cfg['device']) is not None,
          "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
@@ -129,21 +142,51 @@ def parse_args(argv):
 # ------------------------------------------------------------------------------------
 # data: the whole training set as one uint8 tensor on the training device
 
-def load_mnist(root, train=True):
-    """MNIST images as a uint8 (N, 784) tensor and labels; one clear message and exit 1 when it cannot be had."""
+def load_images(dataset, root, train=True):
+    """MNIST or Fashion-MNIST as uint8 (N, 784) images and labels; one clear message and exit 1 when they cannot be had."""
     import torchvision
-    raw = os.path.join(root, 'MNIST', 'raw')
+    folder = IMAGE_DATASETS[dataset]
+    raw = os.path.join(root, folder, 'raw')
     try:
         quiet = StringIO()  # torchvision narrates every failed mirror; the message below says what matters
         with redirect_stdout(quiet), redirect_stderr(quiet):
-            dataset = torchvision.datasets.MNIST(root, train=train, download=True)
-        images, labels = dataset.data, dataset.targets
+            data = getattr(torchvision.datasets, folder)(root, train=train, download=True)
+        images, labels = data.data, data.targets
     except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        sys.exit(f'parallel_gan.py: could not load MNIST from {raw}/ ({reason}).\n'
+        sys.exit(f'parallel_gan.py: could not load {folder} from {raw}/ ({reason}).\n'
                  f'To run offline, put the four uncompressed files {", ".join(MNIST_FILES)}\n'
                  f'in {raw}/ (torchvision\'s raw layout), or point --data_root at a folder that has them.')
     return images.reshape(len(images), -1), labels
+
+
+def mixture(dataset):
+    """Centres (modes, 2) and standard deviation of a 2-D Gaussian mixture, scaled into [0, 1] so a
+    sigmoid output can reach every point: 8 Gaussians on a circle of radius 2, or a 5x5 grid with
+    spacing 2, as in the mode-collapse literature, each with std 0.1 (the literature's 0.02 and 0.05
+    are too fine for these one-hidden-layer networks to resolve once scaled into [0, 1])."""
+    if dataset == 'ring8':
+        angle = torch.arange(8) * 2 * math.pi / 8
+        centres, std, half_width = 2 * torch.stack([angle.cos(), angle.sin()], 1), 0.1, 2.5
+    else:
+        axis = torch.arange(-4, 5, 2.0)
+        centres, std, half_width = torch.cartesian_prod(axis, axis), 0.1, 5.0
+    return (centres + half_width) / (2 * half_width), std / (2 * half_width)
+
+
+def sample_mixture(dataset, n, seed):
+    """n points of a 2-D mixture (float32, in [0, 1]) and the index of the mode each came from."""
+    rng = torch.Generator().manual_seed(seed)
+    centres, std = mixture(dataset)
+    modes = torch.randint(len(centres), (n,), generator=rng)
+    return (centres[modes] + std * torch.randn(n, 2, generator=rng)).clamp(0, 1), modes
+
+
+def training_data(cfg):
+    """The training set: image pixels as uint8 (N, 784), or 60,000 points of a 2-D mixture."""
+    if cfg['dataset'] in MIXTURES:
+        return sample_mixture(cfg['dataset'], 60_000, seed=12345)[0]  # one fixed training set for every seed
+    return load_images(cfg['dataset'], cfg['data_root'])[0]
 
 
 class Batches:
@@ -179,9 +222,9 @@ class Batches:
         self.order, self.pos = state['order'].to(self.data.device), state['pos']
 
 
-def as_pixels(batch, dtype):
-    """uint8 images to [0, 1]; kept as uint8 until a batch is drawn, which quarters the data's memory."""
-    return batch.to(dtype) / 255
+def as_inputs(batch, dtype):
+    """A batch as network inputs in [0, 1]. Images stay uint8 until a batch is drawn, which quarters their memory."""
+    return batch.to(dtype) / 255 if batch.dtype == torch.uint8 else batch.to(dtype)
 
 
 # ------------------------------------------------------------------------------------
@@ -352,10 +395,219 @@ def load_checkpoint(path, cfg, dev):
 
 
 # ------------------------------------------------------------------------------------
+# evaluation: does each generator cover the data's modes, and how good are its samples?
+
+class Classifier(nn.Module):
+    """A small convolutional digit classifier; its 128-unit penultimate layer gives the features
+    for the Frechet distance."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU())
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x):
+        """(class logits, features) for (batch, 784) pixels in [0, 1]."""
+        features = self.features(x)
+        return self.head(features), features
+
+
+def fit_classifier(images, labels, epochs, dev, batch_size=128, seed=0):
+    """Train a Classifier on uint8 (N, 784) images with Adam."""
+    torch.manual_seed(seed)
+    model = Classifier().to(dev)
+    solver = torch.optim.Adam(model.parameters(), lr=1e-3)
+    images, labels = images.to(dev), labels.to(dev).long()
+    for _ in range(epochs):
+        for batch in torch.randperm(len(images), device=dev).split(batch_size):
+            loss = F.cross_entropy(model(images[batch].float() / 255)[0], labels[batch])
+            solver.zero_grad()
+            loss.backward()
+            solver.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def classify(model, pixels, chunk=2000):
+    """Class probabilities and features of (N, 784) pixels in [0, 1]."""
+    outputs = [model(part.float()) for part in pixels.split(chunk)]
+    return torch.cat([o[0] for o in outputs]).softmax(1), torch.cat([o[1] for o in outputs])
+
+
+def load_classifier(cfg, dev):
+    """The classifier for cfg's image dataset: from the cache when it was trained on the same data,
+    else trained now (and cached when the folder is writable). Prints its test-set accuracy."""
+    images, labels = load_images(cfg['dataset'], cfg['data_root'])
+    test_images, test_labels = load_images(cfg['dataset'], cfg['data_root'], train=False)
+    fingerprint = [CLASSIFIER_VERSION, len(images), int(images.sum()), int(labels.sum()), int(test_images.sum())]
+    path = os.path.join(cfg['classifier_dir'], f'{cfg["dataset"]}.pt')
+    model = Classifier().to(dev)
+    try:
+        cached = torch.load(path, map_location=dev, weights_only=True)
+        if cached['fingerprint'] != fingerprint:
+            raise ValueError('trained on other data')
+        model.load_state_dict(cached['model'])
+        model.eval()
+        how = f'cached in {path}'
+    except Exception:
+        start = time.perf_counter()
+        model = fit_classifier(images, labels, CLASSIFIER_EPOCHS[cfg['dataset']], dev)
+        how = f'trained in {time.perf_counter() - start:.0f}s'
+        try:
+            os.makedirs(cfg['classifier_dir'], exist_ok=True)
+            save_checkpoint(path, {'fingerprint': fingerprint, 'model': model.state_dict()})
+            how += f', cached in {path}'
+        except OSError as error:
+            how += f', not cached ({error.strerror}: {cfg["classifier_dir"]})'
+    probs, features = classify(model, test_images.to(dev) / 255)
+    accuracy = (probs.argmax(1).cpu() == test_labels).float().mean().item()
+    print(f'classifier ({how}): {100 * accuracy:.2f}% accuracy on the {len(test_images)} test images')
+    return model, feature_stats(features)
+
+
+def feature_stats(features):
+    """Mean and covariance of (N, d) features, in float64."""
+    features = features.double()
+    return features.mean(0), torch.cov(features.T)
+
+
+def frechet_distance(stats_a, stats_b):
+    """|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), with Tr (S_a S_b)^(1/2) from the eigenvalues
+    of S_a^(1/2) S_b S_a^(1/2) (symmetric, so no general matrix square root is needed)."""
+    (mu_a, cov_a), (mu_b, cov_b) = stats_a, stats_b
+    values, vectors = torch.linalg.eigh(cov_a)
+    root_a = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
+
+
+def coverage(counts, n_samples):
+    """Modes covered (at least a third of their fair share of the samples) and KL(histogram || uniform)."""
+    modes = len(counts)
+    covered = int((counts >= n_samples / (3 * modes)).sum())
+    share = counts.double() / max(float(counts.sum()), 1.0)
+    nonzero = share[share > 0]
+    kl = float((nonzero * (nonzero * modes).log()).sum()) if len(nonzero) else float('nan')
+    return covered, kl
+
+
+def image_metrics(probs, features, test_stats):
+    """Class histogram, modes covered, KL to uniform, classifier score, confidence and Frechet distance."""
+    counts = torch.bincount(probs.argmax(1), minlength=10).cpu()
+    covered, kl = coverage(counts, len(probs))
+    marginal = probs.mean(0, keepdim=True)
+    score = torch.exp((probs * (probs.clamp_min(1e-12).log() - marginal.log())).sum(1).mean()).item()
+    return {'modes': covered, 'kl': kl, 'score': score, 'confidence': probs.max(1).values.mean().item(),
+            'fd': frechet_distance(feature_stats(features), test_stats), 'high_quality': float('nan'),
+            'histogram': (counts.double() / len(probs)).tolist()}
+
+
+def mixture_metrics(points, dataset, real_stats):
+    """For 2-D samples: modes covered (at least a third of their fair share within 3 standard deviations),
+    the share of samples within 3 standard deviations of some mode, KL of that histogram to uniform, and
+    the Frechet distance of the points themselves to the real distribution."""
+    centres, std = mixture(dataset)
+    distance, nearest = torch.cdist(points.double().cpu(), centres.double()).min(1)
+    close = distance <= 3 * std
+    counts = torch.bincount(nearest[close], minlength=len(centres))
+    covered, kl = coverage(counts, len(points))
+    return {'modes': covered, 'kl': kl, 'score': float('nan'), 'confidence': float('nan'),
+            'fd': frechet_distance(feature_stats(points.cpu()), real_stats), 'high_quality': close.double().mean().item(),
+            'histogram': (counts.double() / len(points)).tolist()}
+
+
+@torch.no_grad()
+def cross_scores(D, samples):
+    """The paper's cross-scoring (GAM-II style): scores[d, g] = mean D_d(G_g(z)), every discriminator's mean
+    output on every generator's samples; rows follow the discriminators' slots."""
+    return torch.stack([torch.sigmoid(D['model'](s)[0]).mean((1, 2)) for s in samples], 1).double().cpu()
+
+
+class Evaluator:
+    """Scores every generator on eval_samples samples: coverage, quality and the discriminator pool's verdict."""
+
+    def __init__(self, cfg, dev, dtype):
+        self.cfg, self.dev, self.dtype = cfg, dev, dtype
+        if cfg['dataset'] in MIXTURES:
+            self.classifier = None
+            self.reference = feature_stats(sample_mixture(cfg['dataset'], cfg['eval_samples'], seed=54321)[0])
+        else:
+            self.classifier, self.reference = load_classifier(cfg, dev)
+
+    def __call__(self, G, D, pairing, it):
+        """One row per generator: its metrics, and its mean and worst score over the pool of discriminators."""
+        rng = torch.Generator(device=self.dev).manual_seed(self.cfg['seed'] * 1_000_003 + it + 7)  # training RNGs untouched
+        chunks, probs, features, samples = [], [], [], []
+        for n in torch.arange(self.cfg['eval_samples']).split(1000):
+            z = torch.randn(len(n), self.cfg['z_dim'], generator=rng, device=self.dev, dtype=self.dtype)
+            fake = generate(G, z)[0]
+            chunks.append(cross_scores(D, fake) * len(n))
+            if self.classifier is None:
+                samples.append(fake.cpu())
+            else:
+                p, f = zip(*(classify(self.classifier, g) for g in fake))
+                probs.append(torch.stack(p))
+                features.append(torch.stack(f))
+        by_slot = sum(chunks) / self.cfg['eval_samples']
+        scores = torch.empty_like(by_slot)
+        scores[pairing] = by_slot  # row d: the discriminator that started in pair d
+        rows = []
+        for g in range(len(pairing)):
+            if self.classifier is None:
+                metrics = mixture_metrics(torch.cat([s[g] for s in samples]), self.cfg['dataset'], self.reference)
+            else:
+                metrics = image_metrics(torch.cat([p[g] for p in probs]), torch.cat([f[g] for f in features]),
+                                        self.reference)
+            rows.append({'iteration': it, 'generator': g + 1, **metrics, 'pool_mean': scores[:, g].mean().item(),
+                         'pool_worst': scores[:, g].min().item(), 'd_scores': scores[:, g].tolist()})
+        return rows
+
+
+METRIC_COLUMNS = ('iteration', 'generator', 'modes', 'kl', 'score', 'confidence', 'fd', 'high_quality',
+                  'pool_mean', 'pool_worst', 'histogram', 'd_scores')
+
+
+def write_metrics(path, rows, keep_until=None):
+    """Append rows to metrics.csv (lists as space-separated numbers). With keep_until, first drop the rows of
+    later iterations: a resumed run redoes them."""
+    import csv
+    old = []
+    if keep_until is not None and os.path.exists(path):
+        with open(path) as f:
+            old = [row for row in csv.DictReader(f) if int(row['iteration']) <= keep_until]
+    fresh = keep_until is not None or not os.path.exists(path)
+    with open(path, 'w' if fresh else 'a', newline='') as f:
+        writer = csv.DictWriter(f, METRIC_COLUMNS)
+        if fresh:
+            writer.writeheader()
+            writer.writerows(old)
+        for row in rows:
+            writer.writerow({k: ' '.join(f'{v:.4g}' for v in row[k]) if isinstance(row[k], list)
+                             else f'{row[k]:.6g}' if isinstance(row[k], float) else row[k] for k in METRIC_COLUMNS})
+
+
+def read_metrics(path):
+    import csv
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def format_eval(rows, n_modes):
+    """One compact log line for an evaluation: per generator (G1/G2/...)."""
+    join = lambda key, fmt: '/'.join(format(row[key], fmt) for row in rows)
+    quality = f'score {join("score", ".2f")}' if math.isfinite(rows[0]['score']) else f'in 3 std {join("high_quality", ".2f")}'
+    return (f'eval {rows[0]["iteration"]:>5} | modes {join("modes", "d")} of {n_modes} | KL {join("kl", ".3f")} | '
+            f'{quality} | FD {join("fd", ".3g")} | D-pool mean {join("pool_mean", ".2f")} worst {join("pool_worst", ".2f")}')
+
+
+# ------------------------------------------------------------------------------------
 # pictures
 
-def save_samples(path, samples, it, pairing):
-    """A 4x4 grid of 16 samples per generator, labelled G1, G2, ... with their current discriminator."""
+def save_samples(path, samples, it, pairing, real=None):
+    """Images: a 4x4 grid of 16 samples per generator. 2-D data: each generator's samples over the real
+    points. Panels are labelled G1, G2, ... with their current discriminator."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -365,13 +617,18 @@ def save_samples(path, samples, it, pairing):
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis('off')
-    for i, images in enumerate(samples.reshape(n, 4, 4, 28, 28).cpu().float()):
-        grid = torch.ones(4 * 30 - 2, 4 * 30 - 2)
-        for r in range(4):
-            for c in range(4):
-                grid[30 * r:30 * r + 28, 30 * c:30 * c + 28] = images[r, c]
-        axes.flat[i].imshow(grid.numpy(), cmap='Greys_r', vmin=0, vmax=1)
-        axes.flat[i].set_title(f'G{i + 1}' + (f' (with D{pairing[i] + 1})' if n > 1 else ''))
+    for i, points in enumerate(samples.cpu().float()):
+        ax = axes.flat[i]
+        if real is None:
+            grid = torch.ones(4 * 30 - 2, 4 * 30 - 2)
+            for k, image in enumerate(points[:16].reshape(16, 28, 28)):
+                grid[30 * (k // 4):30 * (k // 4) + 28, 30 * (k % 4):30 * (k % 4) + 28] = image
+            ax.imshow(grid.numpy(), cmap='Greys_r', vmin=0, vmax=1)
+        else:
+            ax.scatter(*real[:2000].T.numpy(), s=1, c='lightgrey')
+            ax.scatter(*points.T.numpy(), s=1, c='C3')
+            ax.set(xlim=(0, 1), ylim=(0, 1), aspect='equal')
+        ax.set_title(f'G{i + 1}' + (f' (with D{pairing[i] + 1})' if n > 1 else ''))
     fig.suptitle(f'iteration {it}')
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -399,6 +656,23 @@ def save_losses(path, history, n_pairs, K):
     title = ('no swaps (K=0)' if not K else f'discriminators swap every K={K} iterations'
              + (' (grey lines)' if 0 < len(swaps) <= 100 else f' ({len(swaps)} swaps, too dense to draw)'))
     axes[0].set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def save_metrics_plot(path, rows):
+    """Modes covered, KL to uniform and Frechet distance over the run, a line per generator."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key, name in zip(axes, ('modes', 'kl', 'fd'), ('modes covered', 'KL(histogram || uniform)', 'Frechet distance')):
+        for g in sorted({int(r['generator']) for r in rows}):
+            mine = [r for r in rows if int(r['generator']) == g]
+            ax.plot([int(r['iteration']) for r in mine], [float(r[key]) for r in mine], marker='o', ms=3, label=f'G{g}')
+        ax.set(title=name, xlabel='iteration')
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -436,11 +710,13 @@ def train(cfg):
     # seeding: one seed, one stream per purpose
     seed, P = cfg['seed'], cfg['n_pairs']
     torch.manual_seed(seed)
-    images, _ = load_mnist(cfg['data_root'])
+    images = training_data(cfg)
     batches = Batches(images.to(dev), cfg['mb_size'], seed + 1)
     G, D = make_pairs(cfg, images.shape[1], dev, dtype)
     noise = torch.Generator(device=dev).manual_seed(seed + 2)
-    fixed_z = torch.randn(16, cfg['z_dim'], generator=torch.Generator().manual_seed(seed + 3)).to(dev, dtype)
+    real = images[:2000] if cfg['dataset'] in MIXTURES else None  # drawn under 2-D samples
+    n_fixed = 16 if real is None else 1000  # the same latent points in every sample dump
+    fixed_z = torch.randn(n_fixed, cfg['z_dim'], generator=torch.Generator().manual_seed(seed + 3)).to(dev, dtype)
     pairing = list(range(P))  # pairing[i]: which discriminator generator i trains against now
     history = torch.zeros(0, 1 + 4 * P)  # one row per log line: iteration, then each pair's mean stats
     recent = torch.zeros(cfg['log_every'], P, 4, device=dev, dtype=dtype)  # stats since the last log, on device
@@ -478,14 +754,19 @@ def train(cfg):
         signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGINT, on_interrupt)
 
-    print(f'GAP: {P} pairs, K={cfg["K"]}, {len(images)} training images, device {dev}, {cfg["dtype"]}, '
+    evaluator = Evaluator(cfg, dev, dtype) if cfg['eval_every'] else None
+    metrics_path = os.path.join(cfg['out_dir'], 'metrics.csv')
+    if evaluator:  # a fresh run starts a fresh file; a resumed one redoes the evaluations after its checkpoint
+        write_metrics(metrics_path, [], keep_until=start - 1)
+
+    print(f'GAP: {P} pairs, K={cfg["K"]}, {len(images)} {cfg["dataset"]} training points, device {dev}, {cfg["dtype"]}, '
           f'{torch.get_num_threads()} threads, iterations {start}..{cfg["iterations"] - 1}')
     last = cfg['iterations'] - 1
     clock, clock_it = time.perf_counter(), start
     it = start - 1
     for it in range(start, cfg['iterations']):
         z = torch.randn(cfg['mb_size'], cfg['z_dim'], generator=noise, device=dev, dtype=dtype)
-        x = as_pixels(batches.next(), dtype)
+        x = as_inputs(batches.next(), dtype)
         recent[n_recent] = train_step(G, D, z, x)
         n_recent += 1
         if cfg['K'] and it % cfg['K'] == 0 and it != 0:
@@ -501,10 +782,18 @@ def train(cfg):
             rate = (it + 1 - clock_it) / max(now - clock, 1e-9)
             print(format_log(it, means, rate, (last - it) / max(rate, 1e-9)), flush=True)
             clock, clock_it, n_recent = now, it + 1, 0
+        if evaluator and (it % cfg['eval_every'] == 0 and it > 0 or it == last):  # before the checkpoint:
+            stop_if_nonfinite(it - n_recent + 1)  # a resume from an earlier one redoes it
+            began = time.perf_counter()
+            rows = evaluator(G, D, pairing, it)
+            write_metrics(metrics_path, rows)
+            save_metrics_plot(os.path.join(cfg['out_dir'], 'metrics.png'), read_metrics(metrics_path))
+            print(format_eval(rows, len(rows[0]['histogram'])), flush=True)
+            clock += time.perf_counter() - began  # evaluation time does not count against it/s
         if it % cfg['sample_every'] == 0 or it == last or interrupted:
             stop_if_nonfinite(it - n_recent + 1)
             number = it // cfg['sample_every'] + (it % cfg['sample_every'] != 0)
-            save_samples(os.path.join(cfg['out_dir'], f'{number:03d}.png'), generate(G, fixed_z)[0], it, pairing)
+            save_samples(os.path.join(cfg['out_dir'], f'{number:03d}.png'), generate(G, fixed_z)[0], it, pairing, real)
             save_checkpoint(checkpoint_path, snapshot(it))
         if interrupted:
             print(f'interrupted: checkpoint saved after iteration {it}; continue with --resume=True', flush=True)

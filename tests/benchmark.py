@@ -29,7 +29,7 @@ SHARED_MNIST = os.path.join(os.path.dirname(HERE), '..', 'shared', 'mnist')
 def training_images(dev):
     """Real MNIST when it is at hand, else 60,000 random images of the same size."""
     if os.path.isdir(os.path.join(SHARED_MNIST, 'MNIST', 'raw')):
-        return pg.load_mnist(SHARED_MNIST)[0].to(dev), 'MNIST'
+        return pg.load_images('mnist', SHARED_MNIST)[0].to(dev), 'MNIST'
     return torch.randint(0, 256, (60000, 784), dtype=torch.uint8, device=dev), 'random images'
 
 
@@ -62,7 +62,7 @@ def parallel_gan_loop(n_pairs, images, dev):
 
     def step():
         z = torch.randn(cfg['mb_size'], cfg['z_dim'], generator=noise, device=dev)
-        recent[state['it'] % len(recent)] = pg.train_step(G, D, z, pg.as_pixels(batches.next(), torch.float32))
+        recent[state['it'] % len(recent)] = pg.train_step(G, D, z, pg.as_inputs(batches.next(), torch.float32))
         state['it'] += 1
         if state['it'] % cfg['K'] == 0:
             pg.swap_discriminators(D, pg.new_partners(n_pairs, 0, state['it']))

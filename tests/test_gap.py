@@ -81,7 +81,7 @@ def test_150_iterations_with_a_dozen_swaps_equal_the_reference_loop(n_pairs):
     swaps = 0
     for it in range(150):
         z = torch.randn(32, 10, generator=g, dtype=F64)
-        x = pg.as_pixels(data.next(), F64)
+        x = pg.as_inputs(data.next(), F64)
         ours = pg.train_step(G, D, z, x)[:, :2]
         theirs = ref.iteration(z, x)
         assert torch.allclose(ours, theirs, rtol=0, atol=1e-9), f'iteration {it}'

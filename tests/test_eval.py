@@ -1,0 +1,161 @@
+"""The evaluation: metrics on data with known answers, cross-scoring, outputs, the 2-D data, the classifier cache."""
+import math
+import os
+
+import pytest
+import torch
+
+import parallel_gan as pg
+from conftest import SHARED_MNIST, make_mnist, toy_digits
+
+
+@pytest.fixture(scope='module')
+def toy_classifier():
+    images, labels = toy_digits(400, seed=1)
+    return pg.fit_classifier(images.reshape(len(images), -1), labels, epochs=3, dev=torch.device("cpu"), batch_size=16)
+
+
+def scored(classifier, images):
+    return pg.classify(classifier, images.reshape(len(images), -1) / 255)
+
+
+def test_real_images_score_every_mode_and_nothing_against_themselves(toy_classifier):
+    images, labels = toy_digits(500, seed=2)
+    probs, features = scored(toy_classifier, images)
+    assert (probs.argmax(1) == labels).float().mean() > 0.98
+    metrics = pg.image_metrics(probs, features, pg.feature_stats(features))
+    assert metrics['modes'] == 10 and metrics['kl'] < 0.01 and abs(metrics['fd']) < 1e-3
+    assert metrics['score'] > 9 and metrics['confidence'] > 0.9
+    assert sum(metrics['histogram']) == pytest.approx(1)
+
+
+def test_samples_of_one_class_cover_one_mode_and_sit_far_from_the_data(toy_classifier):
+    images, labels = toy_digits(500, seed=2)
+    test_stats = pg.feature_stats(scored(toy_classifier, images)[1])
+    threes = images[labels == 3]
+    metrics = pg.image_metrics(*scored(toy_classifier, threes), test_stats)
+    assert metrics['modes'] == 1 and metrics['kl'] == pytest.approx(math.log(10), abs=0.05)
+    assert metrics['score'] == pytest.approx(1, abs=0.1) and metrics['fd'] > 1
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_MNIST, 'MNIST', 'raw')), reason='real MNIST not present')
+def test_real_mnist_test_images_score_10_modes_kl_0_and_fd_0_against_themselves():
+    images, labels = pg.load_images('mnist', SHARED_MNIST)
+    classifier = pg.fit_classifier(images[:3000], labels[:3000], epochs=1, dev=torch.device('cpu'), batch_size=32)
+    test_images, _ = pg.load_images('mnist', SHARED_MNIST, train=False)
+    probs, features = pg.classify(classifier, test_images / 255)
+    metrics = pg.image_metrics(probs, features, pg.feature_stats(features))
+    assert metrics['modes'] == 10 and metrics['kl'] < 0.05 and abs(metrics['fd']) < 1e-3
+
+
+def test_frechet_distance_of_two_gaussians_matches_the_closed_form():
+    mean_a, mean_b = torch.zeros(3, dtype=torch.float64), torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64)
+    cov_a, cov_b = torch.diag(torch.tensor([1.0, 4.0, 9.0])).double(), torch.diag(torch.tensor([4.0, 1.0, 9.0])).double()
+    # |mu_a - mu_b|^2 = 5; traces 14 + 14; sqrt of the product's eigenvalues: 2 + 2 + 9
+    assert pg.frechet_distance((mean_a, cov_a), (mean_b, cov_b)) == pytest.approx(5 + 28 - 2 * 13)
+
+
+@pytest.mark.parametrize('dataset, modes', [('ring8', 8), ('grid25', 25)])
+def test_two_d_datasets_lie_in_the_unit_square_around_their_modes(dataset, modes):
+    points, labels = pg.sample_mixture(dataset, 5000, seed=0)
+    centres, std = pg.mixture(dataset)
+    assert points.shape == (5000, 2) and points.dtype == torch.float32 and len(centres) == modes
+    assert points.min() >= 0 and points.max() <= 1
+    assert 0.05 < centres.min() and centres.max() < 0.95
+    assert ((points - centres[labels]).norm(dim=1) <= 3 * std).float().mean() > 0.98
+    assert set(labels.tolist()) == set(range(modes))
+
+
+@pytest.mark.parametrize('dataset', ['ring8', 'grid25'])
+def test_a_generator_on_every_centre_covers_every_mode_and_one_on_a_single_centre_covers_one(dataset):
+    centres, _ = pg.mixture(dataset)
+    real = pg.feature_stats(pg.sample_mixture(dataset, 5000, seed=1)[0])
+    everywhere = centres.repeat(40, 1)
+    metrics = pg.mixture_metrics(everywhere, dataset, real)
+    assert metrics['modes'] == len(centres) and metrics['high_quality'] == 1 and metrics['kl'] < 1e-9
+    one = centres[:1].repeat(400, 1)
+    metrics = pg.mixture_metrics(one, dataset, real)
+    assert metrics['modes'] == 1 and metrics['kl'] == pytest.approx(math.log(len(centres)))
+    astray = torch.full((400, 2), 0.999)
+    assert pg.mixture_metrics(astray, dataset, real)['high_quality'] == 0
+
+
+def test_cross_scores_hold_every_discriminator_on_every_generator():
+    cfg = pg.parse_args(['--n_pairs=3', '--dataset=ring8'])
+    G, D = pg.make_pairs(cfg, 2, torch.device('cpu'), torch.float32)
+    with torch.no_grad():  # discriminator d says sigmoid(d - 1) to everything; generator g's samples don't matter
+        D['model'].W2.zero_()
+        D['model'].b2.copy_(torch.arange(3.0).reshape(3, 1, 1) - 1)
+    samples = torch.rand(3, 50, 2)
+    scores = pg.cross_scores(D, samples)
+    assert scores.shape == (3, 3)
+    assert torch.allclose(scores, torch.sigmoid(torch.arange(3.0) - 1).double()[:, None].expand(3, 3), atol=1e-6)
+
+    evaluator = pg.Evaluator(pg.parse_args(['--n_pairs=3', '--dataset=ring8', '--eval_samples=200']), torch.device('cpu'),
+                             torch.float32)
+    rows = evaluator(G, D, pairing=[2, 0, 1], it=10)  # slot 0 holds discriminator 3, slot 1 D1, slot 2 D2
+    assert [r['generator'] for r in rows] == [1, 2, 3]
+    expected = torch.sigmoid(torch.tensor([0.0, 1.0, -1.0])).tolist()  # D1, D2, D3 in that order
+    assert rows[0]['d_scores'] == pytest.approx(expected, abs=1e-6)
+    assert rows[0]['pool_worst'] == pytest.approx(min(expected), abs=1e-6)
+    assert rows[0]['pool_mean'] == pytest.approx(sum(expected) / 3, abs=1e-6)
+
+
+def test_a_run_writes_metrics_csv_and_png_and_logs_a_summary(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / 'out'
+    cfg = pg.parse_args([f'--data_root={tiny_mnist}', f'--out_dir={out}', f'--classifier_dir={tmp_path / "cls"}',
+                         '--iterations=31', '--eval_every=15', '--eval_samples=300', '--h_dim=32', '--log_every=10'])
+    assert pg.train(cfg) == 0
+    log = capsys.readouterr().out
+    assert 'accuracy on the 100 test images' in log
+    assert [line.split()[1] for line in log.splitlines() if line.startswith('eval')] == ['15', '30']
+    rows = pg.read_metrics(out / 'metrics.csv')
+    assert [(int(r['iteration']), int(r['generator'])) for r in rows] == [(15, 1), (15, 2), (30, 1), (30, 2)]
+    for row in rows:
+        assert 0 <= int(row['modes']) <= 10 and float(row['fd']) >= 0 and 1 <= float(row['score']) <= 10
+        assert len(row['histogram'].split()) == 10 and len(row['d_scores'].split()) == 2
+    assert (out / 'metrics.png').stat().st_size > 1000
+
+    # a resume redoes the evaluations after its checkpoint, without duplicating rows
+    os.remove(out / 'checkpoint.pt')
+    pg.train(pg.parse_args([*[f'--{k}={v}' for k, v in cfg.items() if k not in ('iterations', 'resume')],
+                            '--iterations=20', '--sample_every=20']))
+    pg.train(pg.parse_args([*[f'--{k}={v}' for k, v in cfg.items() if k not in ('iterations', 'resume')],
+                            '--iterations=31', '--resume=True']))
+    assert [int(r['iteration']) for r in pg.read_metrics(out / 'metrics.csv')] == [15, 15, 19, 19, 30, 30]
+
+
+def test_the_classifier_cache_is_reused_and_rebuilt_when_stale(tmp_path, monkeypatch, capsys):
+    root = make_mnist(tmp_path / 'data', train=200, test=50)
+    cfg = pg.parse_args([f'--data_root={root}', f'--classifier_dir={tmp_path / "cls"}'])
+    fits = []
+    real_fit = pg.fit_classifier
+    monkeypatch.setattr(pg, 'fit_classifier', lambda *a, **k: fits.append(1) or real_fit(*a, **k))
+    dev = torch.device('cpu')
+    first, _ = pg.load_classifier(cfg, dev)
+    again, _ = pg.load_classifier(cfg, dev)
+    assert len(fits) == 1 and 'cached in' in capsys.readouterr().out
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+
+    make_mnist(tmp_path / 'data', train=250, test=50)  # the data changed: the cache no longer matches
+    pg.load_classifier(cfg, dev)
+    assert len(fits) == 2
+
+    (tmp_path / 'cls' / 'mnist.pt').write_bytes(b'garbage')
+    pg.load_classifier(cfg, dev)
+    assert len(fits) == 3
+
+
+def test_an_unwritable_classifier_folder_still_works(tmp_path, capsys):
+    root = make_mnist(tmp_path / 'data', train=200, test=50)
+    blocker = tmp_path / 'file'
+    blocker.write_text('not a folder')
+    cfg = pg.parse_args([f'--data_root={root}', f'--classifier_dir={blocker / "cls"}'])
+    model, stats = pg.load_classifier(cfg, torch.device('cpu'))
+    assert 'not cached' in capsys.readouterr().out and stats[1].shape == (128, 128)
+
+
+def test_fashion_mnist_loads_from_its_own_folder(tmp_path):
+    root = make_mnist(tmp_path, train=120, test=30, kind='FashionMNIST')
+    images, labels = pg.load_images('fashion_mnist', root)
+    assert images.shape == (120, 784) and images.dtype == torch.uint8 and len(labels) == 120

@@ -58,6 +58,7 @@ threads = 0  # CPU threads torch may use (0: torch's default)
 
 CLASSIFIER_VERSION = 1  # bump when Classifier or its training changes, so caches are rebuilt
 CLASSIFIER_EPOCHS = {'mnist': 3, 'fashion_mnist': 6}
+COLLECTIVE_TIMEOUT = 300  # seconds a process waits for the others before it gives up
 SHAPE_KEYS = ('z_dim', 'h_dim', 'n_pairs', 'dtype', 'dataset')  # a checkpoint only fits networks of its own shape
 IMAGE_DATASETS = {'mnist': 'MNIST', 'fashion_mnist': 'FashionMNIST'}  # torchvision's class and folder names
 MIXTURES = ('ring8', 'grid25')
@@ -254,6 +255,10 @@ class Stack(nn.Module):
         """A (batch, n_in) input shared by every network, as (n, batch, n_in)."""
         return x.expand(len(self.W1), *x.shape[-2:])
 
+    def sizes(self):
+        """(n_in, n_out) of each network."""
+        return self.W1.shape[1], self.W2.shape[2]
+
     def forward(self, x):
         """(output, hidden) for x: (n, batch, n_in), or (batch, n_in) shared by every network."""
         hidden = torch.baddbmm(self.b1, self.expand(x), self.W1).relu_()
@@ -352,17 +357,20 @@ def new_partners(n_pairs, seed, it):
             return partners
 
 
-def swap_discriminators(D, partners):
+def swap_discriminators(D, partners, procs=None):
     """Each discriminator, with its Adam state, moves to another generator:
-    generator i now trains against the discriminator that was at partners[i]."""
+    generator i now trains against the discriminator that was at partners[i].
+
+    Across processes (procs), each process first gathers every process's discriminators,
+    then keeps the ones its own generators get."""
+    take = partners if procs is None else partners[procs.slots]
+    gather = (lambda t: t) if procs is None else procs.gather
     dev = D['model'].W1.device
-    partners = partners.pin_memory().to(dev, non_blocking=True) if dev.type == 'cuda' else partners  # no sync
+    take = take.pin_memory().to(dev, non_blocking=True) if dev.type == 'cuda' else take  # no host sync
     for p in D['model'].parameters():
-        p.copy_(p[partners])
-        state = D['solver'].state[p]
-        for moment in ('exp_avg', 'exp_avg_sq'):  # Adam's 'step' is the same for every discriminator
-            if moment in state:
-                state[moment].copy_(state[moment][partners])
+        state = D['solver'].state[p]  # Adam's 'step' is the same for every discriminator
+        for tensor in (p, state['exp_avg'], state['exp_avg_sq']):
+            tensor.copy_(gather(tensor)[take])
 
 
 # ------------------------------------------------------------------------------------
@@ -679,6 +687,66 @@ def save_metrics_plot(path, rows):
 
 
 # ------------------------------------------------------------------------------------
+# GAP across processes: under `torchrun --nproc_per_node=P`, process r trains pairs r*L .. r*L+L-1
+# (L = n_pairs / P). Every process draws the same noise and batches as a single process would,
+# and at each swap the discriminators move between processes by the same pairing. This class and
+# copy_side are the only distributed code; in a single process they do nothing.
+
+class Processes:
+    """The processes of a torchrun launch, or just this one."""
+
+    def __init__(self, cfg):
+        self.world = int(os.environ.get('WORLD_SIZE', 1))
+        self.rank = int(os.environ.get('RANK', 0))
+        self.leader = self.rank == 0  # the only process that writes
+        cuda = cfg['device'].startswith('cuda') or (cfg['device'] == 'auto' and torch.cuda.is_available())
+        self.device = pick_device(cfg['device'])
+        if self.world > 1:
+            if cfg['n_pairs'] % self.world:
+                refuse(f'n_pairs={cfg["n_pairs"]} cannot be spread evenly over {self.world} processes')
+            import datetime
+            import torch.distributed as dist
+            self.dist = dist
+            if cuda:
+                self.device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+                torch.cuda.set_device(self.device)
+            dist.init_process_group('nccl' if cuda else 'gloo', timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT))
+        mine = cfg['n_pairs'] // self.world
+        self.slots = torch.arange(self.rank * mine, (self.rank + 1) * mine)
+
+    def gather(self, tensor, dim=0):
+        """Every process's tensor, concatenated along dim in process order (the tensor itself in one process)."""
+        if self.world == 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world)]
+        self.dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim)
+
+    def anyone(self, flag):
+        """Whether flag is set in any process (so that all stop together)."""
+        if self.world == 1:
+            return bool(flag)
+        flag = torch.tensor([float(bool(flag))], device=self.device)
+        self.dist.all_reduce(flag, op=self.dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def close(self, finished):
+        if self.world > 1 and self.dist.is_initialized():
+            if finished:
+                self.dist.barrier()  # nobody tears down while another still talks
+            self.dist.destroy_process_group()
+
+
+def copy_side(source, target, per_pair):
+    """Load target (a side: model and solver) with source's weights and Adam state, passing each
+    per-pair tensor through per_pair: slicing out this process's pairs, or gathering every process's."""
+    target['model'].load_state_dict({k: per_pair(v) for k, v in source['model'].state_dict().items()})
+    solver = source['solver'].state_dict()
+    solver['state'] = {i: {k: v if k == 'step' else per_pair(v) for k, v in s.items()} for i, s in solver['state'].items()}
+    target['solver'].load_state_dict(solver)
+
+
+# ------------------------------------------------------------------------------------
 # the run
 
 def pick_device(name):
@@ -700,70 +768,96 @@ def first_nonfinite(recent, first_it):
 
 
 def train(cfg):
-    dev, dtype = pick_device(cfg['device']), getattr(torch, cfg['dtype'])
+    procs = Processes(cfg)
+    try:
+        status = run(cfg, procs)
+    except RuntimeError as error:  # a collective failed: another process died or hung
+        if procs.world == 1:
+            raise
+        procs.close(finished=False)
+        sys.exit(f'parallel_gan.py: process {procs.rank} lost the other processes ({str(error).splitlines()[0]}); '
+                 f'stopped. The last checkpoint in {cfg["out_dir"]} is intact.')
+    procs.close(finished=True)
+    return status
+
+
+def run(cfg, procs):
+    dev, dtype = procs.device, getattr(torch, cfg['dtype'])
+    say = print if procs.leader else (lambda *args, **kwargs: None)
     if cfg['threads']:
         torch.set_num_threads(cfg['threads'])
-    os.makedirs(cfg['out_dir'], exist_ok=True)
+    if procs.leader:
+        os.makedirs(cfg['out_dir'], exist_ok=True)
     checkpoint_path = os.path.join(cfg['out_dir'], 'checkpoint.pt')
     state = load_checkpoint(checkpoint_path, cfg, dev) if cfg['resume'] else None
 
-    # seeding: one seed, one stream per purpose
+    # seeding: one seed, one stream per purpose; every process draws the same
     seed, P = cfg['seed'], cfg['n_pairs']
     torch.manual_seed(seed)
     images = training_data(cfg)
     batches = Batches(images.to(dev), cfg['mb_size'], seed + 1)
-    G, D = make_pairs(cfg, images.shape[1], dev, dtype)
+    G_all, D_all = make_pairs(cfg, images.shape[1], dev, dtype)  # every pair (samples, evaluation, checkpoints)
     noise = torch.Generator(device=dev).manual_seed(seed + 2)
     real = images[:2000] if cfg['dataset'] in MIXTURES else None  # drawn under 2-D samples
     n_fixed = 16 if real is None else 1000  # the same latent points in every sample dump
     fixed_z = torch.randn(n_fixed, cfg['z_dim'], generator=torch.Generator().manual_seed(seed + 3)).to(dev, dtype)
     pairing = list(range(P))  # pairing[i]: which discriminator generator i trains against now
-    history = torch.zeros(0, 1 + 4 * P)  # one row per log line: iteration, then each pair's mean stats
-    recent = torch.zeros(cfg['log_every'], P, 4, device=dev, dtype=dtype)  # stats since the last log, on device
+    history = torch.zeros(0, 1 + 4 * P, dtype=torch.float64)  # one row per log line: iteration, then each pair's mean stats
+    recent = torch.zeros(cfg['log_every'], len(procs.slots), 4, device=dev, dtype=dtype)  # since the last log
     n_recent, start = 0, 0
 
     if state:
-        for side, saved in ((G, state['G']), (D, state['D'])):
+        for side, saved in ((G_all, state['G']), (D_all, state['D'])):
             side['model'].load_state_dict(saved['model'])
             side['solver'].load_state_dict(saved['solver'])
-            for group in side['solver'].param_groups:
-                group['lr'] = cfg['lr']  # today's --lr applies from here on
         noise.set_state(state['noise_rng'])
         batches.load_state_dict(state['batches'])
         pairing, history, start = state['pairing'], state['history'], state['iteration'] + 1
         n_recent = len(state['recent'])
-        recent[:n_recent] = state['recent']
-        print(f'resumed from {checkpoint_path} after iteration {state["iteration"]}')
+        recent[:n_recent] = state['recent'][:, procs.slots]
+        say(f'resumed from {checkpoint_path} after iteration {state["iteration"]}')
 
-    def snapshot(it):
-        return {'hyperparameters': cfg, 'iteration': it, 'pairing': pairing, 'history': history,
-                'G': {k: v.state_dict() for k, v in G.items()}, 'D': {k: v.state_dict() for k, v in D.items()},
-                'noise_rng': noise.get_state(), 'batches': batches.state_dict(), 'recent': recent[:n_recent].cpu()}
+    G, D = G_all, D_all  # the pairs this process trains: all of them, or its share under torchrun
+    if procs.world > 1:
+        G, D = (make_side(len(procs.slots), *side['model'].sizes(), cfg, dev, dtype) for side in (G_all, D_all))
+        copy_side(G_all, G, lambda t: t[procs.slots.to(t.device)])
+        copy_side(D_all, D, lambda t: t[procs.slots.to(t.device)])
+    for side in (G, D, G_all, D_all):
+        for group in side['solver'].param_groups:
+            group['lr'] = cfg['lr']  # a resumed run takes today's --lr
 
-    def stop_if_nonfinite(first_it):
-        bad = first_nonfinite(recent[:n_recent], first_it)
+    def everything():
+        """G_all and D_all brought up to date from every process (all processes must call it)."""
+        if procs.world > 1:
+            copy_side(G, G_all, procs.gather)
+            copy_side(D, D_all, procs.gather)
+
+    def stop_if_nonfinite(stats, first_it):
+        bad = first_nonfinite(stats, first_it)
         if bad:
-            save_losses(os.path.join(cfg['out_dir'], 'losses.png'), history, P, cfg['K'])
+            if procs.leader:
+                save_losses(os.path.join(cfg['out_dir'], 'losses.png'), history, P, cfg['K'])
             sys.exit(f'parallel_gan.py: a loss of pair {bad[1]} became non-finite at iteration {bad[0]}; '
                      f'stopped. The last good checkpoint ({checkpoint_path}) is untouched.')
 
-    # Ctrl-C finishes the current iteration, then saves; a second Ctrl-C stops at once.
+    # Ctrl-C (or torchrun's SIGTERM) finishes the current iteration, then saves; a second Ctrl-C stops at once.
     interrupted = []
     def on_interrupt(signum, frame):
         interrupted.append(signum)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGINT, on_interrupt)
+    signal.signal(signal.SIGTERM, on_interrupt)
 
-    evaluator = Evaluator(cfg, dev, dtype) if cfg['eval_every'] else None
+    evaluator = Evaluator(cfg, dev, dtype) if cfg['eval_every'] and procs.leader else None
     metrics_path = os.path.join(cfg['out_dir'], 'metrics.csv')
     if evaluator:  # a fresh run starts a fresh file; a resumed one redoes the evaluations after its checkpoint
         write_metrics(metrics_path, [], keep_until=start - 1)
 
-    print(f'GAP: {P} pairs, K={cfg["K"]}, {len(images)} {cfg["dataset"]} training points, device {dev}, {cfg["dtype"]}, '
-          f'{torch.get_num_threads()} threads, iterations {start}..{cfg["iterations"] - 1}')
+    say(f'GAP: {P} pairs, K={cfg["K"]}, {len(images)} {cfg["dataset"]} training points, device {dev}, '
+        f'{cfg["dtype"]}, {procs.world} process(es) x {torch.get_num_threads()} threads, '
+        f'iterations {start}..{cfg["iterations"] - 1}', flush=True)
     last = cfg['iterations'] - 1
-    clock, clock_it = time.perf_counter(), start
-    it = start - 1
+    clock, clock_it, stopping = time.perf_counter(), start, False
     for it in range(start, cfg['iterations']):
         z = torch.randn(cfg['mb_size'], cfg['z_dim'], generator=noise, device=dev, dtype=dtype)
         x = as_inputs(batches.next(), dtype)
@@ -771,36 +865,50 @@ def train(cfg):
         n_recent += 1
         if cfg['K'] and it % cfg['K'] == 0 and it != 0:
             partners = new_partners(P, seed, it)
-            swap_discriminators(D, partners)
+            swap_discriminators(D, partners, procs)
             pairing = [pairing[j] for j in partners.tolist()]
 
-        if it % cfg['log_every'] == 0 or it == last:
-            stop_if_nonfinite(it - n_recent + 1)
-            means = recent[:n_recent].mean(0).cpu().double()
-            history = torch.cat([history, torch.cat([torch.tensor([it]), means.flatten()]).float()[None]])
+        logging = it % cfg['log_every'] == 0 or it == last
+        stopping = procs.anyone(interrupted) if logging or procs.world == 1 else False  # all processes agree
+        if logging:
+            stats = procs.gather(recent[:n_recent], dim=1)  # (iterations, every pair, 4)
+            stop_if_nonfinite(stats, it - n_recent + 1)
+            means = stats.mean(0).cpu().double()
+            history = torch.cat([history, torch.cat([torch.tensor([it]), means.flatten()])[None]])
             now = time.perf_counter()
             rate = (it + 1 - clock_it) / max(now - clock, 1e-9)
-            print(format_log(it, means, rate, (last - it) / max(rate, 1e-9)), flush=True)
+            say(format_log(it, means, rate, (last - it) / max(rate, 1e-9)), flush=True)
             clock, clock_it, n_recent = now, it + 1, 0
-        if evaluator and (it % cfg['eval_every'] == 0 and it > 0 or it == last):  # before the checkpoint:
-            stop_if_nonfinite(it - n_recent + 1)  # a resume from an earlier one redoes it
+        evaluating = cfg['eval_every'] and (it % cfg['eval_every'] == 0 and it > 0 or it == last)
+        saving = it % cfg['sample_every'] == 0 or it == last or stopping
+        if evaluating or saving:
+            unlogged = procs.gather(recent[:n_recent], dim=1)
+            stop_if_nonfinite(unlogged, it - n_recent + 1)
+            everything()
+        if evaluator and evaluating:  # before the checkpoint: a resume from an earlier one redoes it
             began = time.perf_counter()
-            rows = evaluator(G, D, pairing, it)
+            rows = evaluator(G_all, D_all, pairing, it)
             write_metrics(metrics_path, rows)
             save_metrics_plot(os.path.join(cfg['out_dir'], 'metrics.png'), read_metrics(metrics_path))
-            print(format_eval(rows, len(rows[0]['histogram'])), flush=True)
+            say(format_eval(rows, len(rows[0]['histogram'])), flush=True)
             clock += time.perf_counter() - began  # evaluation time does not count against it/s
-        if it % cfg['sample_every'] == 0 or it == last or interrupted:
-            stop_if_nonfinite(it - n_recent + 1)
+        if saving and procs.leader:
             number = it // cfg['sample_every'] + (it % cfg['sample_every'] != 0)
-            save_samples(os.path.join(cfg['out_dir'], f'{number:03d}.png'), generate(G, fixed_z)[0], it, pairing, real)
-            save_checkpoint(checkpoint_path, snapshot(it))
-        if interrupted:
-            print(f'interrupted: checkpoint saved after iteration {it}; continue with --resume=True', flush=True)
+            samples = generate(G_all, fixed_z)[0]
+            save_samples(os.path.join(cfg['out_dir'], f'{number:03d}.png'), samples, it, pairing, real)
+            save_checkpoint(checkpoint_path, {
+                'hyperparameters': cfg, 'iteration': it, 'pairing': pairing, 'history': history,
+                'G': {k: v.state_dict() for k, v in G_all.items()}, 'D': {k: v.state_dict() for k, v in D_all.items()},
+                'noise_rng': noise.get_state(), 'batches': batches.state_dict(),
+                'recent': unlogged.cpu()})
+        if stopping:
+            say(f'interrupted: checkpoint saved after iteration {it}; continue with --resume=True', flush=True)
             break
-    save_losses(os.path.join(cfg['out_dir'], 'losses.png'), history, P, cfg['K'])
+    if procs.leader:
+        save_losses(os.path.join(cfg['out_dir'], 'losses.png'), history, P, cfg['K'])
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    return 130 if interrupted else 0
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return 130 if stopping else 0
 
 
 if __name__ == '__main__':

@@ -1,0 +1,73 @@
+"""GAP across processes: torchrun with 2 gloo processes, one pair each."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import parallel_gan as pg
+from conftest import ROOT, SCRIPT, load
+
+COMMON = ['--dtype=float64', '--K=10', '--h_dim=32', '--log_every=1', '--sample_every=40', '--eval_every=0',
+          '--threads=1']
+
+
+def torchrun(*args, **kwargs):
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', SCRIPT, *args]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def finish(proc, timeout=120):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def test_two_processes_with_a_resume_give_the_single_process_losses(tiny_mnist, tmp_path):
+    data = f'--data_root={tiny_mnist}'
+    pg.train(pg.parse_args([data, *COMMON, f'--out_dir={tmp_path / "single"}', '--iterations=150']))
+
+    out = f'--out_dir={tmp_path / "two"}'
+    code, log, err = finish(torchrun(data, *COMMON, out, '--iterations=80'))
+    assert code == 0, err
+    assert log.count('GAP: 2 pairs') == 1 and '2 process(es)' in log  # one process writes
+    assert len([line for line in log.splitlines() if line.startswith('it ')]) == 80
+    code, log, err = finish(torchrun(data, *COMMON, out, '--iterations=150', '--resume=True'))
+    assert code == 0, err
+    assert 'resumed from' in log and 'after iteration 79' in log
+
+    single, two = load(tmp_path / 'single' / 'checkpoint.pt'), load(tmp_path / 'two' / 'checkpoint.pt')
+    assert two['history'].dtype == torch.float64 and len(two['history']) == 150  # a dozen swaps and more
+    assert torch.allclose(two['history'], single['history'], rtol=0, atol=1e-9)
+    for side in ('G', 'D'):
+        for name, value in single[side]['model'].items():
+            assert torch.allclose(two[side]['model'][name], value, rtol=0, atol=1e-9)
+        for i, moments in single[side]['solver']['state'].items():
+            assert torch.allclose(two[side]['solver']['state'][i]['exp_avg'], moments['exp_avg'], rtol=0, atol=1e-9)
+    assert two['pairing'] == single['pairing']
+    assert sorted(os.listdir(tmp_path / 'two')) == sorted(os.listdir(tmp_path / 'single'))
+
+
+def test_pairs_must_spread_evenly_over_the_processes(tiny_mnist, tmp_path):
+    code, _, err = finish(torchrun(f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}', '--n_pairs=3'))
+    assert code != 0 and 'cannot be spread evenly over 2 processes' in err
+
+
+def test_when_a_process_dies_the_other_stops_with_a_message_and_the_checkpoint_survives(tiny_mnist, tmp_path):
+    proc = torchrun(f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}', '--iterations=1000000', '--h_dim=32',
+                    '--log_every=10', '--sample_every=20', '--eval_every=0', '--threads=1')
+    checkpoint = tmp_path / 'checkpoint.pt'
+    deadline = time.time() + 60
+    while not (checkpoint.exists() and load(checkpoint)['iteration'] >= 40) and time.time() < deadline:
+        time.sleep(0.5)
+    workers = subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    killed = time.time()
+    code, _, err = finish(proc, timeout=90)
+    assert code != 0 and time.time() - killed < 60
+    assert 'lost the other processes' in err and 'checkpoint' in err
+    state = load(checkpoint)  # intact, and a state the run really passed through
+    assert state['iteration'] % 20 == 0 and state['iteration'] >= 40

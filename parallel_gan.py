@@ -1,17 +1,19 @@
 """
-Generative Adversarial Parallelization (GAP) on MNIST.
+Generative Adversarial Parallelization (GAP) on MNIST, Fashion-MNIST and 2-D mixtures.
 
 Im, Ma, Kim & Taylor, "Generative Adversarial Parallelization", arXiv:1612.04021.
 Several GANs train side by side on the same data; every K iterations their
 discriminators change partners, so no generator stays coupled to one
 discriminator. K=0 never swaps: independent GANs, the baseline GAP is compared with.
 
-    python parallel_gan.py                      # the reference run: 2 pairs, K=100
+    python parallel_gan.py                      # the reference run: 2 pairs, K=100, MNIST
     python parallel_gan.py --K=0 --n_pairs=4    # override any hyperparameter below
     python parallel_gan.py --help               # list them all
+    torchrun --nproc_per_node=2 parallel_gan.py # one pair per process, as in the paper
 
-Writes out/NNN.png (samples from a fixed noise batch), out/losses.png and
-out/checkpoint.pt (resume with --resume=True).
+Writes out/NNN.png (samples from a fixed noise batch), out/losses.png, out/metrics.csv
+and out/metrics.png (mode coverage and sample quality), and out/checkpoint.pt (resume
+with --resume=True).
 """
 import math
 import os
@@ -130,7 +132,7 @@ def parse_args(argv):
         if arg in ('-h', '--help'):
             print(__doc__.strip() + '\n\nhyperparameters (--name=value):')
             for name, default, meaning in table:
-                print(f'  --{name:<13} {default!r:<12} {meaning}')
+                print(f'  --{name:<15} {default!r:<18} {meaning}')
             sys.exit(0)
         name, eq, text = arg[2:].partition('=')
         if not (arg.startswith('--') and eq and name in cfg):

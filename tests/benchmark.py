@@ -11,6 +11,8 @@ Not collected by pytest: it is a measurement, not a test.
 """
 import argparse
 import os
+import re
+import tempfile
 import statistics
 import subprocess
 import sys
@@ -100,6 +102,33 @@ def memory_child(which, dev):
             print(next(int(line.split()[1]) for line in f if line.startswith('VmHWM')) / 1024)
 
 
+def script_rate(launcher, threads, data_root, out_dir, iterations=4001):
+    """it/s that parallel_gan.py itself logs, averaged over its log windows after the first (no start-up)."""
+    command = [*launcher, os.path.join(os.path.dirname(HERE), 'parallel_gan.py'), f'--data_root={data_root}',
+               f'--out_dir={out_dir}', f'--iterations={iterations}', '--log_every=1000', '--sample_every=1000000',
+               '--eval_every=0', f'--threads={threads}', '--device=cpu']
+    log = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    rates = [float(r) for r in re.findall(r'\| (\d+) it/s', log)][1:]
+    return statistics.mean(rates)
+
+
+def processes_row(rounds):
+    """2 processes x 1 thread (torchrun, one pair each) against 1 process x 2 threads, n_pairs=2, on the CPU."""
+    with tempfile.TemporaryDirectory() as scratch:
+        data_root = SHARED_MNIST
+        if not os.path.isdir(os.path.join(SHARED_MNIST, 'MNIST', 'raw')):
+            from conftest import make_mnist
+            data_root = make_mnist(os.path.join(scratch, 'data'), train=6000, test=100)
+        torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+        rates = {'one': [], 'two': []}
+        for _ in range(rounds):
+            rates['one'].append(script_rate([sys.executable], 2, data_root, os.path.join(scratch, 'one')))
+            rates['two'].append(script_rate(torchrun, 1, data_root, os.path.join(scratch, 'two')))
+    one, two = statistics.median(rates['one']), statistics.median(rates['two'])
+    print(f'n_pairs 2 on the CPU, the script\'s own logged it/s: 1 process x 2 threads {one:.0f} it/s, '
+          f'2 processes x 1 thread (torchrun, gloo) {two:.0f} it/s ({two / one:.2f}x)')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--pairs', default='2,4,8', help='comma-separated n_pairs values')
@@ -107,6 +136,7 @@ def main():
     parser.add_argument('--rounds', type=int, default=7, help='alternating timed rounds per loop')
     parser.add_argument('--device', default='auto')
     parser.add_argument('--threads', type=int, default=0, help='torch threads (0: default)')
+    parser.add_argument('--process_rounds', type=int, default=2, help='rounds of the processes row (0: skip it)')
     parser.add_argument('--memory_child', default='', help=argparse.SUPPRESS)
     args = parser.parse_args()
     dev = pg.pick_device(args.device)
@@ -137,6 +167,8 @@ def main():
     ref_mem, our_mem = peak_memory('reference', dev), peak_memory('parallel_gan', dev)
     kind = 'GPU memory allocated' if dev.type == 'cuda' else 'resident memory'
     print(f'peak {kind}, 2 pairs, full-size data: reference {ref_mem:.0f} MiB, parallel_gan {our_mem:.0f} MiB')
+    if args.process_rounds:
+        processes_row(args.process_rounds)
 
 
 if __name__ == '__main__':

@@ -134,11 +134,11 @@ def test_with_k_zero_the_script_never_swaps(monkeypatch, tiny_mnist, tmp_path):
     calls = []
     monkeypatch.setattr(pg, 'swap_discriminators', lambda *a: calls.append(a))
     cfg = pg.parse_args(['--K=0', '--iterations=30', f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}',
-                         '--sample_every=1000'])
+                         '--sample_every=1000', '--eval_every=0'])
     assert pg.train(cfg) == 0
     assert calls == []
     cfg = pg.parse_args(['--K=10', '--iterations=31', f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}',
-                         '--sample_every=1000'])
+                         '--sample_every=1000', '--eval_every=0'])
     pg.train(cfg)
     assert len(calls) == 3  # after iterations 10, 20 and 30
 

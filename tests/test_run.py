@@ -12,7 +12,7 @@ import torch
 import parallel_gan as pg
 from conftest import SCRIPT, SHARED_MNIST, load, run_script
 
-SMALL = ['--h_dim=32', '--log_every=1']  # small networks; every iteration's losses logged
+SMALL = ['--h_dim=32', '--log_every=1', '--eval_every=0']  # small networks; every iteration's losses logged
 
 
 def run_ok(*args):
@@ -41,7 +41,7 @@ def history(out):
 def test_a_run_writes_samples_losses_and_a_checkpoint(tiny_mnist, tmp_path):
     out = tmp_path / 'out'
     result = run_ok(f'--data_root={tiny_mnist}', f'--out_dir={out}', '--iterations=250', '--sample_every=100',
-                    '--log_every=50')
+                    '--log_every=50', '--eval_every=0')
     assert sorted(os.listdir(out)) == ['000.png', '001.png', '002.png', '003.png', 'checkpoint.pt', 'losses.png']
     logs = [line for line in result.stdout.splitlines() if line.startswith('it ')]
     assert [int(line.split()[1]) for line in logs] == [0, 50, 100, 150, 200, 249]
@@ -80,7 +80,8 @@ def test_resume_continues_exactly_as_the_uninterrupted_run(tiny_mnist, tmp_path,
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tiny_mnist, tmp_path):
-    common = [f'--data_root={tiny_mnist}', '--h_dim=16', '--log_every=7', '--sample_every=500', '--iterations=1200']
+    common = [f'--data_root={tiny_mnist}', '--h_dim=16', '--log_every=7', '--sample_every=500', '--iterations=1200',
+              '--eval_every=0']
     run_ok(*common, f'--out_dir={tmp_path / "whole"}')
 
     out = tmp_path / 'split'
@@ -164,7 +165,7 @@ def test_a_short_run_on_real_mnist(tmp_path):
     out = tmp_path / 'out'
     start = time.time()
     run_ok(f'--data_root={SHARED_MNIST}', f'--out_dir={out}', '--iterations=301', '--sample_every=100',
-           '--log_every=100')
+           '--log_every=100', '--eval_every=0')
     assert {'000.png', '001.png', '002.png', '003.png', 'losses.png', 'checkpoint.pt'} <= set(os.listdir(out))
     state = load(out / 'checkpoint.pt')
     assert state['iteration'] == 300 and state['batches']['order'].shape == (60000,)

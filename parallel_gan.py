@@ -21,6 +21,7 @@ import re
 import signal
 import sys
 import time
+import zlib
 from contextlib import redirect_stderr, redirect_stdout
 from io import StringIO
 
@@ -186,10 +187,10 @@ def sample_mixture(dataset, n, seed):
 
 
 def training_data(cfg):
-    """The training set: image pixels as uint8 (N, 784), or 60,000 points of a 2-D mixture."""
+    """The training set and its labels: image pixels as uint8 (N, 784), or 60,000 points of a 2-D mixture."""
     if cfg['dataset'] in MIXTURES:
-        return sample_mixture(cfg['dataset'], 60_000, seed=12345)[0]  # one fixed training set for every seed
-    return load_images(cfg['dataset'], cfg['data_root'])[0]
+        return sample_mixture(cfg['dataset'], 60_000, seed=12345)  # one fixed training set for every seed
+    return load_images(cfg['dataset'], cfg['data_root'])
 
 
 class Batches:
@@ -440,18 +441,18 @@ def fit_classifier(images, labels, epochs, dev, batch_size=128, seed=0):
 
 
 @torch.no_grad()
-def classify(model, pixels, chunk=2000):
+def classify(model, pixels, chunk=500):
     """Class probabilities and features of (N, 784) pixels in [0, 1]."""
     outputs = [model(part.float()) for part in pixels.split(chunk)]
     return torch.cat([o[0] for o in outputs]).softmax(1), torch.cat([o[1] for o in outputs])
 
 
-def load_classifier(cfg, dev):
-    """The classifier for cfg's image dataset: from the cache when it was trained on the same data,
-    else trained now (and cached when the folder is writable). Prints its test-set accuracy."""
-    images, labels = load_images(cfg['dataset'], cfg['data_root'])
+def load_classifier(cfg, dev, images, labels):
+    """The classifier for cfg's image dataset (training images and labels given): from the cache when it was
+    trained on the same data, else trained now (and cached when the folder is writable). Prints its test-set
+    accuracy; returns it and the test set's feature statistics."""
     test_images, test_labels = load_images(cfg['dataset'], cfg['data_root'], train=False)
-    fingerprint = [CLASSIFIER_VERSION, len(images), int(images.sum()), int(labels.sum()), int(test_images.sum())]
+    fingerprint = [CLASSIFIER_VERSION, *(zlib.crc32(t.contiguous().numpy()) for t in (images, labels, test_images))]
     path = os.path.join(cfg['classifier_dir'], f'{cfg["dataset"]}.pt')
     model = Classifier().to(dev)
     try:
@@ -538,13 +539,13 @@ def cross_scores(D, samples):
 class Evaluator:
     """Scores every generator on eval_samples samples: coverage, quality and the discriminator pool's verdict."""
 
-    def __init__(self, cfg, dev, dtype):
+    def __init__(self, cfg, dev, dtype, train_data, train_labels):
         self.cfg, self.dev, self.dtype = cfg, dev, dtype
         if cfg['dataset'] in MIXTURES:
             self.classifier = None
             self.reference = feature_stats(sample_mixture(cfg['dataset'], cfg['eval_samples'], seed=54321)[0])
         else:
-            self.classifier, self.reference = load_classifier(cfg, dev)
+            self.classifier, self.reference = load_classifier(cfg, dev, train_data, train_labels)
 
     def __call__(self, G, D, pairing, it):
         """One row per generator: its metrics, and its mean and worst score over the pool of discriminators."""
@@ -796,7 +797,7 @@ def run(cfg, procs):
     # seeding: one seed, one stream per purpose; every process draws the same
     seed, P = cfg['seed'], cfg['n_pairs']
     torch.manual_seed(seed)
-    images = training_data(cfg)
+    images, labels = training_data(cfg)
     batches = Batches(images.to(dev), cfg['mb_size'], seed + 1)
     G_all, D_all = make_pairs(cfg, images.shape[1], dev, dtype)  # every pair (samples, evaluation, checkpoints)
     noise = torch.Generator(device=dev).manual_seed(seed + 2)
@@ -850,7 +851,7 @@ def run(cfg, procs):
     signal.signal(signal.SIGINT, on_interrupt)
     signal.signal(signal.SIGTERM, on_interrupt)
 
-    evaluator = Evaluator(cfg, dev, dtype) if cfg['eval_every'] and procs.leader else None
+    evaluator = Evaluator(cfg, dev, dtype, images, labels) if cfg['eval_every'] and procs.leader else None
     metrics_path = os.path.join(cfg['out_dir'], 'metrics.csv')
     if evaluator:  # a fresh run starts a fresh file; a resumed one redoes the evaluations after its checkpoint
         write_metrics(metrics_path, [], keep_until=start - 1)

@@ -91,8 +91,8 @@ def test_cross_scores_hold_every_discriminator_on_every_generator():
     assert scores.shape == (3, 3)
     assert torch.allclose(scores, torch.sigmoid(torch.arange(3.0) - 1).double()[:, None].expand(3, 3), atol=1e-6)
 
-    evaluator = pg.Evaluator(pg.parse_args(['--n_pairs=3', '--dataset=ring8', '--eval_samples=200']), torch.device('cpu'),
-                             torch.float32)
+    cfg = pg.parse_args(['--n_pairs=3', '--dataset=ring8', '--eval_samples=200'])
+    evaluator = pg.Evaluator(cfg, torch.device('cpu'), torch.float32, *pg.training_data(cfg))
     rows = evaluator(G, D, pairing=[2, 0, 1], it=10)  # slot 0 holds discriminator 3, slot 1 D1, slot 2 D2
     assert [r['generator'] for r in rows] == [1, 2, 3]
     expected = torch.sigmoid(torch.tensor([0.0, 1.0, -1.0])).tolist()  # D1, D2, D3 in that order
@@ -132,17 +132,17 @@ def test_the_classifier_cache_is_reused_and_rebuilt_when_stale(tmp_path, monkeyp
     real_fit = pg.fit_classifier
     monkeypatch.setattr(pg, 'fit_classifier', lambda *a, **k: fits.append(1) or real_fit(*a, **k))
     dev = torch.device('cpu')
-    first, _ = pg.load_classifier(cfg, dev)
-    again, _ = pg.load_classifier(cfg, dev)
+    first, _ = pg.load_classifier(cfg, dev, *pg.training_data(cfg))
+    again, _ = pg.load_classifier(cfg, dev, *pg.training_data(cfg))
     assert len(fits) == 1 and 'cached in' in capsys.readouterr().out
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
 
     make_mnist(tmp_path / 'data', train=250, test=50)  # the data changed: the cache no longer matches
-    pg.load_classifier(cfg, dev)
+    pg.load_classifier(cfg, dev, *pg.training_data(cfg))
     assert len(fits) == 2
 
     (tmp_path / 'cls' / 'mnist.pt').write_bytes(b'garbage')
-    pg.load_classifier(cfg, dev)
+    pg.load_classifier(cfg, dev, *pg.training_data(cfg))
     assert len(fits) == 3
 
 
@@ -151,7 +151,7 @@ def test_an_unwritable_classifier_folder_still_works(tmp_path, capsys):
     blocker = tmp_path / 'file'
     blocker.write_text('not a folder')
     cfg = pg.parse_args([f'--data_root={root}', f'--classifier_dir={blocker / "cls"}'])
-    model, stats = pg.load_classifier(cfg, torch.device('cpu'))
+    model, stats = pg.load_classifier(cfg, torch.device('cpu'), *pg.training_data(cfg))
     assert 'not cached' in capsys.readouterr().out and stats[1].shape == (128, 128)
 
 

@@ -14,7 +14,14 @@ discriminator. K=0 never swaps: independent GANs, the baseline GAP is compared w
 Writes out/NNN.png (samples from a fixed noise batch), out/losses.png, out/metrics.csv
 and out/metrics.png (mode coverage and sample quality), and out/checkpoint.pt (resume
 with --resume=True).
+
+Where things are, top to bottom: the hyperparameters; the command line; the data; the
+networks (Stack: all pairs' networks of one side as one stack of weights); the losses
+(d_loss, g_loss) and one GAP iteration (train_step); the swap (new_partners,
+swap_discriminators); checkpoints; the evaluation (Evaluator); pictures; the processes
+of a torchrun launch (Processes); and the training loop (run).
 """
+import csv
 import math
 import os
 import re
@@ -583,7 +590,6 @@ METRIC_COLUMNS = ('iteration', 'generator', 'modes', 'kl', 'score', 'confidence'
 def write_metrics(path, rows, keep_until=None):
     """Append rows to metrics.csv (lists as space-separated numbers). With keep_until, first drop the rows of
     later iterations: a resumed run redoes them."""
-    import csv
     old = []
     if keep_until is not None and os.path.exists(path):
         with open(path) as f:
@@ -600,7 +606,6 @@ def write_metrics(path, rows, keep_until=None):
 
 
 def read_metrics(path):
-    import csv
     with open(path) as f:
         return list(csv.DictReader(f))
 
@@ -616,12 +621,18 @@ def format_eval(rows, n_modes):
 # ------------------------------------------------------------------------------------
 # pictures
 
-def save_samples(path, samples, it, pairing, real=None):
-    """Images: a 4x4 grid of 16 samples per generator. 2-D data: each generator's samples over the real
-    points. Panels are labelled G1, G2, ... with their current discriminator."""
+def pyplot():
+    """matplotlib's pyplot, drawing to files only (no display needed)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    return plt
+
+
+def save_samples(path, samples, it, pairing, real=None):
+    """Images: a 4x4 grid of 16 samples per generator. 2-D data: each generator's samples over the real
+    points. Panels are labelled G1, G2, ... with their current discriminator."""
+    plt = pyplot()
     n = len(samples)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
@@ -647,9 +658,7 @@ def save_samples(path, samples, it, pairing, real=None):
 
 def save_losses(path, history, n_pairs, K):
     """Each pair's D and G loss over the run (means over each log interval), with the swaps marked."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     if len(history) == 0:
         return
     its = history[:, 0].numpy()
@@ -674,9 +683,7 @@ def save_losses(path, history, n_pairs, K):
 
 def save_metrics_plot(path, rows):
     """Modes covered, KL to uniform and Frechet distance over the run, a line per generator."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, key, name in zip(axes, ('modes', 'kl', 'fd'), ('modes covered', 'KL(histogram || uniform)', 'Frechet distance')):
         for g in sorted({int(r['generator']) for r in rows}):
@@ -829,8 +836,8 @@ def run(cfg, procs):
         for group in side['solver'].param_groups:
             group['lr'] = cfg['lr']  # a resumed run takes today's --lr
 
-    def everything():
-        """G_all and D_all brought up to date from every process (all processes must call it)."""
+    def collect_all_pairs():
+        """Bring G_all and D_all up to date from every process (all processes must call it)."""
         if procs.world > 1:
             copy_side(G, G_all, procs.gather)
             copy_side(D, D_all, procs.gather)
@@ -887,7 +894,7 @@ def run(cfg, procs):
         if evaluating or saving:
             unlogged = procs.gather(recent[:n_recent], dim=1)
             stop_if_nonfinite(unlogged, it - n_recent + 1)
-            everything()
+            collect_all_pairs()
         if evaluator and evaluating:  # before the checkpoint: a resume from an earlier one redoes it
             began = time.perf_counter()
             rows = evaluator(G_all, D_all, pairing, it)

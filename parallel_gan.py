@@ -286,6 +286,29 @@ class Stack(nn.Module):
         return torch.bmm(grad_hidden, self.W1.transpose(1, 2)) if inputs else None
 
 
+class Adam(torch.optim.Adam):
+    """torch's fused Adam without the generic Optimizer.step bookkeeping (hooks, profiler records,
+    grad-scaler checks), which at this size costs about as much as the update itself. Same state,
+    same update kernel: the tests pin it to torch.optim.Adam through the reference loop."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr, fused=True)
+
+    @torch.no_grad()
+    def step(self):
+        group = self.param_groups[0]
+        params = group['params']
+        if not self.state:
+            return super().step()  # the first step creates the state
+        states = [self.state[p] for p in params]
+        steps = [state['step'] for state in states]
+        torch._foreach_add_(steps, 1)
+        torch._fused_adam_(params, [p.grad for p in params], [state['exp_avg'] for state in states],
+                           [state['exp_avg_sq'] for state in states], [], steps, amsgrad=False, lr=group['lr'],
+                           beta1=group['betas'][0], beta2=group['betas'][1], weight_decay=group['weight_decay'],
+                           eps=group['eps'], maximize=False)
+
+
 def make_side(n, n_in, n_out, cfg, dev, dtype):
     """One side of the pairs (all generators, or all discriminators): {'model': stacked networks, 'solver': Adam}.
 
@@ -293,7 +316,7 @@ def make_side(n, n_in, n_out, cfg, dev, dtype):
     model = Stack(n, n_in, cfg['h_dim'], n_out).to(dev, dtype)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    return {'model': model, 'solver': torch.optim.Adam(model.parameters(), lr=cfg['lr'], fused=True)}
+    return {'model': model, 'solver': Adam(model.parameters(), lr=cfg['lr'])}
 
 
 def make_pairs(cfg, x_dim, dev, dtype):

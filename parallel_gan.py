@@ -849,6 +849,8 @@ def run(cfg, procs):
         n_recent = len(state['recent'])
         recent[:n_recent] = state['recent'][:, procs.slots]
         say(f'resumed from {checkpoint_path} after iteration {state["iteration"]}')
+        if start >= cfg['iterations']:
+            say(f'nothing to train: the run already reached --iterations={cfg["iterations"]}; raise it to go on')
 
     G, D = G_all, D_all  # the pairs this process trains: all of them, or its share under torchrun
     if procs.world > 1:

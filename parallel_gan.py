@@ -855,8 +855,9 @@ def run(cfg, procs):
     G, D = G_all, D_all  # the pairs this process trains: all of them, or its share under torchrun
     if procs.world > 1:
         G, D = (make_side(len(procs.slots), *side['model'].sizes(), cfg, dev, dtype) for side in (G_all, D_all))
-        copy_side(G_all, G, lambda t: t[procs.slots.to(t.device)])
-        copy_side(D_all, D, lambda t: t[procs.slots.to(t.device)])
+        mine = lambda t: t[procs.slots.to(t.device)]
+        copy_side(G_all, G, mine)
+        copy_side(D_all, D, mine)
     for side in (G, D, G_all, D_all):
         for group in side['solver'].param_groups:
             group['lr'] = cfg['lr']  # a resumed run takes today's --lr

@@ -17,8 +17,8 @@ with --resume=True).
 
 Where things are, top to bottom: the hyperparameters; the command line; the data; the
 networks (Stack: all pairs' networks of one side as one stack of weights); the losses
-(d_loss, g_loss) and one GAP iteration (train_step); the swap (new_partners,
-swap_discriminators); checkpoints; the evaluation (Evaluator); pictures; the processes
+(d_loss, g_loss) and every pair's step (train_step); the swap (new_partners,
+swap_discriminators) and one iteration of the loop (gap_iteration); checkpoints; the evaluation (Evaluator); pictures; the processes
 of a torchrun launch (Processes); and the training loop (run).
 """
 import csv
@@ -229,7 +229,7 @@ class Batches:
         return {'rng': self.rng.get_state(), 'order': self.order.cpu(), 'pos': self.pos}
 
     def load_state_dict(self, state):
-        self.rng.set_state(state['rng'])
+        self.rng.set_state(state['rng'].cpu())  # a generator's state is a CPU tensor, whatever its device
         self.order, self.pos = state['order'].to(self.data.device), state['pos']
 
 
@@ -277,7 +277,8 @@ class Stack(nn.Module):
     def backward(self, x, hidden, grad_output, weights=True, inputs=False):
         """Given d(loss)/d(output), write d(loss)/d(weight) into each weight's .grad (if weights)
         and return d(loss)/d(x) (if inputs)."""
-        grad_hidden = torch.bmm(grad_output, self.W2.transpose(1, 2)).mul_(hidden > 0)
+        # through the ReLU: aten's one-kernel form of grad * (hidden > 0)
+        grad_hidden = torch.ops.aten.threshold_backward(torch.bmm(grad_output, self.W2.transpose(1, 2)), hidden, 0)
         if weights:
             torch.bmm(hidden.transpose(1, 2), grad_output, out=self.W2.grad)
             torch.sum(grad_output, 1, keepdim=True, out=self.b2.grad)
@@ -294,8 +295,7 @@ class Adam(torch.optim.Adam):
     def __init__(self, params, lr):
         super().__init__(params, lr=lr, fused=True)
 
-    @torch.no_grad()
-    def step(self):
+    def step(self):  # no torch.no_grad() needed: no weight here requires grad
         group = self.param_groups[0]
         params = group['params']
         if not self.state:
@@ -307,6 +307,7 @@ class Adam(torch.optim.Adam):
                            [state['exp_avg_sq'] for state in states], [], steps, amsgrad=False, lr=group['lr'],
                            beta1=group['betas'][0], beta2=group['betas'][1], weight_decay=group['weight_decay'],
                            eps=group['eps'], maximize=False)
+    step.hooked = True  # tells Optimizer not to wrap step in its hook and profiler layer
 
 
 def make_side(n, n_in, n_out, cfg, dev, dtype):
@@ -329,7 +330,7 @@ def make_pairs(cfg, x_dim, dev, dtype):
 def generate(G, z):
     """Each generator's samples of the noise z: (n_pairs, batch, 784) pixels in [0, 1], and G's hidden layer."""
     logits, hidden = G['model'](z)
-    return torch.sigmoid(logits), hidden
+    return logits.sigmoid_(), hidden
 
 
 # ------------------------------------------------------------------------------------
@@ -368,7 +369,7 @@ def train_step(G, D, z, x):
     logit, D_hidden = D['model'](fake)
     G_loss = g_loss(logit)
     grad_fake = D['model'].backward(fake, D_hidden, (torch.sigmoid(logit) - 1) / mb, weights=False, inputs=True)
-    G['model'].backward(z, G_hidden, grad_fake.mul_(fake * (1 - fake)))  # through G's output sigmoid
+    G['model'].backward(z, G_hidden, torch.ops.aten.sigmoid_backward(grad_fake, fake))  # grad * fake * (1 - fake)
     G['solver'].step()
 
     return torch.stack([D_loss, G_loss, D_prob[:, :mb].mean((1, 2)), D_prob[:, mb:].mean((1, 2))], 1)
@@ -406,6 +407,19 @@ def swap_discriminators(D, partners, procs=None):
             tensor.copy_(gather(tensor)[take])
 
 
+def gap_iteration(it, G, D, batches, noise, cfg, procs=None):
+    """Iteration it of the training loop: fresh noise and a batch, every pair's step, and every
+    K iterations a swap. Returns train_step's stats and the swap's partners (None without a swap)."""
+    dtype = G['model'].W1.dtype
+    z = torch.randn(cfg['mb_size'], cfg['z_dim'], generator=noise, device=noise.device, dtype=dtype)
+    stats = train_step(G, D, z, as_inputs(batches.next(), dtype))
+    if not (cfg['K'] and it % cfg['K'] == 0 and it != 0):
+        return stats, None
+    partners = new_partners(cfg['n_pairs'], cfg['seed'], it)
+    swap_discriminators(D, partners, procs)
+    return stats, partners
+
+
 # ------------------------------------------------------------------------------------
 # checkpoint: written atomically, loaded with weights_only=True
 
@@ -432,6 +446,10 @@ def load_checkpoint(path, cfg, dev):
     changed = [f'{k}={saved.get(k)!r} there, {cfg[k]!r} now' for k in SHAPE_KEYS if saved.get(k) != cfg[k]]
     if changed:
         refuse(f'cannot resume from {path}: it holds other networks ({"; ".join(changed)})')
+    written_on = state.get('device', 'cpu')
+    if written_on != dev.type:  # a CPU and a CUDA random stream cannot take each other's state
+        refuse(f'cannot resume from {path} on the {dev.type}: it was written on the {written_on}, and its noise '
+               f'and data order continue exactly only there (--device={written_on})')
     return state
 
 
@@ -843,7 +861,7 @@ def run(cfg, procs):
         for side, saved in ((G_all, state['G']), (D_all, state['D'])):
             side['model'].load_state_dict(saved['model'])
             side['solver'].load_state_dict(saved['solver'])
-        noise.set_state(state['noise_rng'])
+        noise.set_state(state['noise_rng'].cpu())
         batches.load_state_dict(state['batches'])
         pairing, history, start = state['pairing'], state['history'], state['iteration'] + 1
         n_recent = len(state['recent'])
@@ -895,13 +913,9 @@ def run(cfg, procs):
     last = cfg['iterations'] - 1
     clock, clock_it, stopping = time.perf_counter(), start, False
     for it in range(start, cfg['iterations']):
-        z = torch.randn(cfg['mb_size'], cfg['z_dim'], generator=noise, device=dev, dtype=dtype)
-        x = as_inputs(batches.next(), dtype)
-        recent[n_recent] = train_step(G, D, z, x)
+        recent[n_recent], partners = gap_iteration(it, G, D, batches, noise, cfg, procs)
         n_recent += 1
-        if cfg['K'] and it % cfg['K'] == 0 and it != 0:
-            partners = new_partners(P, seed, it)
-            swap_discriminators(D, partners, procs)
+        if partners is not None:
             pairing = [pairing[j] for j in partners.tolist()]
 
         logging = it % cfg['log_every'] == 0 or it == last
@@ -935,7 +949,7 @@ def run(cfg, procs):
             save_checkpoint(checkpoint_path, {
                 'hyperparameters': cfg, 'iteration': it, 'pairing': pairing, 'history': history,
                 'G': {k: v.state_dict() for k, v in G_all.items()}, 'D': {k: v.state_dict() for k, v in D_all.items()},
-                'noise_rng': noise.get_state(), 'batches': batches.state_dict(),
+                'device': dev.type, 'noise_rng': noise.get_state(), 'batches': batches.state_dict(),
                 'recent': unlogged.cpu()})
         if stopping:
             say(f'interrupted: checkpoint saved after iteration {it}; continue with --resume=True', flush=True)

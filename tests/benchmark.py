@@ -41,15 +41,14 @@ def reference_loop(n_pairs, images, dev):
     ref = ReferenceGAP(n_pairs, cfg['z_dim'], cfg['h_dim'], images.shape[1], cfg['lr']).to(dev)
     batches = pg.Batches(images.float() / 255, cfg['mb_size'], 1)
     noise = torch.Generator(device=dev).manual_seed(2)
-    K = cfg['K']
     state = {'it': 0}
 
     def step():
+        it = state['it'] = state['it'] + 1
         z = torch.randn(cfg['mb_size'], cfg['z_dim'], generator=noise, device=dev)
         ref.iteration(z, batches.next())
-        state['it'] += 1
-        if state['it'] % K == 0:
-            ref.swap(pg.new_partners(n_pairs, 0, state['it']).tolist())
+        if it % cfg['K'] == 0:
+            ref.swap(pg.new_partners(n_pairs, cfg['seed'], it).tolist())
     return step
 
 
@@ -63,11 +62,8 @@ def parallel_gan_loop(n_pairs, images, dev):
     state = {'it': 0}
 
     def step():
-        z = torch.randn(cfg['mb_size'], cfg['z_dim'], generator=noise, device=dev)
-        recent[state['it'] % len(recent)] = pg.train_step(G, D, z, pg.as_inputs(batches.next(), torch.float32))
-        state['it'] += 1
-        if state['it'] % cfg['K'] == 0:
-            pg.swap_discriminators(D, pg.new_partners(n_pairs, 0, state['it']))
+        it = state['it'] = state['it'] + 1
+        recent[it % len(recent)] = pg.gap_iteration(it, G, D, batches, noise, cfg)[0]
     return step
 
 

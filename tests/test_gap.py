@@ -8,12 +8,13 @@ from reference import ReferenceGAP
 
 F64 = torch.float64
 CPU = torch.device('cpu')
+DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device'))]
 
 
-def pairs(n_pairs=2, K=10, dtype=F64, seed=0, **extra):
+def pairs(n_pairs=2, K=10, dtype=F64, seed=0, dev=CPU, **extra):
     cfg = pg.parse_args([f'--n_pairs={n_pairs}', f'--K={K}', *[f'--{k}={v}' for k, v in extra.items()]])
     torch.manual_seed(seed)
-    return pg.make_pairs(cfg, 784, CPU, dtype)
+    return pg.make_pairs(cfg, 784, torch.device(dev), dtype)
 
 
 def test_losses_from_logits_equal_the_log_formulas():
@@ -71,17 +72,18 @@ def test_every_network_is_initialised_like_nn_linear():
         assert not torch.equal(stack.W1[0], stack.W1[1])  # pairs start apart
 
 
+@pytest.mark.parametrize('dev', DEVICES)
 @pytest.mark.parametrize('n_pairs', [2, 4])
-def test_150_iterations_with_a_dozen_swaps_equal_the_reference_loop(n_pairs):
+def test_150_iterations_with_a_dozen_swaps_equal_the_reference_loop(n_pairs, dev):
     """Same starting weights, same noise and batches: the same D and G losses, within 1e-9, in float64."""
-    G, D = pairs(n_pairs=n_pairs, K=10)
-    ref = ReferenceGAP(n_pairs, 10, 128, 784, 1e-3).to(F64).copy_weights_from(G['model'], D['model'])
+    G, D = pairs(n_pairs=n_pairs, K=10, dev=dev)
+    ref = ReferenceGAP(n_pairs, 10, 128, 784, 1e-3).to(F64).to(dev).copy_weights_from(G['model'], D['model'])
     g = torch.Generator().manual_seed(3)
     data = pg.Batches(torch.randint(0, 256, (500, 784), dtype=torch.uint8, generator=g), 32, 4)
     swaps = 0
     for it in range(150):
-        z = torch.randn(32, 10, generator=g, dtype=F64)
-        x = pg.as_inputs(data.next(), F64)
+        z = torch.randn(32, 10, generator=g, dtype=F64).to(dev)
+        x = pg.as_inputs(data.next(), F64).to(dev)
         ours = pg.train_step(G, D, z, x)[:, :2]
         theirs = ref.iteration(z, x)
         assert torch.allclose(ours, theirs, rtol=0, atol=1e-9), f'iteration {it}'

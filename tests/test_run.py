@@ -113,7 +113,7 @@ def test_a_checkpoint_is_written_atomically(tmp_path, monkeypatch):
     assert state['iteration'] == 1 and torch.equal(state['weights'], torch.ones(3))
 
 
-def test_resume_refuses_a_damaged_checkpoint_a_missing_one_and_other_networks(tiny_mnist, tmp_path, capsys):
+def test_resume_refuses_a_damaged_checkpoint_a_missing_one_other_networks_and_another_device(tiny_mnist, tmp_path, capsys):
     data, out = f'--data_root={tiny_mnist}', f'--out_dir={tmp_path / "out"}'
     code, message = refused(capsys, data, out, '--resume=True')
     assert code == 2 and 'no checkpoint' in message
@@ -123,6 +123,11 @@ def test_resume_refuses_a_damaged_checkpoint_a_missing_one_and_other_networks(ti
     good = checkpoint.read_bytes()
     code, message = refused(capsys, data, out, '--iterations=9', '--resume=True', '--h_dim=64')
     assert code == 2 and 'h_dim=32 there, 64 now' in message
+
+    state = load(checkpoint)
+    torch.save({**state, 'device': 'cuda'}, checkpoint)
+    code, message = refused(capsys, data, out, '--iterations=9', '--resume=True', *SMALL)
+    assert code == 2 and 'written on the cuda' in message and '--device=cuda' in message
 
     for damaged in (good[:len(good) // 2], b'not a checkpoint at all'):
         checkpoint.write_bytes(damaged)

@@ -229,7 +229,7 @@ class Batches:
         return {'rng': self.rng.get_state(), 'order': self.order.cpu(), 'pos': self.pos}
 
     def load_state_dict(self, state):
-        self.rng.set_state(state['rng'].cpu())  # a generator's state is a CPU tensor, whatever its device
+        self.rng.set_state(state['rng'])
         self.order, self.pos = state['order'].to(self.data.device), state['pos']
 
 
@@ -438,7 +438,7 @@ def load_checkpoint(path, cfg, dev):
     if not os.path.exists(path):
         refuse(f'--resume=True but there is no checkpoint at {path}')
     try:
-        state = torch.load(path, map_location=dev, weights_only=True)
+        state = torch.load(path, map_location='cpu', weights_only=True)  # loading into the networks moves it
         saved = state['hyperparameters']
         state['iteration'], state['G'], state['D'], state['pairing']  # everything a resume needs is there
     except Exception as error:
@@ -861,7 +861,7 @@ def run(cfg, procs):
         for side, saved in ((G_all, state['G']), (D_all, state['D'])):
             side['model'].load_state_dict(saved['model'])
             side['solver'].load_state_dict(saved['solver'])
-        noise.set_state(state['noise_rng'].cpu())
+        noise.set_state(state['noise_rng'])
         batches.load_state_dict(state['batches'])
         pairing, history, start = state['pairing'], state['history'], state['iteration'] + 1
         n_recent = len(state['recent'])

@@ -223,7 +223,8 @@ class Batches:
             take = min(need, len(self.order) - self.pos)
             parts.append(self.order[self.pos:self.pos + take])
             self.pos, need = self.pos + take, need - take
-        return self.data.index_select(0, parts[0] if len(parts) == 1 else torch.cat(parts))  # a plain row gather: faster than []
+        rows = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self.data.index_select(0, rows)  # a plain row gather, several times faster than self.data[rows]
 
     def state_dict(self):
         return {'rng': self.rng.get_state(), 'order': self.order.cpu(), 'pos': self.pos}

@@ -18,8 +18,9 @@ with --resume=True).
 Where things are, top to bottom: the hyperparameters; the command line; the data; the
 networks (Stack: all pairs' networks of one side as one stack of weights); the losses
 (d_loss, g_loss) and every pair's step (train_step); the swap (new_partners,
-swap_discriminators) and one iteration of the loop (gap_iteration); checkpoints; the evaluation (Evaluator); pictures; the processes
-of a torchrun launch (Processes); and the training loop (run).
+swap_discriminators) and one iteration of the loop (gap_iteration); checkpoints; the
+evaluation (Evaluator); pictures; the processes of a torchrun launch (Processes); and
+the training loop (run).
 """
 import csv
 import math

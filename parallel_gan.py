@@ -415,7 +415,8 @@ def gap_iteration(it, G, D, batches, noise, cfg, procs=None):
     dtype = G['model'].W1.dtype
     z = torch.randn(cfg['mb_size'], cfg['z_dim'], generator=noise, device=noise.device, dtype=dtype)
     stats = train_step(G, D, z, as_inputs(batches.next(), dtype))
-    if not (cfg['K'] and it % cfg['K'] == 0 and it != 0):
+    swapping = cfg['K'] and it % cfg['K'] == 0 and it != 0  # K=0: never
+    if not swapping:
         return stats, None
     partners = new_partners(cfg['n_pairs'], cfg['seed'], it)
     swap_discriminators(D, partners, procs)

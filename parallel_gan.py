@@ -24,11 +24,14 @@ the training loop (run).
 """
 import csv
 import math
+import ast
+import glob
 import os
 import re
 import signal
 import sys
 import time
+import tokenize
 import zlib
 from contextlib import redirect_stderr, redirect_stdout
 from io import StringIO
@@ -41,12 +44,14 @@ from torch import nn
 # networks
 z_dim = 10  # noise dimensions fed to each generator
 h_dim = 128  # hidden units of every generator and discriminator
+layers = 1  # hidden layers of every generator and discriminator (the reference: 1)
 # GAP
 n_pairs = 2  # generator/discriminator pairs trained side by side
 K = 100  # the discriminators change partners every K iterations (0: never, independent GANs)
 # training
 mb_size = 32  # minibatch size; every pair sees the same noise and the same real batch
 lr = 1e-3  # Adam learning rate of every network
+beta1 = 0.9  # Adam's first-moment decay (torch's default, the reference's; GAN papers often use 0.5)
 iterations = 1_000_000  # training iterations
 seed = 0  # seeds the weights, the noise, the data order and the pairings
 # output
@@ -57,10 +62,12 @@ resume = False  # continue from out_dir/checkpoint.pt exactly where it stopped
 # data
 dataset = 'mnist'  # 'mnist', 'fashion_mnist', or the 2-D Gaussian mixtures 'ring8' and 'grid25'
 data_root = 'out/data'  # MNIST lives in data_root/MNIST/raw, Fashion-MNIST in data_root/FashionMNIST/raw
+train_size = 0  # train on only the first this many training examples (0: all of them)
 # evaluation: mode coverage and sample quality, GAP against no-swap
 eval_every = 10_000  # evaluate every this many iterations and at the end (0: never)
 eval_samples = 10_000  # samples per generator in each evaluation
 classifier_dir = 'out/classifiers'  # where the classifier that scores image samples is cached
+compare = ''  # a folder of runs: score every generator with every run's discriminators, train nothing
 # system
 device = 'auto'  # 'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'
 dtype = 'float32'  # 'float32' or 'float64' for every weight and computation
@@ -70,7 +77,9 @@ threads = 0  # CPU threads torch may use (0: torch's default)
 CLASSIFIER_VERSION = 1  # bump when Classifier or its training changes, so caches are rebuilt
 CLASSIFIER_EPOCHS = {'mnist': 3, 'fashion_mnist': 6}
 COLLECTIVE_TIMEOUT = 300  # seconds a process waits for the others before it gives up
-SHAPE_KEYS = ('z_dim', 'h_dim', 'n_pairs', 'dtype', 'dataset')  # a checkpoint only fits networks of its own shape
+COUNTS = ('z_dim', 'h_dim', 'layers', 'n_pairs', 'K', 'mb_size', 'iterations', 'seed', 'log_every', 'sample_every',
+          'train_size', 'eval_every', 'eval_samples', 'threads')  # hyperparameters that must be whole numbers
+SHAPE_KEYS = ('z_dim', 'h_dim', 'layers', 'n_pairs', 'dtype', 'dataset')  # a checkpoint only fits networks of its own shape
 IMAGE_DATASETS = {'mnist': 'MNIST', 'fashion_mnist': 'FashionMNIST'}  # torchvision's class and folder names
 MIXTURES = ('ring8', 'grid25')
 MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
@@ -81,10 +90,27 @@ MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
 # command line: --name=value, checked against the default's type
 
 def hyperparameters():
-    """(name, default, meaning) of each line of the block above, read from this file so --help never drifts."""
+    """(name, default, meaning) of each assignment in the block above, read from this file so --help never drifts.
+
+    Any plain `name = value` works there (an expression too), with or without a `# meaning` after it; blank and
+    comment-only lines are skipped. Anything else is refused with its line number."""
     with open(__file__) as f:
-        block = f.read().split('# --- hyperparameters')[1].split('# --- end of hyperparameters')[0]
-    return [(m[1], globals()[m[1]], m[2]) for m in re.finditer(r'^(\w+) = .*?  # (.*)$', block, re.M)]
+        lines = f.read().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith('# --- hyperparameters')) + 1
+    block = '\n'.join(lines[first:next(i for i, line in enumerate(lines) if line.startswith('# --- end of hyperparameters'))])
+    comments = {token.start[0]: token.string.lstrip('#').strip()
+                for token in tokenize.generate_tokens(StringIO(block).readline) if token.type == tokenize.COMMENT}
+    table = []
+    for node in ast.parse(block).body:
+        where = f'{os.path.basename(__file__)} line {first + node.lineno}'
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            refuse(f'{where}: {ast.get_source_segment(block, node)!r} is not a hyperparameter; '
+                   f'write one `name = value  # meaning` per line')
+        name = node.targets[0].id
+        if type(globals()[name]) not in (bool, int, float, str):
+            refuse(f'{where}: {name} must be a number, True/False or a string, not {type(globals()[name]).__name__}')
+        table.append((name, globals()[name], comments.get(node.end_lineno, '')))
+    return table
 
 
 def refuse(message):
@@ -107,14 +133,23 @@ def convert(name, text, default):
 
 def check(cfg):
     """Refuse values that make no sense, before any work starts."""
+    for name in COUNTS:  # a count written as 1e6 in the block is still a count
+        if isinstance(cfg[name], float) and cfg[name].is_integer():
+            cfg[name] = int(cfg[name])
+        if type(cfg[name]) is not int:
+            refuse(f'{name}={cfg[name]!r}: expected a whole number')
     rules = [
         (cfg['z_dim'] >= 1, 'z_dim must be at least 1'),
         (cfg['h_dim'] >= 1, 'h_dim must be at least 1'),
+        (cfg['layers'] >= 1, 'layers must be at least 1'),
         (cfg['n_pairs'] >= 1, 'n_pairs must be at least 1'),
         (cfg['K'] >= 0, 'K must be 0 (never swap) or a positive number of iterations'),
         (cfg['K'] == 0 or cfg['n_pairs'] >= 2, 'K>0 swaps discriminators between pairs: it needs n_pairs >= 2 (or K=0)'),
         (cfg['mb_size'] >= 1, 'mb_size must be at least 1'),
         (cfg['lr'] > 0 and math.isfinite(cfg['lr']), 'lr must be a positive number'),
+        (0 <= cfg['beta1'] < 1, 'beta1 must be at least 0 and below 1'),
+        (0 <= cfg['seed'] < 2 ** 32, 'seed must be a whole number from 0 to 2**32 - 1 (4294967295)'),
+        (cfg['train_size'] >= 0, 'train_size must be 0 (all) or a positive number of examples'),
         (cfg['iterations'] >= 1, 'iterations must be at least 1'),
         (cfg['log_every'] >= 1, 'log_every must be at least 1'),
         (cfg['sample_every'] >= 1, 'sample_every must be at least 1'),
@@ -173,32 +208,36 @@ def load_images(dataset, root, train=True):
 
 
 def mixture(dataset):
-    """Centres (modes, 2) and standard deviation of a 2-D Gaussian mixture, scaled into [0, 1] so a
-    sigmoid output can reach every point: 8 Gaussians on a circle of radius 2, or a 5x5 grid with
-    spacing 2, as in the mode-collapse literature, each with std 0.1 (the literature's 0.02 and 0.05
-    are too fine for these one-hidden-layer networks to resolve once scaled into [0, 1])."""
+    """Centres (modes, 2) and standard deviation of a 2-D Gaussian mixture, as the mode-collapse literature
+    defines them: 8 Gaussians on a circle of radius 2 with std 0.02, or 25 on the grid {-4,-2,0,2,4}^2 with
+    std 0.05, in their own coordinates (the generators of 2-D data have a linear output)."""
     if dataset == 'ring8':
         angle = torch.arange(8) * 2 * math.pi / 8
-        centres, std, half_width = 2 * torch.stack([angle.cos(), angle.sin()], 1), 0.1, 2.5
-    else:
-        axis = torch.arange(-4, 5, 2.0)
-        centres, std, half_width = torch.cartesian_prod(axis, axis), 0.1, 5.0
-    return (centres + half_width) / (2 * half_width), std / (2 * half_width)
+        return 2 * torch.stack([angle.cos(), angle.sin()], 1), 0.02
+    axis = torch.arange(-4, 5, 2.0)
+    return torch.cartesian_prod(axis, axis), 0.05
 
 
 def sample_mixture(dataset, n, seed):
-    """n points of a 2-D mixture (float32, in [0, 1]) and the index of the mode each came from."""
+    """n points of a 2-D mixture (float32) and the index of the mode each came from."""
     rng = torch.Generator().manual_seed(seed)
     centres, std = mixture(dataset)
     modes = torch.randint(len(centres), (n,), generator=rng)
-    return (centres[modes] + std * torch.randn(n, 2, generator=rng)).clamp(0, 1), modes
+    return centres[modes] + std * torch.randn(n, 2, generator=rng), modes
 
 
 def training_data(cfg):
-    """The training set and its labels: image pixels as uint8 (N, 784), or 60,000 points of a 2-D mixture."""
+    """The whole training set and its labels: image pixels as uint8 (N, 784), or 60,000 points of a 2-D mixture."""
     if cfg['dataset'] in MIXTURES:
         return sample_mixture(cfg['dataset'], 60_000, seed=12345)  # one fixed training set for every seed
     return load_images(cfg['dataset'], cfg['data_root'])
+
+
+def used_for_training(data, cfg):
+    """The part of the training set the networks see: the first train_size examples (0: all)."""
+    if cfg['train_size'] > len(data):
+        refuse(f'train_size={cfg["train_size"]} but the {cfg["dataset"]} training set has only {len(data)} examples')
+    return data[:cfg['train_size'] or len(data)]
 
 
 class Batches:
@@ -243,25 +282,39 @@ def as_inputs(batch, dtype):
 # ------------------------------------------------------------------------------------
 # networks: all pairs' networks of one side held as one stack of weights
 
+def activation(pre):
+    """Every hidden layer's activation, in place. Edit it together with activation_backward: the start-up check
+    (check_backward) stops a run whose written-out backward no longer matches."""
+    return pre.relu_()
+
+
+def activation_backward(grad, out):
+    """d(loss)/d(pre-activation) from d(loss)/d(activation) and the activation's output: aten's one-kernel ReLU
+    derivative, grad * (out > 0)."""
+    return torch.ops.aten.threshold_backward(grad, out, 0)
+
+
 class Stack(nn.Module):
-    """n copies of the MLP n_in -> n_hidden -> ReLU -> n_out, network i being slice i.
+    """n copies of the MLP n_in -> [n_hidden -> activation] x layers -> n_out, network i being slice i.
 
     Holding the pairs' networks as stacked weights lets every pair run in the same
-    batched matrix product; per pair the maths is exactly nn.Sequential(Linear, ReLU,
-    Linear), initialised the way nn.Linear is. The backward pass is written out (two
-    layers: a handful of products), which computes only the gradients that are used and
-    runs about 1.4x faster than autograd at this size; tests pin it to autograd."""
+    batched matrix product; per pair the maths is exactly nn.Sequential(Linear, ReLU, ...,
+    Linear), initialised the way nn.Linear is. Layer k's weights are Wk (n, in, out) and bk
+    (n, 1, out). The backward pass is written out (a handful of products per layer), which
+    computes only the gradients that are used and runs about 1.4x faster than autograd at
+    this size; check_backward pins it to autograd at every start, and the tests too."""
 
-    def __init__(self, n, n_in, n_hidden, n_out):
+    def __init__(self, n, n_in, n_hidden, n_out, layers=1):
         super().__init__()
-        self.W1, self.b1 = self.linear(n, n_in, n_hidden)
-        self.W2, self.b2 = self.linear(n, n_hidden, n_out)
+        sizes = [n_in] + [n_hidden] * layers + [n_out]
+        for k, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:]), 1):
+            bound = 1 / math.sqrt(fan_in)
+            for name, shape in ((f'W{k}', (n, fan_in, fan_out)), (f'b{k}', (n, 1, fan_out))):
+                self.register_parameter(name, nn.Parameter(torch.empty(shape).uniform_(-bound, bound), requires_grad=False))
 
-    @staticmethod
-    def linear(n, n_in, n_out):
-        bound = 1 / math.sqrt(n_in)
-        uniform = lambda *shape: nn.Parameter(torch.empty(*shape).uniform_(-bound, bound), requires_grad=False)
-        return uniform(n, n_in, n_out), uniform(n, 1, n_out)
+    def layers(self):
+        """(W, b) of each layer, input to output."""
+        return [(getattr(self, f'W{k}'), getattr(self, f'b{k}')) for k in range(1, len(self._parameters) // 2 + 1)]
 
     def expand(self, x):
         """A (batch, n_in) input shared by every network, as (n, batch, n_in)."""
@@ -269,24 +322,30 @@ class Stack(nn.Module):
 
     def sizes(self):
         """(n_in, n_out) of each network."""
-        return self.W1.shape[1], self.W2.shape[2]
+        return self.W1.shape[1], self.layers()[-1][0].shape[2]
 
     def forward(self, x):
-        """(output, hidden) for x: (n, batch, n_in), or (batch, n_in) shared by every network."""
-        hidden = torch.baddbmm(self.b1, self.expand(x), self.W1).relu_()
-        return torch.baddbmm(self.b2, hidden, self.W2), hidden
+        """(output, hidden activations) for x: (n, batch, n_in), or (batch, n_in) shared by every network."""
+        *hidden_layers, (W_out, b_out) = self.layers()
+        h, hidden = self.expand(x), []
+        for W, b in hidden_layers:
+            h = activation(torch.baddbmm(b, h, W))
+            hidden.append(h)
+        return torch.baddbmm(b_out, h, W_out), hidden
 
     def backward(self, x, hidden, grad_output, weights=True, inputs=False):
         """Given d(loss)/d(output), write d(loss)/d(weight) into each weight's .grad (if weights)
         and return d(loss)/d(x) (if inputs)."""
-        # through the ReLU: aten's one-kernel form of grad * (hidden > 0)
-        grad_hidden = torch.ops.aten.threshold_backward(torch.bmm(grad_output, self.W2.transpose(1, 2)), hidden, 0)
-        if weights:
-            torch.bmm(hidden.transpose(1, 2), grad_output, out=self.W2.grad)
-            torch.sum(grad_output, 1, keepdim=True, out=self.b2.grad)
-            torch.bmm(self.expand(x).transpose(1, 2), grad_hidden, out=self.W1.grad)
-            torch.sum(grad_hidden, 1, keepdim=True, out=self.b1.grad)
-        return torch.bmm(grad_hidden, self.W1.transpose(1, 2)) if inputs else None
+        layer_inputs, grad = [self.expand(x), *hidden], grad_output
+        for k, (W, b) in reversed(list(enumerate(self.layers()))):
+            if weights:
+                torch.bmm(layer_inputs[k].transpose(1, 2), grad, out=W.grad)
+                torch.sum(grad, 1, keepdim=True, out=b.grad)
+            if k > 0:
+                grad = activation_backward(torch.bmm(grad, W.transpose(1, 2)), layer_inputs[k])
+            elif inputs:
+                return torch.bmm(grad, W.transpose(1, 2))
+        return None
 
 
 class Adam(torch.optim.Adam):
@@ -294,8 +353,8 @@ class Adam(torch.optim.Adam):
     grad-scaler checks), which at this size costs about as much as the update itself. Same state,
     same update kernel: the tests pin it to torch.optim.Adam through the reference loop."""
 
-    def __init__(self, params, lr):
-        super().__init__(params, lr=lr, fused=True)
+    def __init__(self, params, lr, beta1):
+        super().__init__(params, lr=lr, betas=(beta1, 0.999), fused=True)
 
     def step(self):  # no torch.no_grad() needed: no weight here requires grad
         group = self.param_groups[0]
@@ -312,27 +371,33 @@ class Adam(torch.optim.Adam):
     step.hooked = True  # tells Optimizer not to wrap step in its hook and profiler layer
 
 
-def make_side(n, n_in, n_out, cfg, dev, dtype):
-    """One side of the pairs (all generators, or all discriminators): {'model': stacked networks, 'solver': Adam}.
+def make_side(n, n_in, n_out, cfg, dev, dtype, output='linear'):
+    """One side of the pairs (all generators, or all discriminators):
+    {'model': stacked networks, 'solver': Adam, 'output': 'sigmoid' or 'linear', the output layer}.
 
     One Adam over the stack is one Adam per network: Adam's update is elementwise."""
-    model = Stack(n, n_in, cfg['h_dim'], n_out).to(dev, dtype)
+    model = Stack(n, n_in, cfg['h_dim'], n_out, cfg['layers']).to(dev, dtype)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    return {'model': model, 'solver': Adam(model.parameters(), lr=cfg['lr'])}
+    return {'model': model, 'solver': Adam(model.parameters(), lr=cfg['lr'], beta1=cfg['beta1']), 'output': output}
 
 
 def make_pairs(cfg, x_dim, dev, dtype):
-    """G: noise -> pixel logits (a sigmoid makes pixels); D: pixels -> logit of P(real)."""
-    G = make_side(cfg['n_pairs'], cfg['z_dim'], x_dim, cfg, dev, dtype)
+    """G: noise -> samples (a sigmoid makes pixels; 2-D points are the output itself); D: samples -> logit of P(real)."""
+    G = make_side(cfg['n_pairs'], cfg['z_dim'], x_dim, cfg, dev, dtype, 'linear' if cfg['dataset'] in MIXTURES else 'sigmoid')
     D = make_side(cfg['n_pairs'], x_dim, 1, cfg, dev, dtype)
     return G, D
 
 
 def generate(G, z):
-    """Each generator's samples of the noise z: (n_pairs, batch, 784) pixels in [0, 1], and G's hidden layer."""
-    logits, hidden = G['model'](z)
-    return logits.sigmoid_(), hidden
+    """Each generator's samples of the noise z, (n_pairs, batch, x_dim) (pixels in [0, 1]), and G's hidden layers."""
+    out, hidden = G['model'](z)
+    return (out.sigmoid_() if G['output'] == 'sigmoid' else out), hidden
+
+
+def output_backward(G, grad, samples):
+    """d(loss)/d(G's output layer) from d(loss)/d(samples): the derivative of generate's output function."""
+    return torch.ops.aten.sigmoid_backward(grad, samples) if G['output'] == 'sigmoid' else grad
 
 
 # ------------------------------------------------------------------------------------
@@ -349,32 +414,75 @@ def g_loss(fake_logit):
     return F.softplus(-fake_logit).mean((1, 2))
 
 
+def loss_and_logit_grads(loss, *logits):
+    """A loss (one value per pair) and its gradients with respect to the logits, by autograd on those small
+    tensors: whatever d_loss and g_loss say is what trains. Each pair's loss depends on its own logits only,
+    so the gradient of the sum is every pair's own gradient."""
+    leaves = [logit.detach().requires_grad_() for logit in logits]
+    with torch.enable_grad():
+        value = loss(*leaves)
+        return value.detach(), torch.autograd.grad(value.sum(), leaves)
+
+
+def d_backward(D, x, fake):
+    """D's gradients of d_loss on the real batch x (batch, x_dim) and the fakes (n_pairs, batch, x_dim), in one
+    pass over both. Returns D_loss and D's logits (n_pairs, 2 * batch, 1), real ones first."""
+    both = torch.cat([x.expand(len(fake), -1, -1), fake], 1)
+    logit, hidden = D['model'](both)
+    D_loss, grads = loss_and_logit_grads(d_loss, logit[:, :len(x)], logit[:, len(x):])
+    D['model'].backward(both, hidden, torch.cat(grads, 1))
+    return D_loss, logit
+
+
+def g_backward(G, D, z, fake, G_hidden):
+    """G's gradients of g_loss, D scoring G's samples fake = generate(G, z); D's weights are left alone."""
+    logit, D_hidden = D['model'](fake)
+    G_loss, (grad_logit,) = loss_and_logit_grads(g_loss, logit)
+    grad_fake = D['model'].backward(fake, D_hidden, grad_logit, weights=False, inputs=True)
+    G['model'].backward(z, G_hidden, output_backward(G, grad_fake, fake))
+    return G_loss
+
+
 def train_step(G, D, z, x):
     """One GAP iteration for every pair at once: a D step, then a G step against the just-updated D.
     Pair i's losses reach only pair i's networks, and nothing leaks from one step into the next.
 
     Returns (n_pairs, 4): D_loss, G_loss, mean D(x), mean D(G(z)) of the D step."""
-    mb = len(x)
     fake, G_hidden = generate(G, z)  # each G runs once; the G step below reuses it
-
-    # D step: one pass over the real and the fake batch together
-    both = torch.cat([x.expand(len(fake), -1, -1), fake], 1)
-    logit, D_hidden = D['model'](both)
-    D_loss = d_loss(logit[:, :mb], logit[:, mb:])
-    D_prob = torch.sigmoid(logit)
-    grad_logit = D_prob.clone()  # d D_loss / d logit: (D(x) - 1) / mb on real, D(G(z)) / mb on fake
-    grad_logit[:, :mb] -= 1
-    D['model'].backward(both, D_hidden, grad_logit.div_(mb))
+    D_loss, logit = d_backward(D, x, fake)
     D['solver'].step()
-
-    # G step: D scores the same samples again, after its update; only G's weights change
-    logit, D_hidden = D['model'](fake)
-    G_loss = g_loss(logit)
-    grad_fake = D['model'].backward(fake, D_hidden, (torch.sigmoid(logit) - 1) / mb, weights=False, inputs=True)
-    G['model'].backward(z, G_hidden, torch.ops.aten.sigmoid_backward(grad_fake, fake))  # grad * fake * (1 - fake)
+    G_loss = g_backward(G, D, z, fake, G_hidden)
     G['solver'].step()
+    D_prob = torch.sigmoid(logit)
+    return torch.stack([D_loss, G_loss, D_prob[:, :len(x)].mean((1, 2)), D_prob[:, len(x):].mean((1, 2))], 1)
 
-    return torch.stack([D_loss, G_loss, D_prob[:, :mb].mean((1, 2)), D_prob[:, mb:].mean((1, 2))], 1)
+
+def check_backward(cfg):
+    """Stop when the written-out backward no longer matches the forward maths, e.g. after an edit of activation,
+    Stack.forward or generate without its backward: both steps' gradients against autograd's on a small
+    float64 case of this run's networks (milliseconds)."""
+    rng = torch.Generator().manual_seed(0)
+    small = {**cfg, 'h_dim': 6}
+    G = make_side(2, 3, 5, small, 'cpu', torch.float64, 'linear' if cfg['dataset'] in MIXTURES else 'sigmoid')
+    D = make_side(2, 5, 1, small, 'cpu', torch.float64)
+    z, x = torch.randn(4, 3, generator=rng, dtype=torch.float64), torch.rand(4, 5, generator=rng, dtype=torch.float64)
+    fake, G_hidden = generate(G, z)
+    d_backward(D, x, fake)
+    g_backward(G, D, z, fake, G_hidden)
+    with torch.enable_grad():
+        for p in (*G['model'].parameters(), *D['model'].parameters()):
+            p.requires_grad_(True)
+        fake = generate(G, z)[0]
+        logit = D['model'](torch.cat([x.expand(2, -1, -1), fake.detach()], 1))[0]
+        expected = {'D': torch.autograd.grad(d_loss(logit[:, :4], logit[:, 4:]).sum(), list(D['model'].parameters())),
+                    'G': torch.autograd.grad(g_loss(D['model'](fake)[0]).sum(), list(G['model'].parameters()))}
+    stale = [f'{side}.{name}' for side, nets in (('G', G), ('D', D))
+             for (name, p), grad in zip(nets['model'].named_parameters(), expected[side])
+             if not torch.allclose(p.grad, grad, rtol=1e-7, atol=1e-10)]
+    if stale:
+        sys.exit(f'parallel_gan.py: the written-out backward no longer matches the forward maths: the gradients of '
+                 f'{", ".join(stale)} differ from autograd\'s. If you edited activation, Stack.forward or generate, '
+                 f'edit activation_backward, Stack.backward or output_backward to match.')
 
 
 # ------------------------------------------------------------------------------------
@@ -434,6 +542,11 @@ def save_checkpoint(path, state):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def side_state(side):
+    """What a checkpoint keeps of a side: its networks and their Adam state."""
+    return {'model': side['model'].state_dict(), 'solver': side['solver'].state_dict()}
 
 
 def load_checkpoint(path, cfg, dev):
@@ -561,23 +674,25 @@ def image_metrics(probs, features, test_stats):
     covered, kl = coverage(counts, len(probs))
     marginal = probs.mean(0, keepdim=True)
     score = torch.exp((probs * (probs.clamp_min(1e-12).log() - marginal.log())).sum(1).mean()).item()
-    return {'modes': covered, 'kl': kl, 'score': score, 'confidence': probs.max(1).values.mean().item(),
+    return {'modes': covered, 'modes_captured': float('nan'), 'kl': kl, 'score': score,
+            'confidence': probs.max(1).values.mean().item(),
             'fd': frechet_distance(feature_stats(features), test_stats), 'high_quality': float('nan'),
             'histogram': (counts.double() / len(probs)).tolist()}
 
 
 def mixture_metrics(points, dataset, real_stats):
-    """For 2-D samples: modes covered (at least a third of their fair share within 3 standard deviations),
-    the share of samples within 3 standard deviations of some mode, KL of that histogram to uniform, and
-    the Frechet distance of the points themselves to the real distribution."""
+    """For 2-D samples, the literature's two numbers: the share of "high quality" samples (within 3 standard
+    deviations of their nearest mode) and the modes captured (the nearest mode of at least one high-quality
+    sample); and ours: modes covered (at least a third of their fair share of the samples, high-quality ones),
+    KL of the high-quality histogram to uniform, and the Frechet distance of the points to the real mixture."""
     centres, std = mixture(dataset)
     distance, nearest = torch.cdist(points.double().cpu(), centres.double()).min(1)
     close = distance <= 3 * std
     counts = torch.bincount(nearest[close], minlength=len(centres))
     covered, kl = coverage(counts, len(points))
-    return {'modes': covered, 'kl': kl, 'score': float('nan'), 'confidence': float('nan'),
-            'fd': frechet_distance(feature_stats(points.cpu()), real_stats), 'high_quality': close.double().mean().item(),
-            'histogram': (counts.double() / len(points)).tolist()}
+    return {'modes': covered, 'modes_captured': int((counts > 0).sum()), 'kl': kl, 'score': float('nan'),
+            'confidence': float('nan'), 'fd': frechet_distance(feature_stats(points.cpu()), real_stats),
+            'high_quality': close.double().mean().item(), 'histogram': (counts.double() / len(points)).tolist()}
 
 
 @torch.no_grad()
@@ -587,19 +702,39 @@ def cross_scores(D, samples):
     return torch.stack([torch.sigmoid(D['model'](s)[0]).mean((1, 2)) for s in samples], 1).double().cpu()
 
 
+@torch.no_grad()
+def judge_real(D, points, chunk=1000):
+    """Each discriminator's mean D(x) and its accuracy (the share it takes for real, D > 0.5) on real points
+    (N, x_dim): two (n_pairs,) tensors, in slot order."""
+    prob = torch.cat([torch.sigmoid(D['model'](part)[0]) for part in points.split(chunk)], 1)
+    return prob.mean((1, 2)).double().cpu(), (prob > 0.5).double().mean((1, 2)).cpu()
+
+
+def held_out_data(cfg, n):
+    """n examples the networks never train on: the test split's first n images, or fresh draws of the mixture."""
+    if cfg['dataset'] in MIXTURES:
+        return sample_mixture(cfg['dataset'], n, seed=777)[0]
+    return load_images(cfg['dataset'], cfg['data_root'], train=False)[0][:n]
+
+
 class Evaluator:
-    """Scores every generator on eval_samples samples: coverage, quality and the discriminator pool's verdict."""
+    """Scores every generator on eval_samples samples: coverage, quality and the discriminator pool's verdict;
+    and every discriminator on real training and held-out examples (does it generalise or memorise?)."""
 
     def __init__(self, cfg, dev, dtype, train_data, train_labels):
         self.cfg, self.dev, self.dtype = cfg, dev, dtype
         if cfg['dataset'] in MIXTURES:
             self.classifier = None
             self.reference = feature_stats(sample_mixture(cfg['dataset'], cfg['eval_samples'], seed=54321)[0])
-        else:
+        else:  # the classifier learns from the whole training set, whatever train_size the GANs see
             self.classifier, self.reference = load_classifier(cfg, dev, train_data, train_labels)
+        seen = used_for_training(train_data, cfg)
+        heldout = held_out_data(cfg, min(cfg['eval_samples'], len(seen)))
+        self.real = {'train': as_inputs(seen[:len(heldout)].to(dev), dtype), 'heldout': as_inputs(heldout.to(dev), dtype)}
 
     def __call__(self, G, D, pairing, it):
-        """One row per generator: its metrics, and its mean and worst score over the pool of discriminators."""
+        """One row per generator: its metrics, its mean and worst score over the pool of discriminators, and
+        how the discriminator that started in its pair judges real training and held-out examples."""
         rng = torch.Generator(device=self.dev).manual_seed(self.cfg['seed'] * 1_000_003 + it + 7)  # training RNGs untouched
         chunks, probs, features, samples = [], [], [], []
         for n in torch.arange(self.cfg['eval_samples']).split(1000):
@@ -615,6 +750,11 @@ class Evaluator:
         by_slot = sum(chunks) / self.cfg['eval_samples']
         scores = torch.empty_like(by_slot)
         scores[pairing] = by_slot  # row d: the discriminator that started in pair d
+        judged = {}
+        for split, points in self.real.items():
+            for key, by_slot in zip(('', '_acc'), judge_real(D, points)):
+                judged[f'd_{split}{key}'] = torch.empty_like(by_slot)
+                judged[f'd_{split}{key}'][pairing] = by_slot
         rows = []
         for g in range(len(pairing)):
             if self.classifier is None:
@@ -622,13 +762,16 @@ class Evaluator:
             else:
                 metrics = image_metrics(torch.cat([p[g] for p in probs]), torch.cat([f[g] for f in features]),
                                         self.reference)
+            d = {key: value[g].item() for key, value in judged.items()}
             rows.append({'iteration': it, 'generator': g + 1, **metrics, 'pool_mean': scores[:, g].mean().item(),
-                         'pool_worst': scores[:, g].min().item(), 'd_scores': scores[:, g].tolist()})
+                         'pool_worst': scores[:, g].min().item(), **d, 'd_gap': d['d_train'] - d['d_heldout'],
+                         'd_acc_gap': d['d_train_acc'] - d['d_heldout_acc'], 'd_scores': scores[:, g].tolist()})
         return rows
 
 
-METRIC_COLUMNS = ('iteration', 'generator', 'modes', 'kl', 'score', 'confidence', 'fd', 'high_quality',
-                  'pool_mean', 'pool_worst', 'histogram', 'd_scores')
+METRIC_COLUMNS = ('iteration', 'generator', 'modes', 'modes_captured', 'kl', 'score', 'confidence', 'fd', 'high_quality',
+                  'pool_mean', 'pool_worst', 'd_train', 'd_heldout', 'd_gap', 'd_train_acc', 'd_heldout_acc',
+                  'd_acc_gap', 'histogram', 'd_scores')
 
 
 def write_metrics(path, rows, keep_until=None):
@@ -655,11 +798,148 @@ def read_metrics(path):
 
 
 def format_eval(rows, n_modes):
-    """One compact log line for an evaluation: per generator (G1/G2/...)."""
+    """One compact log line for an evaluation: per generator (G1/G2/...), then per discriminator (D1/D2/...)."""
     join = lambda key, fmt: '/'.join(format(row[key], fmt) for row in rows)
-    quality = f'score {join("score", ".2f")}' if math.isfinite(rows[0]['score']) else f'in 3 std {join("high_quality", ".2f")}'
-    return (f'eval {rows[0]["iteration"]:>5} | modes {join("modes", "d")} of {n_modes} | KL {join("kl", ".3f")} | '
-            f'{quality} | FD {join("fd", ".3g")} | D-pool mean {join("pool_mean", ".2f")} worst {join("pool_worst", ".2f")}')
+    images = math.isfinite(rows[0]['score'])
+    quality = f'score {join("score", ".2f")}' if images else f'captured {join("modes_captured", "d")} | high quality {join("high_quality", ".2f")}'
+    return (f'eval {rows[0]["iteration"]:>5} | modes {join("modes", "d")} of {n_modes} | {quality} | KL {join("kl", ".3f")} | '
+            f'FD {join("fd", ".3g")} | D-pool mean {join("pool_mean", ".2f")} worst {join("pool_worst", ".2f")} | '
+            f'D(x) train {join("d_train", ".2f")} held-out {join("d_heldout", ".2f")}')
+
+
+# ------------------------------------------------------------------------------------
+# comparing runs: every generator judged by one pool of discriminators from every run (the paper's GAM-II)
+
+POOL_KEYS = ('dataset', 'z_dim', 'h_dim', 'layers')  # runs that differ in these cannot share a pool
+NOT_CONFIGURATION = ('seed', 'out_dir', 'resume', 'data_root', 'classifier_dir', 'compare', 'device', 'threads',
+                     'log_every', 'sample_every', 'eval_every', 'eval_samples')  # runs differing only here are seeds of one
+
+
+def find_runs(folder):
+    """(name, checkpoint) of every checkpoint.pt in or below folder, hyperparameters completed with today's defaults;
+    a damaged one is skipped with a warning; refused when none is left or the runs cannot share a pool."""
+    paths = sorted(glob.glob(os.path.join(folder, '**', 'checkpoint.pt'), recursive=True))
+    if not paths:
+        refuse(f'--compare={folder}: no checkpoint.pt in or below it' + ('' if os.path.isdir(folder) else ' (no such folder)'))
+    defaults = {name: default for name, default, _ in hyperparameters()}
+    runs = []
+    for path in paths:
+        try:
+            state = torch.load(path, map_location='cpu', weights_only=True)
+            state['hyperparameters'] = {**defaults, **state['hyperparameters']}
+            state['G']['model'], state['D']['model'], state['pairing']
+        except Exception as error:
+            print(f'parallel_gan.py: warning: skipping {path}: damaged or not a checkpoint of this script '
+                  f'({type(error).__name__})', file=sys.stderr)
+            continue
+        runs.append((os.path.relpath(os.path.dirname(path), folder), state))
+    if not runs:
+        refuse(f'--compare={folder}: none of its {len(paths)} checkpoint(s) could be read')
+    differ = []
+    for key in POOL_KEYS:
+        values = sorted({repr(state['hyperparameters'][key]) for _, state in runs})
+        if len(values) > 1:
+            differ.append(f'{key} ({" vs ".join(values)})')
+    if differ:
+        refuse(f'--compare={folder}: these runs cannot share a pool of discriminators, they differ in {", ".join(differ)}')
+    return runs
+
+
+def configurations(runs):
+    """Each run's configuration: the hyperparameters that differ between the runs, seeds and output settings aside."""
+    keys = [k for k in runs[0][1]['hyperparameters'] if k not in NOT_CONFIGURATION
+            and len({repr(state['hyperparameters'][k]) for _, state in runs}) > 1]
+    return [' '.join(f'{k}={state["hyperparameters"][k]}' for k in keys) or 'all runs' for _, state in runs]
+
+
+def restore_pairs(state, dev):
+    """A run's generators and discriminators from its checkpoint, and each discriminator slot's starting pair."""
+    hp = state['hyperparameters']
+    G, D = make_pairs(hp, state['D']['model']['W1'].shape[1], dev, getattr(torch, hp['dtype']))
+    G['model'].load_state_dict(state['G']['model'])
+    D['model'].load_state_dict(state['D']['model'])
+    return G, D, list(state['pairing'])
+
+
+@torch.no_grad()
+def pool_errors(pairs, z, chunk=1000):
+    """errors[d, g]: the share of generator g's samples (of the noise z) that discriminator d takes for real,
+    D > 0.5, over every discriminator and every generator of every run, in run order."""
+    Ds = [D for _, D, _ in pairs]
+    columns = []
+    for G, _, _ in pairs:
+        fooled = 0
+        for part in z.split(chunk):
+            fake = generate(G, part.to(G['model'].W1))[0]  # (generators, chunk, x_dim)
+            fooled = fooled + torch.stack([torch.cat([(torch.sigmoid(D['model'](sample.to(D['model'].W1))[0]) > 0.5)
+                                                      .sum((1, 2)) for D in Ds]) for sample in fake], 1)
+        columns.append(fooled)
+    return torch.cat(columns, 1).double().cpu() / len(z)
+
+
+def compare_runs(cfg):
+    """--compare=folder: score every generator of every run with the pool of every run's discriminators (GAM-II);
+    print the table by configuration and write compare.csv, compare_matrix.csv and compare.png in the folder."""
+    folder, dev = cfg['compare'], pick_device(cfg['device'])
+    runs = find_runs(folder)
+    configs = configurations(runs)
+    pairs = [restore_pairs(state, dev) for _, state in runs]
+    hp = runs[0][1]['hyperparameters']
+    print(f'comparing {len(runs)} runs ({sum(len(p) for _, _, p in pairs)} generators and discriminators each) '
+          f'on {cfg["eval_samples"]} samples per generator', flush=True)
+    z = torch.randn(cfg['eval_samples'], hp['z_dim'], generator=torch.Generator().manual_seed(cfg['seed']))
+    errors = pool_errors(pairs, z)
+    real = held_out_data(hp, cfg['eval_samples'])
+    real_error = torch.cat([1 - judge_real(D, as_inputs(real.to(dev), D['model'].W1.dtype))[1] for _, D, _ in pairs])
+    run_of = torch.tensor([r for r, (_, _, pairing) in enumerate(pairs) for _ in pairing])
+    names = [(f'{runs[r][0]}:G{i + 1}', f'{runs[r][0]}:D{pairing[i] + 1}') for r, (_, _, pairing) in enumerate(pairs)
+             for i in range(len(pairing))]
+    table = compare_table(errors, real_error, run_of, configs)
+    write_comparison(folder, errors, names, run_of, configs, table)
+    return 0
+
+
+def compare_table(errors, real_error, run_of, configs):
+    """Per configuration, mean and std over its runs of the run averages: generators' mean and worst (lowest)
+    error rate over the whole pool and over other runs' discriminators; discriminators' error on fakes and real."""
+    per_run = []
+    for r in range(len(configs)):
+        mine, others = run_of == r, run_of != r
+        g = errors[:, mine]
+        per_run.append({'g_mean': g.mean(0), 'g_worst': g.min(0).values,
+                        'g_mean_others': g[others].mean(0) if others.any() else torch.full((int(mine.sum()),), math.nan),
+                        'g_worst_others': g[others].min(0).values if others.any() else torch.full((int(mine.sum()),), math.nan),
+                        'd_fake_error': errors[mine].mean(1), 'd_real_error': real_error[mine]})
+    table = []
+    for config in dict.fromkeys(configs):
+        members = [run for run, c in zip(per_run, configs) if c == config]
+        row = {'configuration': config, 'runs': len(members)}
+        for key in per_run[0]:
+            values = torch.tensor([run[key].mean().item() for run in members], dtype=torch.float64)
+            row[key], row[f'{key}_std'] = values.mean().item(), (values.std().item() if len(values) > 1 else 0.0)
+        table.append(row)
+    return table
+
+
+def write_comparison(folder, errors, names, run_of, configs, table):
+    """Print the table; write it to compare.csv, the whole matrix to compare_matrix.csv, its heatmap to compare.png."""
+    keys = ('g_mean', 'g_worst', 'g_mean_others', 'g_worst_others', 'd_fake_error', 'd_real_error')
+    print('error rate = share of samples a discriminator takes for real (fakes) or for fake (real test data);\n'
+          'generators: mean and worst (lowest) over the pool, and over other runs\' discriminators only')
+    print('| configuration | runs | ' + ' | '.join(keys) + ' |\n' + '|---' * (2 + len(keys)) + '|')
+    for row in table:
+        print(f'| {row["configuration"]} | {row["runs"]} | '
+              + ' | '.join(f'{row[k]:.3f} ± {row[k + "_std"]:.3f}' for k in keys) + ' |')
+    with open(os.path.join(folder, 'compare.csv'), 'w', newline='') as f:
+        writer = csv.DictWriter(f, ['configuration', 'runs', *(k + s for k in keys for s in ('', '_std'))])
+        writer.writeheader()
+        writer.writerows([{k: f'{v:.6g}' if isinstance(v, float) else v for k, v in row.items()} for row in table])
+    with open(os.path.join(folder, 'compare_matrix.csv'), 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['discriminator \\ generator', *(g for g, _ in names)])
+        writer.writerows([d, *(f'{v:.4g}' for v in row.tolist())] for (_, d), row in zip(names, errors))
+    save_comparison_plot(os.path.join(folder, 'compare.png'), errors, [configs[int(r)] for r in run_of])
+    print(f'wrote {folder}/compare.csv, compare_matrix.csv and compare.png')
 
 
 # ------------------------------------------------------------------------------------
@@ -693,9 +973,33 @@ def save_samples(path, samples, it, pairing, real=None):
         else:
             ax.scatter(*real[:2000].T.numpy(), s=1, c='lightgrey')
             ax.scatter(*points.T.numpy(), s=1, c='C3')
-            ax.set(xlim=(0, 1), ylim=(0, 1), aspect='equal')
+            reach = 1.25 * float(real.abs().max())
+            ax.set(xlim=(-reach, reach), ylim=(-reach, reach), aspect='equal')
         ax.set_title(f'G{i + 1}' + (f' (with D{pairing[i] + 1})' if n > 1 else ''))
     fig.suptitle(f'iteration {it}')
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def save_comparison_plot(path, errors, config_of_column):
+    """The (discriminator x generator) error-rate matrix as a heatmap, runs of one configuration side by side
+    (the matrix's rows and columns follow the same runs, so one labelling serves both axes)."""
+    plt = pyplot()
+    order = sorted(range(len(config_of_column)), key=lambda i: config_of_column[i])
+    labels = [config_of_column[i] for i in order]
+    size = min(4 + 0.12 * len(order), 16)
+    fig, ax = plt.subplots(figsize=(size + 2, size))
+    image = ax.imshow(errors[order][:, order].numpy(), cmap='viridis', vmin=0, vmax=max(float(errors.max()), 1e-3))
+    fig.colorbar(image, ax=ax, label='share of the generator\'s samples taken for real')
+    starts = [i for i in range(len(labels)) if i == 0 or labels[i] != labels[i - 1]]
+    for i in starts[1:]:
+        ax.axhline(i - 0.5, color='white', lw=1)
+        ax.axvline(i - 0.5, color='white', lw=1)
+    centres = [(a + b - 1) / 2 for a, b in zip(starts, starts[1:] + [len(labels)])]
+    ax.set_xticks(centres, [labels[i] for i in starts], rotation=30, ha='right', fontsize=8)
+    ax.set_yticks(centres, [labels[i] for i in starts], fontsize=8)
+    ax.set(xlabel='generators', ylabel='discriminators', title='GAM-II: error rate of every discriminator on every generator')
+    fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
@@ -726,14 +1030,22 @@ def save_losses(path, history, n_pairs, K):
 
 
 def save_metrics_plot(path, rows):
-    """Modes covered, KL to uniform and Frechet distance over the run, a line per generator."""
+    """Modes covered, KL to uniform and Frechet distance over the run, a line per generator; and each
+    discriminator's mean D(x) on real training (solid) and held-out (dashed) examples."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, key, name in zip(axes, ('modes', 'kl', 'fd'), ('modes covered', 'KL(histogram || uniform)', 'Frechet distance')):
-        for g in sorted({int(r['generator']) for r in rows}):
-            mine = [r for r in rows if int(r['generator']) == g]
-            ax.plot([int(r['iteration']) for r in mine], [float(r[key]) for r in mine], marker='o', ms=3, label=f'G{g}')
-        ax.set(title=name, xlabel='iteration')
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    panels = (('modes', 'modes covered'), ('kl', 'KL(histogram || uniform)'), ('fd', 'Frechet distance'))
+    ids = sorted({int(r['generator']) for r in rows})
+    for g in ids:
+        mine = [r for r in rows if int(r['generator']) == g]
+        its = [int(r['iteration']) for r in mine]
+        for ax, (key, name) in zip(axes, panels):
+            ax.plot(its, [float(r[key]) for r in mine], marker='o', ms=3, label=f'G{g}')
+            ax.set(title=name, xlabel='iteration')
+        for key, style in (('d_train', '-'), ('d_heldout', '--')):
+            axes[3].plot(its, [float(r[key] or 'nan') for r in mine], style, color=f'C{g - 1}', marker='o', ms=3,
+                         label=f'D{g} {"train" if key == "d_train" else "held-out"}')
+    axes[3].set(title='mean D(x): train (solid), held-out (dashed)', xlabel='iteration')
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -822,6 +1134,7 @@ def first_nonfinite(recent, first_it):
 
 
 def train(cfg):
+    check_backward(cfg)
     procs = Processes(cfg)
     try:
         status = run(cfg, procs)
@@ -849,7 +1162,7 @@ def run(cfg, procs):
     seed, P = cfg['seed'], cfg['n_pairs']
     torch.manual_seed(seed)
     images, labels = training_data(cfg)
-    batches = Batches(images.to(dev), cfg['mb_size'], seed + 1)
+    batches = Batches(used_for_training(images, cfg).to(dev), cfg['mb_size'], seed + 1)
     G_all, D_all = make_pairs(cfg, images.shape[1], dev, dtype)  # every pair (samples, evaluation, checkpoints)
     noise = torch.Generator(device=dev).manual_seed(seed + 2)
     real = images[:2000] if cfg['dataset'] in MIXTURES else None  # drawn under 2-D samples
@@ -875,7 +1188,7 @@ def run(cfg, procs):
 
     G, D = G_all, D_all  # the pairs this process trains: all of them, or its share under torchrun
     if procs.world > 1:
-        G, D = (make_side(len(procs.slots), *side['model'].sizes(), cfg, dev, dtype) for side in (G_all, D_all))
+        G, D = (make_side(len(procs.slots), *side['model'].sizes(), cfg, dev, dtype, side['output']) for side in (G_all, D_all))
         mine = lambda t: t[procs.slots.to(t.device)]
         copy_side(G_all, G, mine)
         copy_side(D_all, D, mine)
@@ -910,7 +1223,7 @@ def run(cfg, procs):
     if evaluator:  # a fresh run starts a fresh file; a resumed one redoes the evaluations after its checkpoint
         write_metrics(metrics_path, [], keep_until=start - 1)
 
-    say(f'GAP: {P} pairs, K={cfg["K"]}, {len(images)} {cfg["dataset"]} training points, device {dev}, '
+    say(f'GAP: {P} pairs, K={cfg["K"]}, {len(batches.data)} {cfg["dataset"]} training points, device {dev}, '
         f'{cfg["dtype"]}, {procs.world} process(es) x {torch.get_num_threads()} threads, '
         f'iterations {start}..{cfg["iterations"] - 1}', flush=True)
     last = cfg['iterations'] - 1
@@ -951,7 +1264,7 @@ def run(cfg, procs):
             save_samples(os.path.join(cfg['out_dir'], f'{number:03d}.png'), samples, it, pairing, real)
             save_checkpoint(checkpoint_path, {
                 'hyperparameters': cfg, 'iteration': it, 'pairing': pairing, 'history': history,
-                'G': {k: v.state_dict() for k, v in G_all.items()}, 'D': {k: v.state_dict() for k, v in D_all.items()},
+                'G': side_state(G_all), 'D': side_state(D_all),
                 'device': dev.type, 'noise_rng': noise.get_state(), 'batches': batches.state_dict(),
                 'recent': unlogged.cpu()})
         if stopping:
@@ -965,4 +1278,5 @@ def run(cfg, procs):
 
 
 if __name__ == '__main__':
-    sys.exit(train(parse_args(sys.argv[1:])))
+    cfg = parse_args(sys.argv[1:])
+    sys.exit(compare_runs(cfg) if cfg['compare'] else train(cfg))

@@ -55,14 +55,13 @@ def test_frechet_distance_of_two_gaussians_matches_the_closed_form():
     assert pg.frechet_distance((mean_a, cov_a), (mean_b, cov_b)) == pytest.approx(5 + 28 - 2 * 13)
 
 
-@pytest.mark.parametrize('dataset, modes', [('ring8', 8), ('grid25', 25)])
-def test_two_d_datasets_lie_in_the_unit_square_around_their_modes(dataset, modes):
+@pytest.mark.parametrize('dataset, modes, std, spot', [('ring8', 8, 0.02, (0.0, 2.0)), ('grid25', 25, 0.05, (-4.0, 2.0))])
+def test_two_d_datasets_are_the_literatures_mixtures_in_their_own_coordinates(dataset, modes, std, spot):
     points, labels = pg.sample_mixture(dataset, 5000, seed=0)
-    centres, std = pg.mixture(dataset)
-    assert points.shape == (5000, 2) and points.dtype == torch.float32 and len(centres) == modes
-    assert points.min() >= 0 and points.max() <= 1
-    assert 0.05 < centres.min() and centres.max() < 0.95
-    assert ((points - centres[labels]).norm(dim=1) <= 3 * std).float().mean() > 0.98
+    centres, sigma = pg.mixture(dataset)
+    assert points.shape == (5000, 2) and points.dtype == torch.float32 and len(centres) == modes and sigma == std
+    assert any(torch.allclose(c, torch.tensor(spot), atol=1e-6) for c in centres)
+    assert (points - centres[labels]).std().item() == pytest.approx(std, rel=0.05)
     assert set(labels.tolist()) == set(range(modes))
 
 
@@ -72,12 +71,38 @@ def test_a_generator_on_every_centre_covers_every_mode_and_one_on_a_single_centr
     real = pg.feature_stats(pg.sample_mixture(dataset, 5000, seed=1)[0])
     everywhere = centres.repeat(40, 1)
     metrics = pg.mixture_metrics(everywhere, dataset, real)
-    assert metrics['modes'] == len(centres) and metrics['high_quality'] == 1 and metrics['kl'] < 1e-9
+    assert metrics['modes'] == metrics['modes_captured'] == len(centres)
+    assert metrics['high_quality'] == 1 and metrics['kl'] < 1e-9
     one = centres[:1].repeat(400, 1)
     metrics = pg.mixture_metrics(one, dataset, real)
-    assert metrics['modes'] == 1 and metrics['kl'] == pytest.approx(math.log(len(centres)))
-    astray = torch.full((400, 2), 0.999)
+    assert metrics['modes'] == metrics['modes_captured'] == 1 and metrics['kl'] == pytest.approx(math.log(len(centres)))
+    astray = torch.full((400, 2), 7.0)
     assert pg.mixture_metrics(astray, dataset, real)['high_quality'] == 0
+
+
+def test_high_quality_and_modes_captured_on_points_placed_by_hand():
+    """ring8 (std 0.02): a sample counts as high quality within 3 std = 0.06 of its nearest mode."""
+    centres, _ = pg.mixture('ring8')
+    real = pg.feature_stats(pg.sample_mixture('ring8', 2000, seed=1)[0])
+    points = torch.cat([centres[0] + torch.tensor([0.059, 0.0]).repeat(6, 1),  # 6 close to mode 0
+                        (centres[1] + torch.tensor([0.0, 0.061]))[None],          # 1 just too far from mode 1
+                        centres[2][None],                                         # 1 on mode 2
+                        torch.zeros(2, 2)])                                       # 2 at the centre: no mode near
+    metrics = pg.mixture_metrics(points, 'ring8', real)
+    assert metrics['high_quality'] == pytest.approx(7 / 10)
+    assert metrics['modes_captured'] == 2  # mode 0 and mode 2, one sample is enough
+    assert metrics['modes'] == 2  # a third of the fair share of 10 samples over 8 modes is 0.42: one sample covers
+    assert metrics['histogram'][:3] == pytest.approx([0.6, 0.0, 0.1])
+
+
+def test_coverage_counts_a_mode_from_a_third_of_its_fair_share():
+    """10 modes, 3000 samples: the fair share is 300, a third of it 100; a half (150) would not count 120."""
+    counts = torch.tensor([120, 99, 100, 2681, 0, 0, 0, 0, 0, 0])
+    covered, kl = pg.coverage(counts, 3000)
+    assert covered == 3
+    share = counts.double() / 3000
+    nonzero = share[share > 0]
+    assert kl == pytest.approx(float((nonzero * (nonzero * 10).log()).sum()))
 
 
 def test_cross_scores_hold_every_discriminator_on_every_generator():

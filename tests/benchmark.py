@@ -55,6 +55,7 @@ def reference_loop(n_pairs, images, dev):
 def parallel_gan_loop(n_pairs, images, dev):
     """parallel_gan.py's iteration, exactly as its training loop runs it."""
     cfg = pg.parse_args([f'--n_pairs={n_pairs}'])
+    pg.check_losses()  # as train() does: the shipped losses' gradients in closed form
     G, D = pg.make_pairs(cfg, images.shape[1], dev, torch.float32)
     batches = pg.Batches(images, cfg['mb_size'], 1)
     noise = torch.Generator(device=dev).manual_seed(2)

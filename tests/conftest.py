@@ -1,4 +1,5 @@
-"""Shared test helpers: a tiny MNIST in torchvision's raw IDX layout, and running the script."""
+"""Shared test helpers: a tiny MNIST in torchvision's raw IDX layout, running the script, and edited copies of it."""
+import importlib.util
 import os
 import struct
 import subprocess
@@ -56,3 +57,20 @@ def run_script(*args, timeout=120, env=None):
 
 def load(path):
     return torch.load(path, weights_only=True)
+
+
+def edited_copy(folder, *edits):
+    """parallel_gan.py copied into folder with (old, new) text replacements, each of which must apply, and
+    imported as a module of its own: the script as a user who edited it would run it. Returns (module, path)."""
+    with open(SCRIPT) as f:
+        text = f.read()
+    for old, new in edits:
+        assert old in text, f'edit does not apply: {old!r}'
+        text = text.replace(old, new)
+    path = os.path.join(folder, 'parallel_gan.py')
+    with open(path, 'w') as f:
+        f.write(text)
+    spec = importlib.util.spec_from_file_location(f'edited_parallel_gan_{abs(hash(text))}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, path

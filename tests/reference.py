@@ -11,18 +11,29 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def mlp(n_in, n_hidden, n_out):
-    return nn.Sequential(nn.Linear(n_in, n_hidden), nn.ReLU(), nn.Linear(n_hidden, n_out))
+def mlp(n_in, n_hidden, n_out, layers=1):
+    sizes = [n_in] + [n_hidden] * layers
+    hidden = [m for a, b in zip(sizes, sizes[1:]) for m in (nn.Linear(a, b), nn.ReLU())]
+    return nn.Sequential(*hidden, nn.Linear(n_hidden, n_out))
+
+
+def d_loss(real_logit, fake_logit):
+    return F.softplus(-real_logit).mean() + F.softplus(fake_logit).mean()
+
+
+def g_loss(fake_logit):
+    return F.softplus(-fake_logit).mean()
 
 
 class ReferenceGAP:
     """n_pairs generators G[i] (noise -> pixels) and discriminators D[i] (pixels -> logit)."""
 
-    def __init__(self, n_pairs, z_dim, h_dim, x_dim, lr):
-        self.G = [nn.Sequential(mlp(z_dim, h_dim, x_dim), nn.Sigmoid()) for _ in range(n_pairs)]
-        self.D = [mlp(x_dim, h_dim, 1) for _ in range(n_pairs)]
-        self.G_solver = [torch.optim.Adam(g.parameters(), lr=lr) for g in self.G]
-        self.D_solver = [torch.optim.Adam(d.parameters(), lr=lr) for d in self.D]
+    def __init__(self, n_pairs, z_dim, h_dim, x_dim, lr, layers=1, beta1=0.9, losses=(d_loss, g_loss)):
+        self.G = [nn.Sequential(mlp(z_dim, h_dim, x_dim, layers), nn.Sigmoid()) for _ in range(n_pairs)]
+        self.D = [mlp(x_dim, h_dim, 1, layers) for _ in range(n_pairs)]
+        self.G_solver = [torch.optim.Adam(g.parameters(), lr=lr, betas=(beta1, 0.999)) for g in self.G]
+        self.D_solver = [torch.optim.Adam(d.parameters(), lr=lr, betas=(beta1, 0.999)) for d in self.D]
+        self.d_loss, self.g_loss = losses
 
     def copy_weights_from(self, G_stack, D_stack):
         """Take pair i's weights from slice i of parallel_gan.py's stacked networks."""
@@ -30,8 +41,9 @@ class ReferenceGAP:
             for nets, stack in ((self.G, G_stack), (self.D, D_stack)):
                 for i, net in enumerate(nets):
                     body = net[0] if isinstance(net[0], nn.Sequential) else net
-                    body[0].weight.copy_(stack.W1[i].T), body[0].bias.copy_(stack.b1[i, 0])
-                    body[2].weight.copy_(stack.W2[i].T), body[2].bias.copy_(stack.b2[i, 0])
+                    linears = [m for m in body if isinstance(m, nn.Linear)]
+                    for linear, (W, b) in zip(linears, stack.layers(), strict=True):
+                        linear.weight.copy_(W[i].T), linear.bias.copy_(b[i, 0])
         return self
 
     def to(self, *args):
@@ -49,13 +61,13 @@ class ReferenceGAP:
         for i in range(len(self.G)):
             G_sample = self.G[i](z)
             D_real, D_fake = self.D[i](x), self.D[i](G_sample)
-            D_loss = F.softplus(-D_real).mean() + F.softplus(D_fake).mean()
+            D_loss = self.d_loss(D_real, D_fake)
             D_loss.backward()
             self.D_solver[i].step()
             self.reset_grad()
 
             G_sample = self.G[i](z)
-            G_loss = F.softplus(-self.D[i](G_sample)).mean()
+            G_loss = self.g_loss(self.D[i](G_sample))
             G_loss.backward()
             self.G_solver[i].step()
             self.reset_grad()

@@ -1,8 +1,13 @@
-"""The command line: --name=value overrides, --help, and refusals before any work starts."""
+"""The command line: --name=value overrides, --help, the hyperparameter block as users edit it, and refusals
+before any work starts."""
+import re
+import subprocess
+import sys
+
 import pytest
 
 import parallel_gan as pg
-from conftest import run_script
+from conftest import edited_copy, run_script
 
 
 def test_defaults_are_the_reference_hyperparameters():
@@ -70,3 +75,59 @@ def test_the_script_itself_refuses_before_any_work(tmp_path):
     assert result.returncode == 2
     assert 'K must be' in result.stderr and 'Traceback' not in result.stderr
     assert not (tmp_path / 'out').exists()
+
+
+def test_the_hyperparameter_block_takes_any_ordinary_assignment(tmp_path, capsys):
+    """Edits a user makes in the block: one space before a comment, no comment, expressions, blank lines and
+    comment-only lines between entries, a count written as a float."""
+    edited, _ = edited_copy(tmp_path, (
+        'lr = 1e-3  # Adam learning rate of every network\n',
+        'lr = 3e-4 # Adam learning rate of every network\n\n# my notes: try 1e-4 next\n'), (
+        'h_dim = 128  # hidden units of every generator and discriminator', 'h_dim = 2 * 64'), (
+        'iterations = 1_000_000  # training iterations', 'iterations = 2e5  # training iterations'), (
+        "out_dir = 'out'  # where samples, plots and the checkpoint go", "out_dir = 'out'#where samples go"))
+    cfg = edited.parse_args([])
+    assert cfg['lr'] == 3e-4 and cfg['h_dim'] == 128 and cfg['iterations'] == 200_000 and cfg['out_dir'] == 'out'
+    assert type(cfg['iterations']) is int
+    assert edited.parse_args(['--lr=0.01', '--h_dim=64', '--iterations=5'])['h_dim'] == 64
+    with pytest.raises(SystemExit):
+        edited.parse_args(['--help'])
+    text = capsys.readouterr().out
+    assert re.search(r'--lr\s+0\.0003\s+Adam learning rate of every network', text)
+    assert re.search(r'--h_dim\s+128\s*$', text, re.M)  # listed, with no meaning to show
+    assert re.search(r'--out_dir\s+\'out\'\s+where samples go', text)
+    assert 'my notes' not in text
+
+
+@pytest.mark.parametrize('line, words', [
+    ('lr, beta1 = 1e-3, 0.9', 'is not a hyperparameter'),
+    ("print('hello')", 'is not a hyperparameter'),
+    ('K *= 2', 'is not a hyperparameter'),
+    ('lr = [1e-3]', 'lr must be a number, True/False or a string'),
+])
+def test_a_line_the_block_cannot_hold_is_reported_with_its_number(tmp_path, line, words):
+    edited, script = edited_copy(tmp_path, ('lr = 1e-3  # Adam learning rate of every network', line))
+    number = next(i for i, text in enumerate(open(script).read().splitlines(), 1) if text == line)
+    result = subprocess.run([sys.executable, script, '--help'], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert f'line {number}:' in result.stderr and words in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_count_must_be_a_whole_number(capsys):
+    with pytest.raises(SystemExit) as exit:
+        pg.parse_args(['--iterations=1e3'])
+    assert exit.value.code == 2
+
+
+@pytest.mark.parametrize('args, words', [
+    (['--seed=1180591620717411303424'], 'seed must be'),
+    (['--seed=-1'], 'seed must be'),
+    (['--layers=0'], 'layers must be'),
+    (['--beta1=1'], 'beta1 must be'),
+    (['--train_size=-3'], 'train_size must be'),
+])
+def test_new_values_that_make_no_sense_are_refused(args, words, capsys):
+    with pytest.raises(SystemExit) as exit:
+        pg.parse_args(args)
+    assert exit.value.code == 2 and words in capsys.readouterr().err

@@ -1,9 +1,14 @@
 """The GAP maths: losses, gradients, one iteration against the plain reference loop, and the swap."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
 
 import parallel_gan as pg
+from conftest import edited_copy
 from reference import ReferenceGAP
 
 F64 = torch.float64
@@ -72,28 +77,64 @@ def test_every_network_is_initialised_like_nn_linear():
         assert not torch.equal(stack.W1[0], stack.W1[1])  # pairs start apart
 
 
+def assert_matches_reference(n_pairs, dev=CPU, module=pg, iterations=150, K=10, layers=1, beta1=0.9, losses=None):
+    """Same starting weights, same noise and batches: the same D and G losses as the reference loop, within 1e-9,
+    in float64, through a swap every K iterations. Returns the last iteration's losses."""
+    cfg = module.parse_args([f'--n_pairs={n_pairs}', f'--K={K}', f'--layers={layers}', f'--beta1={beta1}'])
+    torch.manual_seed(0)
+    G, D = module.make_pairs(cfg, 784, torch.device(dev), F64)
+    ref = ReferenceGAP(n_pairs, 10, 128, 784, 1e-3, layers, beta1, *([losses] if losses else []))
+    ref.to(F64).to(dev).copy_weights_from(G['model'], D['model'])
+    g = torch.Generator().manual_seed(3)
+    data = module.Batches(torch.randint(0, 256, (500, 784), dtype=torch.uint8, generator=g), 32, 4)
+    swaps = 0
+    for it in range(iterations):
+        z = torch.randn(32, 10, generator=g, dtype=F64).to(dev)
+        x = module.as_inputs(data.next(), F64).to(dev)
+        ours = module.train_step(G, D, z, x)[:, :2]
+        theirs = ref.iteration(z, x)
+        assert torch.allclose(ours, theirs, rtol=0, atol=1e-9), f'iteration {it}'
+        if it != 0 and it % K == 0:
+            partners = module.new_partners(n_pairs, 0, it)
+            module.swap_discriminators(D, partners)
+            ref.swap(partners.tolist())
+            swaps += 1
+    assert swaps == (iterations - 1) // K
+    assert ours[:, 0].std() > 0  # the pairs really differ
+    return ours
+
+
 @pytest.mark.parametrize('dev', DEVICES)
 @pytest.mark.parametrize('n_pairs', [2, 4])
 def test_150_iterations_with_a_dozen_swaps_equal_the_reference_loop(n_pairs, dev):
-    """Same starting weights, same noise and batches: the same D and G losses, within 1e-9, in float64."""
-    G, D = pairs(n_pairs=n_pairs, K=10, dev=dev)
-    ref = ReferenceGAP(n_pairs, 10, 128, 784, 1e-3).to(F64).to(dev).copy_weights_from(G['model'], D['model'])
-    g = torch.Generator().manual_seed(3)
-    data = pg.Batches(torch.randint(0, 256, (500, 784), dtype=torch.uint8, generator=g), 32, 4)
-    swaps = 0
-    for it in range(150):
-        z = torch.randn(32, 10, generator=g, dtype=F64).to(dev)
-        x = pg.as_inputs(data.next(), F64).to(dev)
-        ours = pg.train_step(G, D, z, x)[:, :2]
-        theirs = ref.iteration(z, x)
-        assert torch.allclose(ours, theirs, rtol=0, atol=1e-9), f'iteration {it}'
-        if it != 0 and it % 10 == 0:
-            partners = pg.new_partners(n_pairs, 0, it)
-            pg.swap_discriminators(D, partners)
-            ref.swap(partners.tolist())
-            swaps += 1
-    assert swaps == 14
-    assert ours[:, 0].std() > 0  # the pairs really differ
+    pg.check_losses()  # the shipped losses' closed-form gradients, as a run uses them
+    assert pg.verified_closed_forms.keys() == {pg.d_loss, pg.g_loss}
+    assert_matches_reference(n_pairs, dev)
+    pg.verified_closed_forms.clear()  # and through autograd
+    assert_matches_reference(n_pairs, dev, iterations=40)
+
+
+def test_three_hidden_layers_and_beta1_equal_the_reference_loop():
+    assert_matches_reference(4, layers=3, beta1=0.5, iterations=130)
+
+
+def test_an_edited_loss_drives_training_and_matches_its_reference(tmp_path):
+    """Least-squares losses on the logits, edited into a copy of the script, train (through autograd) exactly
+    as the reference loop with the same losses, and not as the shipped losses do."""
+    def lsq_d(real, fake):
+        return 0.5 * ((real - 1) ** 2).mean() + 0.5 * (fake ** 2).mean()
+
+    def lsq_g(fake):
+        return 0.5 * ((fake - 1) ** 2).mean()
+    edited, _ = edited_copy(tmp_path, (
+        'return F.softplus(-real_logit).mean((1, 2)) + F.softplus(fake_logit).mean((1, 2))',
+        'return 0.5 * ((real_logit - 1) ** 2).mean((1, 2)) + 0.5 * (fake_logit ** 2).mean((1, 2))'), (
+        'return F.softplus(-fake_logit).mean((1, 2))', 'return 0.5 * ((fake_logit - 1) ** 2).mean((1, 2))'))
+    edited.check_losses()
+    assert edited.verified_closed_forms == {}  # the written-out gradients no longer apply: autograd it is
+    least_squares = assert_matches_reference(2, module=edited, iterations=130, losses=(lsq_d, lsq_g))
+    shipped = assert_matches_reference(2, iterations=130)
+    assert not torch.allclose(least_squares, shipped, atol=1e-3)
 
 
 def test_train_step_reports_the_losses_and_d_of_real_and_fake_before_the_d_step():
@@ -174,3 +215,25 @@ def test_batches_resume_where_they_stopped():
     b.load_state_dict(a.state_dict())
     for _ in range(10):
         assert torch.equal(a.next(), b.next())
+
+
+@pytest.mark.parametrize('edit, names', [
+    (('return pre.relu_()', 'return torch.nn.functional.leaky_relu(pre, 0.2)'), 'G.W1, G.b1, G.W2, G.b2, D.W1, D.b1'),
+    (("(out.sigmoid_() if G['output'] == 'sigmoid' else out)", "(out.tanh() if G['output'] == 'sigmoid' else out)"),
+     'G.W1, G.b1, G.W2, G.b2'),
+])
+def test_a_forward_edited_without_its_backward_is_caught_at_start_up(tmp_path, tiny_mnist, edit, names):
+    """A copy of the script with another activation (or generator output) but the old written-out backward
+    stops before training, naming the weights whose gradients no longer match."""
+    _, script = edited_copy(tmp_path, edit)
+    result = subprocess.run([sys.executable, script, f'--data_root={tiny_mnist}', f'--out_dir={tmp_path / "out"}',
+                             '--iterations=5', '--eval_every=0'], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert 'the written-out backward no longer matches the forward maths' in result.stderr
+    assert f'the gradients of {names} differ' in result.stderr
+    assert not os.path.exists(tmp_path / 'out' / 'checkpoint.pt')
+
+
+def test_the_start_up_check_passes_the_shipped_networks_at_every_depth():
+    for args in ([], ['--layers=3'], ['--dataset=ring8', '--layers=4']):
+        pg.check_backward(pg.parse_args(args))  # returns without stopping

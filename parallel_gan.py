@@ -543,6 +543,12 @@ def swap_discriminators(D, partners, procs=None):
             tensor.copy_(gather(tensor)[take])
 
 
+def after_swap(pairing, partners):
+    """Which discriminator each generator trains against after a swap (pairing[i]: the pair that discriminator
+    started in): slot i now holds the one that was in slot partners[i]."""
+    return [pairing[j] for j in partners.tolist()]
+
+
 def gap_iteration(it, G, D, batches, noise, cfg, procs=None):
     """Iteration it of the training loop: fresh noise and a batch, every pair's step, and every
     K iterations a swap. Returns train_step's stats and the swap's partners (None without a swap)."""
@@ -848,19 +854,20 @@ def find_runs(folder):
     if not paths:
         refuse(f'--compare={folder}: no checkpoint.pt in or below it' + ('' if os.path.isdir(folder) else ' (no such folder)'))
     defaults = {name: default for name, default, _ in hyperparameters()}
-    runs = []
+    runs, damaged = [], []
     for path in paths:
         try:
             state = torch.load(path, map_location='cpu', weights_only=True)
             state['hyperparameters'] = {**defaults, **state['hyperparameters']}
             state['G']['model'], state['D']['model'], state['pairing']
         except Exception as error:
-            print(f'parallel_gan.py: warning: skipping {path}: damaged or not a checkpoint of this script '
-                  f'({type(error).__name__})', file=sys.stderr)
+            damaged.append(f'{path} ({type(error).__name__})')
             continue
         runs.append((os.path.relpath(os.path.dirname(path), folder), state))
     if not runs:
-        refuse(f'--compare={folder}: none of its {len(paths)} checkpoint(s) could be read')
+        refuse(f'--compare={folder}: none of its {len(paths)} checkpoint(s) could be read: {", ".join(damaged)}')
+    for path in damaged:
+        print(f'parallel_gan.py: warning: skipping {path}: damaged or not a checkpoint of this script', file=sys.stderr)
     differ = []
     for key in POOL_KEYS:
         values = sorted({repr(state['hyperparameters'][key]) for _, state in runs})
@@ -1259,7 +1266,7 @@ def run(cfg, procs):
         recent[n_recent], partners = gap_iteration(it, G, D, batches, noise, cfg, procs)
         n_recent += 1
         if partners is not None:
-            pairing = [pairing[j] for j in partners.tolist()]
+            pairing = after_swap(pairing, partners)
 
         logging = it % cfg['log_every'] == 0 or it == last
         stopping = procs.anyone(interrupted) if logging or procs.world == 1 else False  # all processes agree

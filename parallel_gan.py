@@ -33,8 +33,13 @@ import sys
 import time
 import tokenize
 import zlib
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import contextmanager, redirect_stderr, redirect_stdout, suppress
 from io import StringIO
+
+try:
+    import fcntl  # locks out_dir against a second run; not on Windows, where out_dir is not locked
+except ImportError:
+    fcntl = None
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +84,8 @@ CLASSIFIER_EPOCHS = {'mnist': 3, 'fashion_mnist': 6}
 COLLECTIVE_TIMEOUT = 300  # seconds a process waits for the others before it gives up
 COUNTS = ('z_dim', 'h_dim', 'layers', 'n_pairs', 'K', 'mb_size', 'iterations', 'seed', 'log_every', 'sample_every',
           'train_size', 'eval_every', 'eval_samples', 'threads')  # hyperparameters that must be whole numbers
+RESUMABLE = ('lr', 'iterations', 'log_every', 'sample_every', 'eval_every', 'eval_samples', 'out_dir', 'resume',
+             'data_root', 'classifier_dir', 'compare', 'device', 'threads')  # may change when a run is resumed
 SHAPE_KEYS = ('z_dim', 'h_dim', 'layers', 'n_pairs', 'dtype', 'dataset')  # a checkpoint only fits networks of its own shape
 IMAGE_DATASETS = {'mnist': 'MNIST', 'fashion_mnist': 'FashionMNIST'}  # torchvision's class and folder names
 MIXTURES = ('ring8', 'grid25')
@@ -564,16 +571,31 @@ def gap_iteration(it, G, D, batches, noise, cfg, procs=None):
 
 
 # ------------------------------------------------------------------------------------
-# checkpoint: written atomically, loaded with weights_only=True
+# files: each written whole or not at all; checkpoints loaded with weights_only=True
+
+class WriteFailed(Exception):
+    """A file could not be written (out_dir unwritable, disk full, ...): the run stops with this one line."""
+
+
+@contextmanager
+def replacing(path):
+    """Yield a temporary path to write path's new content to, then rename it over path: a crash or a failed
+    write never leaves path half-written, and a failure leaves no temporary file and raises WriteFailed."""
+    tmp = path + '.tmp'
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as error:
+        with suppress(OSError):
+            os.remove(tmp)
+        raise WriteFailed(f'cannot write {path} ({error.strerror or error})') from error
+
 
 def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a crash while saving never leaves a broken checkpoint."""
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
+    with replacing(path) as tmp, open(tmp, 'wb') as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def side_state(side):
@@ -582,18 +604,22 @@ def side_state(side):
 
 
 def load_checkpoint(path, cfg, dev):
-    """The checkpoint's state, or a clear refusal when it is missing, damaged or of other networks."""
+    """The checkpoint's state, or a clear refusal when it is missing, damaged, of other networks, or asked to go
+    on with hyperparameters that would not continue it exactly (all but RESUMABLE)."""
     if not os.path.exists(path):
         refuse(f'--resume=True but there is no checkpoint at {path}')
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)  # loading into the networks moves it
-        saved = state['hyperparameters']
+        saved = {name: default for name, default, _ in hyperparameters()} | state['hyperparameters']
         state['iteration'], state['G'], state['D'], state['pairing']  # everything a resume needs is there
     except Exception as error:
         refuse(f'cannot resume: {path} is damaged or not a checkpoint of this script ({type(error).__name__})')
-    changed = [f'{k}={saved.get(k)!r} there, {cfg[k]!r} now' for k in SHAPE_KEYS if saved.get(k) != cfg[k]]
-    if changed:
-        refuse(f'cannot resume from {path}: it holds other networks ({"; ".join(changed)})')
+    changed = lambda keys: '; '.join(f'{k}={saved[k]!r} there, {cfg[k]!r} now' for k in keys if saved[k] != cfg[k])
+    if changed(SHAPE_KEYS):
+        refuse(f'cannot resume from {path}: it holds other networks ({changed(SHAPE_KEYS)})')
+    if changed(k for k in cfg if k not in RESUMABLE):
+        refuse(f'cannot resume from {path} with other settings, which would not continue it exactly '
+               f'({changed(k for k in cfg if k not in RESUMABLE)}); a resume may change only {", ".join(RESUMABLE)}')
     written_on = state.get('device', 'cpu')
     if written_on != dev.type:  # a CPU and a CUDA random stream cannot take each other's state
         refuse(f'cannot resume from {path} on the {dev.type}: it was written on the {written_on}, and its noise '
@@ -659,6 +685,8 @@ def load_classifier(cfg, dev, images, labels):
         model.eval()
         how = f'cached in {path}'
     except Exception:
+        print(f'training the classifier that scores samples ({CLASSIFIER_EPOCHS[cfg["dataset"]]} epochs on {len(images)} '
+              f'images: about a minute on 2 CPU cores, seconds on a GPU; once, then cached in {path})', flush=True)
         start = time.perf_counter()
         model = fit_classifier(images, labels, CLASSIFIER_EPOCHS[cfg['dataset']], dev)
         how = f'trained in {time.perf_counter() - start:.0f}s'
@@ -666,8 +694,8 @@ def load_classifier(cfg, dev, images, labels):
             os.makedirs(cfg['classifier_dir'], exist_ok=True)
             save_checkpoint(path, {'fingerprint': fingerprint, 'model': model.state_dict()})
             how += f', cached in {path}'
-        except OSError as error:
-            how += f', not cached ({error.strerror}: {cfg["classifier_dir"]})'
+        except (OSError, WriteFailed) as error:
+            how += f', not cached ({error.strerror if isinstance(error, OSError) else error})'
     probs, features = classify(model, test_images.to(dev) / 255)
     accuracy = (probs.argmax(1).cpu() == test_labels).float().mean().item()
     print(f'classifier ({how}): {100 * accuracy:.2f}% accuracy on the {len(test_images)} test images')
@@ -806,19 +834,17 @@ METRIC_COLUMNS = ('iteration', 'generator', 'modes', 'modes_captured', 'kl', 'sc
                   'd_acc_gap', 'histogram', 'd_scores')
 
 
-def write_metrics(path, rows, keep_until=None):
-    """Append rows to metrics.csv (lists as space-separated numbers). With keep_until, first drop the rows of
-    later iterations: a resumed run redoes them."""
+def write_metrics(path, rows, keep_until):
+    """Write metrics.csv: its rows up to iteration keep_until (a resumed run redoes later ones), then rows
+    (lists as space-separated numbers); the whole file each time, so it is never half-written."""
     old = []
-    if keep_until is not None and os.path.exists(path):
+    if os.path.exists(path):
         with open(path) as f:
             old = [row for row in csv.DictReader(f) if int(row['iteration']) <= keep_until]
-    fresh = keep_until is not None or not os.path.exists(path)
-    with open(path, 'w' if fresh else 'a', newline='') as f:
+    with replacing(path) as tmp, open(tmp, 'w', newline='') as f:
         writer = csv.DictWriter(f, METRIC_COLUMNS)
-        if fresh:
-            writer.writeheader()
-            writer.writerows(old)
+        writer.writeheader()
+        writer.writerows(old)
         for row in rows:
             writer.writerow({k: ' '.join(f'{v:.4g}' for v in row[k]) if isinstance(row[k], list)
                              else f'{row[k]:.6g}' if isinstance(row[k], float) else row[k] for k in METRIC_COLUMNS})
@@ -978,6 +1004,16 @@ def write_comparison(folder, errors, names, run_of, configs, table):
 # ------------------------------------------------------------------------------------
 # pictures
 
+def save_figure(fig, path):
+    """A figure as a PNG file, written whole or not at all."""
+    plt = pyplot()
+    try:
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=80, format='png')
+    finally:
+        plt.close(fig)
+
+
 def pyplot():
     """matplotlib's pyplot, drawing to files only (no display needed)."""
     import matplotlib
@@ -1010,8 +1046,7 @@ def save_samples(path, samples, it, pairing, real=None):
             ax.set(xlim=(-reach, reach), ylim=(-reach, reach), aspect='equal')
         ax.set_title(f'G{i + 1}' + (f' (with D{pairing[i] + 1})' if n > 1 else ''))
     fig.suptitle(f'iteration {it}')
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def save_comparison_plot(path, errors, config_of_column):
@@ -1033,8 +1068,7 @@ def save_comparison_plot(path, errors, config_of_column):
     ax.set_yticks(centres, [labels[i] for i in starts], fontsize=8)
     ax.set(xlabel='generators', ylabel='discriminators', title='GAM-II: error rate of every discriminator on every generator')
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def save_losses(path, history, n_pairs, K):
@@ -1058,8 +1092,7 @@ def save_losses(path, history, n_pairs, K):
              + (' (grey lines)' if 0 < len(swaps) <= 100 else f' ({len(swaps)} swaps, too dense to draw)'))
     axes[0].set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def save_metrics_plot(path, rows):
@@ -1081,8 +1114,7 @@ def save_metrics_plot(path, rows):
     axes[3].set(title='mean D(x): train (solid), held-out (dashed)', xlabel='iteration')
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------
@@ -1153,11 +1185,13 @@ def pick_device(name):
 
 
 def format_log(it, stats, rate, left):
-    """One line: the iteration, then per pair (G1/G2/...) D_loss, G_loss, mean D(x), mean D(G(z))."""
+    """One line: the iteration, then per pair (G1/G2/...) D_loss, G_loss, mean D(x), mean D(G(z)); the speed
+    since the previous line (none on a run's first line, which times a single warm-up iteration)."""
     join = lambda column, fmt: '/'.join(format(v, fmt) for v in stats[:, column].tolist())
     eta = f'{int(left // 3600)}h{int(left % 3600 // 60):02d}m' if left >= 3600 else f'{int(left // 60)}m{int(left % 60):02d}s'
+    speed = 'first iteration' if rate is None else f'{rate:.0f} it/s, {eta} left'
     return (f'it {it:>7} | D_loss {join(0, ".3f")} | G_loss {join(1, ".3f")} | '
-            f'D(x) {join(2, ".2f")} | D(G(z)) {join(3, ".2f")} | {rate:.0f} it/s, {eta} left')
+            f'D(x) {join(2, ".2f")} | D(G(z)) {join(3, ".2f")} | {speed}')
 
 
 def first_nonfinite(recent, first_it):
@@ -1166,12 +1200,88 @@ def first_nonfinite(recent, first_it):
     return None if len(bad) == 0 else (first_it + int(bad[0, 0]), int(bad[0, 1]) + 1)
 
 
+def nonfinite_sides(sides):
+    """Which of the sides ({'G': side, 'D': side}) hold a non-finite weight: one reduction per weight tensor."""
+    return [name for name, side in sides.items()
+            if not torch.stack([p.isfinite().all() for p in side['model'].parameters()]).all()]
+
+
+class LossLog:
+    """Each pair's step statistics (D_loss, G_loss, mean D(x), mean D(G(z))) since the last log line, and one
+    row of means per log line so far: what a resumed run needs to log exactly as the uninterrupted one."""
+
+    def __init__(self, log_every, n_pairs, slots, dev, dtype):
+        self.slots = slots  # this process's pairs
+        self.recent = torch.zeros(log_every, len(slots), 4, device=dev, dtype=dtype)
+        self.n = 0
+        self.history = torch.zeros(0, 1 + 4 * n_pairs, dtype=torch.float64)  # iteration, then every pair's means
+
+    def add(self, stats):
+        if self.n == len(self.recent):  # resumed with a smaller log_every: the saved rows come on top
+            self.recent = torch.cat([self.recent, torch.zeros_like(self.recent)])
+        self.recent[self.n] = stats
+        self.n += 1
+
+    def unlogged(self, procs):
+        """Every pair's stats since the last log line, (iterations, n_pairs, 4) (every process must call it)."""
+        return procs.gather(self.recent[:self.n], dim=1)
+
+    def close(self, it, stats):
+        """Record the means of stats (every pair's, since the last log line) as iteration it's row; start anew."""
+        means = stats.mean(0).cpu().double()
+        self.history = torch.cat([self.history, torch.cat([torch.tensor([it]), means.flatten()])[None]])
+        self.n = 0
+        return means
+
+    def state_dict(self, unlogged):
+        return {'history': self.history, 'recent': unlogged.cpu()}
+
+    def load_state_dict(self, state):
+        self.history, self.n = state['history'], 0
+        for row in state['recent'][:, self.slots]:
+            self.add(row.to(self.recent))
+
+
+def claim_out_dir(cfg):
+    """Make out_dir and lock it for this process's lifetime; refuse one that a live run is using, and, for a fresh
+    run, one that holds another run's checkpoint. The lock is the kernel's (flock): a run that dies in any way,
+    kill -9 or power loss, leaves nothing that blocks the next one. Returns the open lock file."""
+    out = cfg['out_dir']
+    try:
+        os.makedirs(out, exist_ok=True)
+        lock = open(os.path.join(out, '.lock'), 'a+')
+    except OSError as error:
+        raise WriteFailed(f'cannot use --out_dir={out} ({error.strerror or error})') from error
+    if fcntl:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            refuse(f'--out_dir={out} is in use by another run (process {lock.read().strip() or "unknown"}); '
+                   f'let it finish, stop it, or choose another --out_dir')
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f'{os.getpid()}\n')
+    lock.flush()
+    path = os.path.join(out, 'checkpoint.pt')
+    if not cfg['resume'] and os.path.exists(path):
+        try:
+            where = f'stopped after iteration {torch.load(path, map_location="cpu", weights_only=True)["iteration"]}'
+        except Exception:
+            where = 'left an unreadable checkpoint.pt'
+        refuse(f'--out_dir={out} holds another run, which {where}: continue it with --resume=True, '
+               f'or start afresh with another --out_dir (or delete that one)')
+    return lock
+
+
 def train(cfg):
     check_losses()
     check_backward(cfg)
     procs = Processes(cfg)
     try:
         status = run(cfg, procs)
+    except WriteFailed as failure:
+        sys.exit(f'parallel_gan.py: {failure}; stopped. The last checkpoint in {cfg["out_dir"]} is intact.')
     except RuntimeError as error:  # a collective failed: another process died or hung
         if procs.world == 1:
             raise
@@ -1187,14 +1297,14 @@ def run(cfg, procs):
     say = print if procs.leader else (lambda *args, **kwargs: None)
     if cfg['threads']:
         torch.set_num_threads(cfg['threads'])
-    if procs.leader:
-        os.makedirs(cfg['out_dir'], exist_ok=True)
+    lock = claim_out_dir(cfg) if procs.leader else None  # before any slow step: a bad out_dir fails at once
     checkpoint_path = os.path.join(cfg['out_dir'], 'checkpoint.pt')
     state = load_checkpoint(checkpoint_path, cfg, dev) if cfg['resume'] else None
 
     # seeding: one seed, one stream per purpose; every process draws the same
     seed, P = cfg['seed'], cfg['n_pairs']
     torch.manual_seed(seed)
+    say(f'loading the {cfg["dataset"]} training set' + (f' from {cfg["data_root"]}' if cfg['dataset'] in IMAGE_DATASETS else ''), flush=True)
     images, labels = training_data(cfg)
     batches = Batches(used_for_training(images, cfg).to(dev), cfg['mb_size'], seed + 1)
     G_all, D_all = make_pairs(cfg, images.shape[1], dev, dtype)  # every pair (samples, evaluation, checkpoints)
@@ -1203,19 +1313,15 @@ def run(cfg, procs):
     n_fixed = 16 if real is None else 1000  # the same latent points in every sample dump
     fixed_z = torch.randn(n_fixed, cfg['z_dim'], generator=torch.Generator().manual_seed(seed + 3)).to(dev, dtype)
     pairing = list(range(P))  # pairing[i]: which discriminator generator i trains against now
-    history = torch.zeros(0, 1 + 4 * P, dtype=torch.float64)  # one row per log line: iteration, then each pair's mean stats
-    recent = torch.zeros(cfg['log_every'], len(procs.slots), 4, device=dev, dtype=dtype)  # since the last log
-    n_recent, start = 0, 0
-
+    log, start = LossLog(cfg['log_every'], P, procs.slots, dev, dtype), 0
     if state:
         for side, saved in ((G_all, state['G']), (D_all, state['D'])):
             side['model'].load_state_dict(saved['model'])
             side['solver'].load_state_dict(saved['solver'])
         noise.set_state(state['noise_rng'])
         batches.load_state_dict(state['batches'])
-        pairing, history, start = state['pairing'], state['history'], state['iteration'] + 1
-        n_recent = len(state['recent'])
-        recent[:n_recent] = state['recent'][:, procs.slots]
+        log.load_state_dict(state)
+        pairing, start = state['pairing'], state['iteration'] + 1
         say(f'resumed from {checkpoint_path} after iteration {state["iteration"]}')
         if start >= cfg['iterations']:
             say(f'nothing to train: the run already reached --iterations={cfg["iterations"]}; raise it to go on')
@@ -1236,13 +1342,15 @@ def run(cfg, procs):
             copy_side(G, G_all, procs.gather)
             copy_side(D, D_all, procs.gather)
 
+    def stop(message):
+        if procs.leader:
+            save_losses(os.path.join(cfg['out_dir'], 'losses.png'), log.history, P, cfg['K'])
+        sys.exit(f'parallel_gan.py: {message}; stopped. The last good checkpoint ({checkpoint_path}) is untouched.')
+
     def stop_if_nonfinite(stats, first_it):
         bad = first_nonfinite(stats, first_it)
         if bad:
-            if procs.leader:
-                save_losses(os.path.join(cfg['out_dir'], 'losses.png'), history, P, cfg['K'])
-            sys.exit(f'parallel_gan.py: a loss of pair {bad[1]} became non-finite at iteration {bad[0]}; '
-                     f'stopped. The last good checkpoint ({checkpoint_path}) is untouched.')
+            stop(f'a loss of pair {bad[1]} became non-finite at iteration {bad[0]}')
 
     # Ctrl-C (or torchrun's SIGTERM) finishes the current iteration, then saves; a second Ctrl-C stops at once.
     interrupted = []
@@ -1263,49 +1371,49 @@ def run(cfg, procs):
     last = cfg['iterations'] - 1
     clock, clock_it, stopping = time.perf_counter(), start, False
     for it in range(start, cfg['iterations']):
-        recent[n_recent], partners = gap_iteration(it, G, D, batches, noise, cfg, procs)
-        n_recent += 1
+        stats, partners = gap_iteration(it, G, D, batches, noise, cfg, procs)
+        log.add(stats)
         if partners is not None:
             pairing = after_swap(pairing, partners)
 
         logging = it % cfg['log_every'] == 0 or it == last
         stopping = procs.anyone(interrupted) if logging or procs.world == 1 else False  # all processes agree
         if logging:
-            stats = procs.gather(recent[:n_recent], dim=1)  # (iterations, every pair, 4)
-            stop_if_nonfinite(stats, it - n_recent + 1)
-            means = stats.mean(0).cpu().double()
-            history = torch.cat([history, torch.cat([torch.tensor([it]), means.flatten()])[None]])
+            stats = log.unlogged(procs)
+            stop_if_nonfinite(stats, it - log.n + 1)
             now = time.perf_counter()
-            rate = (it + 1 - clock_it) / max(now - clock, 1e-9)
-            say(format_log(it, means, rate, (last - it) / max(rate, 1e-9)), flush=True)
-            clock, clock_it, n_recent = now, it + 1, 0
+            rate = (it + 1 - clock_it) / max(now - clock, 1e-9) if it > start else None
+            say(format_log(it, log.close(it, stats), rate, (last - it) / max(rate or 1, 1e-9)), flush=True)
+            clock, clock_it = now, it + 1
         evaluating = cfg['eval_every'] and (it % cfg['eval_every'] == 0 and it > 0 or it == last)
         saving = it % cfg['sample_every'] == 0 or it == last or stopping
-        if evaluating or saving:
-            unlogged = procs.gather(recent[:n_recent], dim=1)
-            stop_if_nonfinite(unlogged, it - n_recent + 1)
-            collect_all_pairs()
+        if not (evaluating or saving):
+            continue
+        began = time.perf_counter()
+        unlogged = log.unlogged(procs)
+        stop_if_nonfinite(unlogged, it - log.n + 1)
+        collect_all_pairs()
         if evaluator and evaluating:  # before the checkpoint: a resume from an earlier one redoes it
-            began = time.perf_counter()
             rows = evaluator(G_all, D_all, pairing, it)
-            write_metrics(metrics_path, rows)
+            write_metrics(metrics_path, rows, keep_until=it - 1)
             save_metrics_plot(os.path.join(cfg['out_dir'], 'metrics.png'), read_metrics(metrics_path))
             say(format_eval(rows, len(rows[0]['histogram'])), flush=True)
-            clock += time.perf_counter() - began  # evaluation time does not count against it/s
         if saving and procs.leader:
+            bad = nonfinite_sides({'G': G_all, 'D': D_all})
+            if bad:
+                stop(f'a weight of {" and ".join(bad)} became non-finite by iteration {it}')
             number = it // cfg['sample_every'] + (it % cfg['sample_every'] != 0)
-            samples = generate(G_all, fixed_z)[0]
-            save_samples(os.path.join(cfg['out_dir'], f'{number:03d}.png'), samples, it, pairing, real)
+            save_samples(os.path.join(cfg['out_dir'], f'{number:03d}.png'), generate(G_all, fixed_z)[0], it, pairing, real)
             save_checkpoint(checkpoint_path, {
-                'hyperparameters': cfg, 'iteration': it, 'pairing': pairing, 'history': history,
-                'G': side_state(G_all), 'D': side_state(D_all),
-                'device': dev.type, 'noise_rng': noise.get_state(), 'batches': batches.state_dict(),
-                'recent': unlogged.cpu()})
+                'hyperparameters': cfg, 'iteration': it, 'pairing': pairing, **log.state_dict(unlogged),
+                'G': side_state(G_all), 'D': side_state(D_all), 'device': dev.type,
+                'noise_rng': noise.get_state(), 'batches': batches.state_dict()})
+        clock += time.perf_counter() - began  # evaluation and saving do not count against it/s
         if stopping:
             say(f'interrupted: checkpoint saved after iteration {it}; continue with --resume=True', flush=True)
             break
     if procs.leader:
-        save_losses(os.path.join(cfg['out_dir'], 'losses.png'), history, P, cfg['K'])
+        save_losses(os.path.join(cfg['out_dir'], 'losses.png'), log.history, P, cfg['K'])
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return 130 if stopping else 0

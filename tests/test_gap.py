@@ -180,7 +180,7 @@ def test_with_k_zero_the_script_never_swaps(monkeypatch, tiny_mnist, tmp_path):
                          '--sample_every=1000', '--eval_every=0'])
     assert pg.train(cfg) == 0
     assert calls == []
-    cfg = pg.parse_args(['--K=10', '--iterations=31', f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}',
+    cfg = pg.parse_args(['--K=10', '--iterations=31', f'--data_root={tiny_mnist}', f'--out_dir={tmp_path / "K10"}',
                          '--sample_every=1000', '--eval_every=0'])
     pg.train(cfg)
     assert len(calls) == 3  # after iterations 10, 20 and 30

@@ -42,7 +42,7 @@ def test_a_run_writes_samples_losses_and_a_checkpoint(tiny_mnist, tmp_path):
     out = tmp_path / 'out'
     result = run_ok(f'--data_root={tiny_mnist}', f'--out_dir={out}', '--iterations=250', '--sample_every=100',
                     '--log_every=50', '--eval_every=0')
-    assert sorted(os.listdir(out)) == ['000.png', '001.png', '002.png', '003.png', 'checkpoint.pt', 'losses.png']
+    assert sorted(os.listdir(out)) == ['.lock', '000.png', '001.png', '002.png', '003.png', 'checkpoint.pt', 'losses.png']
     logs = [line for line in result.stdout.splitlines() if line.startswith('it ')]
     assert [int(line.split()[1]) for line in logs] == [0, 50, 100, 150, 200, 249]
     assert all('it/s' in line and 'left' in line and line.count('/') >= 5 for line in logs)
@@ -107,8 +107,9 @@ def test_a_checkpoint_is_written_atomically(tmp_path, monkeypatch):
         f.write(b'half a checkpoint')
         raise OSError('disk full')
     monkeypatch.setattr(torch, 'save', crash_midway)
-    with pytest.raises(OSError):
+    with pytest.raises(pg.WriteFailed, match='disk full'):
         pg.save_checkpoint(path, {'iteration': 2, 'weights': torch.zeros(3)})
+    assert os.listdir(tmp_path) == ['checkpoint.pt']  # no temporary file left behind
     state = torch.load(path, weights_only=True)
     assert state['iteration'] == 1 and torch.equal(state['weights'], torch.ones(3))
 

@@ -1,0 +1,158 @@
+"""Never lose a run: a second run over a finished one, two live runs in one out_dir, changed resumes,
+non-finite weights, files that cannot be written, and what the user sees before the slow steps."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import parallel_gan as pg
+from conftest import SCRIPT, load, run_script
+
+SMALL = ['--h_dim=16', '--eval_every=0']
+
+
+def train(*args):
+    return pg.train(pg.parse_args([str(a) for a in args]))
+
+
+def stopped(capsys, *args):
+    """(exit status, message) of a run that must stop."""
+    with pytest.raises(SystemExit) as stop:
+        train(*args)
+    code = stop.value.code
+    return (code, capsys.readouterr().err.strip()) if isinstance(code, int) else (1, code)
+
+
+def test_a_second_fresh_run_is_refused_and_says_how_to_go_on(tiny_mnist, tmp_path, capsys):
+    common = [f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}', *SMALL]
+    train(*common, '--iterations=12')
+    before = (tmp_path / 'checkpoint.pt').read_bytes()
+    code, message = stopped(capsys, *common, '--iterations=30')
+    assert code == 2 and 'stopped after iteration 11' in message
+    assert '--resume=True' in message and 'another --out_dir' in message and len(message.splitlines()) == 1
+    assert (tmp_path / 'checkpoint.pt').read_bytes() == before
+
+
+def test_a_live_run_locks_its_out_dir_until_it_dies_even_by_sigkill(tiny_mnist, tmp_path, capsys):
+    common = [f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}', *SMALL, '--log_every=1']
+    first = subprocess.Popen([sys.executable, SCRIPT, *common, '--iterations=1000000'], stdout=subprocess.PIPE, text=True)
+    try:
+        for line in first.stdout:
+            if line.startswith('it       1 '):  # after the checkpoint of iteration 0
+                break
+        code, message = stopped(capsys, *common, '--iterations=10', '--resume=True')
+        assert code == 2 and f'in use by another run (process {first.pid})' in message
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert train(*common, '--iterations=10', '--resume=True') == 0  # the dead run's lock blocks nothing
+
+
+def test_a_resume_may_change_the_log_cadence_and_goes_on_exactly(tiny_mnist, tmp_path, monkeypatch):
+    """Interrupted at iteration 31 with 3 unlogged iterations (log_every=7), resumed with log_every=2, another
+    sample_every and the same lr: the same weights as the uninterrupted run, and the first log line after the
+    resume averages the 3 saved iterations with the new one."""
+    common = [f'--data_root={tiny_mnist}', '--K=5', '--n_pairs=3', '--sample_every=20', '--iterations=60', *SMALL]
+    train(*common, '--log_every=7', f'--out_dir={tmp_path / "whole"}')
+    train(*common, '--log_every=1', f'--out_dir={tmp_path / "every"}')
+    step = pg.gap_iteration
+
+    def ctrl_c_at_31(it, *args, **kwargs):
+        if it == 31:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(it, *args, **kwargs)
+    monkeypatch.setattr(pg, 'gap_iteration', ctrl_c_at_31)
+    assert train(*common, '--log_every=7', f'--out_dir={tmp_path / "split"}') == 130
+    monkeypatch.setattr(pg, 'gap_iteration', step)
+    assert len(load(tmp_path / 'split' / 'checkpoint.pt')['recent']) == 3
+    train(*common, '--log_every=2', '--sample_every=9', '--lr=0.001', f'--out_dir={tmp_path / "split"}', '--resume=True')
+    whole, split = load(tmp_path / 'whole' / 'checkpoint.pt'), load(tmp_path / 'split' / 'checkpoint.pt')
+    for side in ('G', 'D'):
+        for name, value in whole[side]['model'].items():
+            assert torch.equal(value, split[side]['model'][name])
+    assert whole['pairing'] == split['pairing']
+    logged = split['history'][:, 0].tolist()
+    assert logged == [0, 7, 14, 21, 28] + list(range(32, 60, 2)) + [59]
+    every = load(tmp_path / 'every' / 'checkpoint.pt')['history']
+    assert torch.allclose(split['history'][5, 1:], every[29:33, 1:].mean(0), atol=1e-6)
+
+
+@pytest.mark.parametrize('change, named', [(['--K=7'], 'K=5 there, 7 now'), (['--seed=3'], 'seed=0 there, 3 now'),
+                                           (['--mb_size=16', '--beta1=0.5'], 'mb_size=32 there, 16 now; beta1=0.9 there, 0.5 now')])
+def test_a_resume_refuses_changes_that_would_not_continue_exactly(tiny_mnist, tmp_path, capsys, change, named):
+    common = [f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}', '--K=5', *SMALL]
+    train(*common, '--iterations=12')
+    code, message = stopped(capsys, *common, '--iterations=20', '--resume=True', *change)
+    assert code == 2 and named in message and 'may change only lr, iterations' in message
+    assert len(message.splitlines()) == 1
+
+
+def test_non_finite_weights_are_never_saved(tiny_mnist, tmp_path, monkeypatch, capsys):
+    """A G update turns a hidden bias into -inf at iteration 12 (that unit's ReLU then passes nothing, so every
+    loss stays finite): the save at iteration 15 stops the run, and the checkpoint of iteration 10 stays."""
+    step = pg.gap_iteration
+
+    def poisoned(it, G, D, *args, **kwargs):
+        result = step(it, G, D, *args, **kwargs)
+        if it == 12:
+            G['model'].b1.data[0, 0, 0] = -float('inf')
+        return result
+    common = [f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}', '--sample_every=5', '--log_every=100', *SMALL]
+    train(*common, '--iterations=11')
+    good = (tmp_path / 'checkpoint.pt').read_bytes()
+    monkeypatch.setattr(pg, 'gap_iteration', poisoned)
+    code, message = stopped(capsys, *common, '--iterations=30', '--resume=True')
+    assert code == 1 and 'a weight of G became non-finite by iteration 15' in message
+    assert (tmp_path / 'checkpoint.pt').read_bytes() == good
+
+
+def test_an_out_dir_that_cannot_be_made_stops_at_once_in_one_line(tmp_path):
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('not a folder')
+    result = run_script(f'--out_dir={blocker / "out"}', f'--data_root={tmp_path / "no_data_here"}')
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert f'cannot use --out_dir={blocker / "out"} (Not a directory)' in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and 'loading' not in result.stdout  # before the data
+
+
+@pytest.mark.parametrize('which', ['checkpoint', 'sample image'])
+def test_a_full_disk_mid_run_stops_cleanly_and_keeps_the_old_checkpoint(tiny_mnist, tmp_path, monkeypatch, capsys, which):
+    common = [f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}', '--sample_every=5', *SMALL]
+    train(*common, '--iterations=6')
+    good = (tmp_path / 'checkpoint.pt').read_bytes()
+
+    def full_disk(*args, **kwargs):
+        target = args[1] if which == 'checkpoint' else args[1]
+        if hasattr(target, 'write'):
+            target.write(b'part of a file')
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if which == 'checkpoint':
+        monkeypatch.setattr(torch, 'save', full_disk)
+    else:
+        import matplotlib.figure
+        monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', full_disk)
+    code, message = stopped(capsys, *common, '--iterations=20', '--resume=True')
+    assert code == 1 and 'No space left on device' in message and str(tmp_path) in message
+    assert 'The last checkpoint' in message and len(message.splitlines()) == 1
+    assert (tmp_path / 'checkpoint.pt').read_bytes() == good
+    assert not [name for name in os.listdir(tmp_path) if name.endswith('.tmp')]
+
+
+def test_the_user_is_told_before_each_slow_step(tiny_mnist, tmp_path, monkeypatch, capsys):
+    said_before = {}
+    for name, key in (('training_data', 'loading the mnist training set'), ('fit_classifier', 'training the classifier')):
+        real = getattr(pg, name)
+
+        def announced(*args, _real=real, _key=key, **kwargs):
+            said_before[_key] = _key in capsys.readouterr().out
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(pg, name, announced)
+    train(f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}', f'--classifier_dir={tmp_path / "cls"}', '--h_dim=16',
+          '--iterations=3', '--eval_every=2', '--eval_samples=50', '--log_every=1')
+    assert said_before == {'loading the mnist training set': True, 'training the classifier': True}
+    first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith('it '))
+    assert first.startswith('it       0') and first.endswith('first iteration') and 'it/s' not in first

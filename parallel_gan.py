@@ -33,7 +33,7 @@ import sys
 import time
 import tokenize
 import zlib
-from contextlib import contextmanager, redirect_stderr, redirect_stdout, suppress
+from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout, suppress
 from io import StringIO
 
 try:
@@ -1252,25 +1252,29 @@ def claim_out_dir(cfg):
         lock = open(os.path.join(out, '.lock'), 'a+')
     except OSError as error:
         raise WriteFailed(f'cannot use --out_dir={out} ({error.strerror or error})') from error
-    if fcntl:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            refuse(f'--out_dir={out} is in use by another run (process {lock.read().strip() or "unknown"}); '
-                   f'let it finish, stop it, or choose another --out_dir')
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f'{os.getpid()}\n')
-    lock.flush()
-    path = os.path.join(out, 'checkpoint.pt')
-    if not cfg['resume'] and os.path.exists(path):
-        try:
-            where = f'stopped after iteration {torch.load(path, map_location="cpu", weights_only=True)["iteration"]}'
-        except Exception:
-            where = 'left an unreadable checkpoint.pt'
-        refuse(f'--out_dir={out} holds another run, which {where}: continue it with --resume=True, '
-               f'or start afresh with another --out_dir (or delete that one)')
+    try:
+        if fcntl:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                refuse(f'--out_dir={out} is in use by another run (process {lock.read().strip() or "unknown"}); '
+                       f'let it finish, stop it, or choose another --out_dir')
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f'{os.getpid()}\n')
+        lock.flush()
+        path = os.path.join(out, 'checkpoint.pt')
+        if not cfg['resume'] and os.path.exists(path):
+            try:
+                where = f'stopped after iteration {torch.load(path, map_location="cpu", weights_only=True)["iteration"]}'
+            except Exception:
+                where = 'left an unreadable checkpoint.pt'
+            refuse(f'--out_dir={out} holds another run, which {where}: continue it with --resume=True, '
+                   f'or start afresh with another --out_dir (or delete that one)')
+    except BaseException:
+        lock.close()  # releases the lock at once, also where train() was called from Python and goes on
+        raise
     return lock
 
 
@@ -1279,7 +1283,8 @@ def train(cfg):
     check_backward(cfg)
     procs = Processes(cfg)
     try:
-        status = run(cfg, procs)
+        with claim_out_dir(cfg) if procs.leader else nullcontext():  # before any slow step; held until the end
+            status = run(cfg, procs)
     except WriteFailed as failure:
         sys.exit(f'parallel_gan.py: {failure}; stopped. The last checkpoint in {cfg["out_dir"]} is intact.')
     except RuntimeError as error:  # a collective failed: another process died or hung
@@ -1297,7 +1302,6 @@ def run(cfg, procs):
     say = print if procs.leader else (lambda *args, **kwargs: None)
     if cfg['threads']:
         torch.set_num_threads(cfg['threads'])
-    lock = claim_out_dir(cfg) if procs.leader else None  # before any slow step: a bad out_dir fails at once
     checkpoint_path = os.path.join(cfg['out_dir'], 'checkpoint.pt')
     state = load_checkpoint(checkpoint_path, cfg, dev) if cfg['resume'] else None
 

@@ -1,55 +1,102 @@
-"""Summarise sweeps written by parallel_gan.py into the README's tables.
+"""Summarise sweeps written by parallel_gan.py into the README's tables and plots.
 
-    python tests/summarize_runs.py out/runs        # folders named DATASET-P<n_pairs>-K<K>-s<seed>
+    python tests/summarize_runs.py out/study/full                 # folders named DATASET-P<n_pairs>-K<K>-s<seed>
+    python tests/summarize_runs.py out/study/full --plot=full.png # and metrics against iterations, K as colour
 
-For each run, the metrics of its last evaluation are averaged over its generators; the
-table shows the mean and standard deviation of those run averages over seeds.
+For each run, the metrics of its last evaluation are averaged over its generators (the d_*
+columns over its discriminators); the table shows the mean and standard deviation of those
+run averages over seeds. The plot shows, per K, the mean over seeds of the run averages at
+every evaluation, with a band from the lowest to the highest seed.
 """
+import argparse
 import csv
 import glob
+import math
 import os
 import re
 import statistics
-import sys
 from collections import defaultdict
 
-METRICS = [('modes', 'modes covered', '.2f'), ('kl', 'KL to uniform', '.3f'), ('high_quality', 'in 3 std', '.3f'),
-           ('score', 'classifier score', '.2f'), ('confidence', 'confidence', '.3f'), ('fd', 'Frechet distance', '.4g'),
-           ('pool_mean', 'D-pool mean', '.3f'), ('pool_worst', 'D-pool worst', '.3f')]
+METRICS = [('modes', 'modes covered', '.2f'), ('modes_captured', 'modes captured', '.2f'), ('kl', 'KL to uniform', '.3f'),
+           ('high_quality', 'high quality', '.3f'), ('score', 'classifier score', '.2f'),
+           ('confidence', 'confidence', '.3f'), ('fd', 'Frechet distance', '.4g'),
+           ('d_train', 'D(x) train', '.3f'), ('d_heldout', 'D(x) held-out', '.3f'), ('d_gap', 'D(x) gap', '.3f'),
+           ('d_acc_gap', 'accuracy gap', '.3f')]
+NAME = re.compile(r'(\w+)-P(\d+)-K(\d+)-s(\d+)')
 
 
-def last_evaluation(path):
+def number(text):
+    return float(text) if text not in ('', None) else math.nan
+
+
+def by_iteration(path):
+    """{iteration: {metric: average over the run's generators}} of one run's metrics.csv."""
     with open(path) as f:
         rows = list(csv.DictReader(f))
-    final = max(int(r['iteration']) for r in rows)
-    return final, [r for r in rows if int(r['iteration']) == final]
+    result = {}
+    for it in sorted({int(r['iteration']) for r in rows}):
+        mine = [r for r in rows if int(r['iteration']) == it]
+        result[it] = {key: statistics.mean(number(r.get(key)) for r in mine) for key, _, _ in METRICS}
+    return result
 
 
-def main(folder):
-    groups = defaultdict(list)  # (dataset, P, K) -> one dict of generator-averaged metrics per seed
+def load(folder):
+    """{(dataset, P, K): [per-seed {iteration: metrics}]} of every run folder under folder."""
+    groups = defaultdict(list)
     for path in sorted(glob.glob(os.path.join(folder, '*', 'metrics.csv'))):
-        match = re.fullmatch(r'(\w+)-P(\d+)-K(\d+)-s(\d+)', os.path.basename(os.path.dirname(path)))
-        if not match:
-            continue
-        final, rows = last_evaluation(path)
-        run = {key: statistics.mean(float(r[key]) for r in rows) for key, _, _ in METRICS}
-        groups[match[1], int(match[2]), int(match[3])].append((final, run))
+        match = NAME.fullmatch(os.path.basename(os.path.dirname(path)))
+        run = by_iteration(path) if match else {}
+        if run:
+            groups[match[1], int(match[2]), int(match[3])].append(run)
+    for key, runs in groups.items():  # a run still going (fewer evaluations than the others) is left out
+        groups[key] = [run for run in runs if max(run) == max(max(r) for r in runs)]
+    return groups
+
+
+def table(groups):
     for dataset in sorted({key[0] for key in groups}):
-        keys = sorted((k for k in groups if k[0] == dataset), key=lambda k: (k[1], k[2] == 0, k[2]))
+        keys = sorted((k for k in groups if k[0] == dataset), key=lambda k: (k[1], k[2] != 0, k[2]))
+        finals = {k: [run[max(run)] for run in groups[k]] for k in keys}
         shown = [(key, name, fmt) for key, name, fmt in METRICS
-                 if any(all(v == v for v in (run[key] for _, run in groups[k])) for k in keys)]  # drop all-nan columns
+                 if any(all(not math.isnan(run[key]) for run in finals[k]) for k in keys)]  # drop all-nan columns
         print(f'\n{dataset}\n')
         print('| n_pairs | K | seeds | iterations | ' + ' | '.join(name for _, name, _ in shown) + ' |')
         print('|---' * (4 + len(shown)) + '|')
-        for key in keys:
-            runs = groups[key]
+        for k in keys:
             cells = []
             for metric, _, fmt in shown:
-                values = [run[metric] for _, run in runs]
+                values = [run[metric] for run in finals[k]]
                 spread = statistics.stdev(values) if len(values) > 1 else 0.0
                 cells.append(f'{statistics.mean(values):{fmt}} ± {spread:{fmt}}')
-            print(f'| {key[1]} | {key[2]} | {len(runs)} | {runs[0][0]} | ' + ' | '.join(cells) + ' |')
+            print(f'| {k[1]} | {k[2]} | {len(finals[k])} | {max(groups[k][0])} | ' + ' | '.join(cells) + ' |')
+
+
+def plot(groups, path, keys=('modes', 'fd', 'd_gap')):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    names = dict((key, name) for key, name, _ in METRICS)
+    datasets = sorted({k[0] for k in groups})
+    fig, axes = plt.subplots(len(datasets), len(keys), figsize=(4.6 * len(keys), 3.4 * len(datasets)), squeeze=False)
+    for row, dataset in zip(axes, datasets):
+        for ax, key in zip(row, keys):
+            for colour, k in enumerate(sorted((k for k in groups if k[0] == dataset), key=lambda k: (k[1], k[2]))):
+                its = sorted(set.intersection(*(set(run) for run in groups[k])))
+                values = [[run[it][key] for run in groups[k]] for it in its]
+                ax.plot(its, [statistics.mean(v) for v in values], color=f'C{colour}', label=f'K={k[2]} (P={k[1]})')
+                ax.fill_between(its, [min(v) for v in values], [max(v) for v in values], color=f'C{colour}', alpha=0.2)
+            ax.set(title=f'{dataset}: {names[key]}', xlabel='iteration')
+        row[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
 
 
 if __name__ == '__main__':
-    main(sys.argv[1] if len(sys.argv) > 1 else 'out/runs')
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('folder', nargs='?', default='out/runs')
+    parser.add_argument('--plot', help='also draw the metrics against iterations into this PNG file')
+    args = parser.parse_args()
+    groups = load(args.folder)
+    table(groups)
+    if args.plot:
+        plot(groups, args.plot)

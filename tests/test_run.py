@@ -45,7 +45,8 @@ def test_a_run_writes_samples_losses_and_a_checkpoint(tiny_mnist, tmp_path):
     assert sorted(os.listdir(out)) == ['.lock', '000.png', '001.png', '002.png', '003.png', 'checkpoint.pt', 'losses.png']
     logs = [line for line in result.stdout.splitlines() if line.startswith('it ')]
     assert [int(line.split()[1]) for line in logs] == [0, 50, 100, 150, 200, 249]
-    assert all('it/s' in line and 'left' in line and line.count('/') >= 5 for line in logs)
+    assert all('it/s' in line and 'left' in line and line.count('/') >= 5 for line in logs[1:])
+    assert logs[0].endswith('first iteration')
     state = load(out / 'checkpoint.pt')
     assert state['iteration'] == 249 and state['hyperparameters']['iterations'] == 250
     assert state['history'].shape == (6, 1 + 2 * 4)

@@ -76,6 +76,7 @@ compare = ''  # a folder of runs: score every generator with every run's discrim
 # system
 device = 'auto'  # 'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'
 dtype = 'float32'  # 'float32' or 'float64' for every weight and computation
+cuda_graphs = True  # on a GPU, replay captured CUDA graphs of the iterations (False: launch every kernel, to debug)
 threads = 0  # CPU threads torch may use (0: torch's default)
 # --- end of hyperparameters ---------------------------------------------------------
 
@@ -85,7 +86,7 @@ COLLECTIVE_TIMEOUT = 300  # seconds a process waits for the others before it giv
 COUNTS = ('z_dim', 'h_dim', 'layers', 'n_pairs', 'K', 'mb_size', 'iterations', 'seed', 'log_every', 'sample_every',
           'train_size', 'eval_every', 'eval_samples', 'threads')  # hyperparameters that must be whole numbers
 RESUMABLE = ('lr', 'iterations', 'log_every', 'sample_every', 'eval_every', 'eval_samples', 'out_dir', 'resume',
-             'data_root', 'classifier_dir', 'compare', 'device', 'threads')  # may change when a run is resumed
+             'data_root', 'classifier_dir', 'compare', 'device', 'threads', 'cuda_graphs')  # may change when a run is resumed
 SHAPE_KEYS = ('z_dim', 'h_dim', 'layers', 'n_pairs', 'dtype', 'dataset')  # a checkpoint only fits networks of its own shape
 IMAGE_DATASETS = {'mnist': 'MNIST', 'fashion_mnist': 'FashionMNIST'}  # torchvision's class and folder names
 MIXTURES = ('ring8', 'grid25')
@@ -571,6 +572,86 @@ def gap_iteration(it, G, D, batches, noise, cfg, procs=None):
 
 
 # ------------------------------------------------------------------------------------
+# CUDA graphs: on a GPU the loop is bound by launching small kernels, so stretches of iterations with
+# nothing for the host to do are captured once and replayed. The eager loop stays the definition.
+
+def quiet_stretch(it, cfg, batches):
+    """How many iterations from it on need nothing from the host: no log line, swap, evaluation, sample,
+    checkpoint or last iteration, and no batch that runs into a new epoch (whose shuffle runs eagerly)."""
+    periods = [cfg['log_every'], cfg['sample_every']] + [p for p in (cfg['K'], cfg['eval_every']) if p]
+    return max(0, min(min((-it) % p for p in periods), cfg['iterations'] - 1 - it,
+                      (len(batches.order) - batches.pos) // batches.mb_size))
+
+
+class GraphedIterations:
+    """Iterations as replays of captured CUDA graphs of BLOCKS[k] iterations each: the same kernels as
+    gap_iteration in the same order, reading the noise from the same generator (registered with each graph,
+    so every replay draws what the eager calls would) and the batch rows from a device copy of the epoch's
+    order at a device cursor; so the losses and weights are the eager loop's, bit for bit."""
+    BLOCKS = (64, 16, 4, 1)
+
+    def __init__(self, G, D, batches, noise, cfg):
+        self.G, self.D, self.batches, self.noise, self.cfg = G, D, batches, noise, cfg
+        dev, self.dtype = noise.device, G['model'].W1.dtype
+        self.order = batches.order.clone()  # the current epoch's order, where the graphs read it
+        self.order_of = batches.order  # which of Batches' orders self.order holds
+        self.cursor = torch.zeros((), dtype=torch.long, device=dev)  # batches.pos, on the device
+        self.rows = torch.arange(cfg['mb_size'], device=dev)
+        self.stats = torch.zeros(self.BLOCKS[0], len(G['model'].W1), 4, device=dev, dtype=self.dtype)
+        self.pool, self.graphs = None, {}
+
+    def iterations(self, length):
+        """The work of `length` quiet iterations, all on the device: what a graph captures."""
+        for k in range(length):
+            z = torch.randn(self.cfg['mb_size'], self.cfg['z_dim'], generator=self.noise, device=self.noise.device,
+                            dtype=self.dtype)
+            batch = self.batches.data.index_select(0, self.order.index_select(0, self.cursor + self.rows))
+            self.stats[k] = train_step(self.G, self.D, z, as_inputs(batch, self.dtype))
+            self.cursor += self.cfg['mb_size']
+
+    def capture(self, length):
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(self.noise)  # each replay draws the noise the eager calls would
+        self.pool = self.pool or torch.cuda.graph_pool_handle()  # one memory pool for all the graphs
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.iterations(length)
+        return graph
+
+    def run(self, n):
+        """Run the next n iterations (all quiet); returns their stats, (n, pairs, 4), valid until the next call."""
+        length = next(b for b in self.BLOCKS if b <= n)
+        if self.order_of is not self.batches.order:  # a new epoch began in an eager iteration
+            self.order.copy_(self.batches.order)
+            self.order_of = self.batches.order
+        if length not in self.graphs:
+            self.graphs[length] = self.capture(length)
+        self.cursor.fill_(self.batches.pos)
+        self.graphs[length].replay()
+        self.batches.pos += length * self.cfg['mb_size']
+        return self.stats[:length]
+
+
+def use_cuda_graphs(dev, cfg):
+    """On a GPU unless cuda_graphs=False, and with the shipped losses (an edited loss trains through autograd,
+    eagerly)."""
+    return dev.type == 'cuda' and cfg['cuda_graphs'] and set(verified_closed_forms) == {d_loss, g_loss}
+
+
+def iteration_runner(G, D, batches, noise, cfg, procs):
+    """advance(it) -> (stats of each iteration done, partners of a swap at its last one or None): one eager
+    gap_iteration, or, on a GPU with cuda_graphs, as many quiet iterations as one graph replay does."""
+    graphs = GraphedIterations(G, D, batches, noise, cfg) if use_cuda_graphs(noise.device, cfg) else None
+
+    def advance(it):
+        quiet = quiet_stretch(it, cfg, batches) if graphs and D['solver'].state else 0  # the first step is eager
+        if quiet:
+            return graphs.run(quiet), None
+        stats, partners = gap_iteration(it, G, D, batches, noise, cfg, procs)
+        return stats[None], partners
+    return advance
+
+
+# ------------------------------------------------------------------------------------
 # files: each written whole or not at all; checkpoints loaded with weights_only=True
 
 class WriteFailed(Exception):
@@ -870,7 +951,7 @@ def format_eval(rows, n_modes):
 
 POOL_KEYS = ('dataset', 'z_dim', 'h_dim', 'layers')  # runs that differ in these cannot share a pool
 NOT_CONFIGURATION = ('seed', 'out_dir', 'resume', 'data_root', 'classifier_dir', 'compare', 'device', 'threads',
-                     'log_every', 'sample_every', 'eval_every', 'eval_samples')  # runs differing only here are seeds of one
+                     'cuda_graphs', 'log_every', 'sample_every', 'eval_every', 'eval_samples')  # runs differing only here are seeds of one
 
 
 def find_runs(folder):
@@ -1217,10 +1298,11 @@ class LossLog:
         self.history = torch.zeros(0, 1 + 4 * n_pairs, dtype=torch.float64)  # iteration, then every pair's means
 
     def add(self, stats):
-        if self.n == len(self.recent):  # resumed with a smaller log_every: the saved rows come on top
+        """Record the stats of one or more iterations, (iterations, pairs, 4)."""
+        while self.n + len(stats) > len(self.recent):  # resumed with a smaller log_every: saved rows come on top
             self.recent = torch.cat([self.recent, torch.zeros_like(self.recent)])
-        self.recent[self.n] = stats
-        self.n += 1
+        self.recent[self.n:self.n + len(stats)] = stats
+        self.n += len(stats)
 
     def unlogged(self, procs):
         """Every pair's stats since the last log line, (iterations, n_pairs, 4) (every process must call it)."""
@@ -1238,8 +1320,7 @@ class LossLog:
 
     def load_state_dict(self, state):
         self.history, self.n = state['history'], 0
-        for row in state['recent'][:, self.slots]:
-            self.add(row.to(self.recent))
+        self.add(state['recent'][:, self.slots].to(self.recent))
 
 
 def claim_out_dir(cfg):
@@ -1374,9 +1455,11 @@ def run(cfg, procs):
         f'iterations {start}..{cfg["iterations"] - 1}', flush=True)
     last = cfg['iterations'] - 1
     clock, clock_it, stopping = time.perf_counter(), start, False
-    for it in range(start, cfg['iterations']):
-        stats, partners = gap_iteration(it, G, D, batches, noise, cfg, procs)
+    advance, it = iteration_runner(G, D, batches, noise, cfg, procs), start - 1
+    while it < last:
+        stats, partners = advance(it + 1)  # one or more iterations, all but the last quiet
         log.add(stats)
+        it += len(stats)
         if partners is not None:
             pairing = after_swap(pairing, partners)
 

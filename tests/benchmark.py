@@ -68,14 +68,35 @@ def parallel_gan_loop(n_pairs, images, dev):
     return step
 
 
+def graphed_loop(n_pairs, images, dev):
+    """parallel_gan.py's loop on a GPU: quiet stretches as replays of captured CUDA graphs, the iterations
+    with a host event (log, sample, swap, epoch end) eager, as the training loop runs them."""
+    cfg = pg.parse_args([f'--n_pairs={n_pairs}'])
+    pg.check_losses()
+    G, D = pg.make_pairs(cfg, images.shape[1], dev, torch.float32)
+    batches = pg.Batches(images, cfg['mb_size'], 1)
+    noise = torch.Generator(device=dev).manual_seed(2)
+    advance = pg.iteration_runner(G, D, batches, noise, cfg, None)
+    recent = torch.zeros(cfg['log_every'], n_pairs, 4, device=dev)
+    state = {'it': -1}
+
+    def step():
+        stats, _ = advance(state['it'] + 1)
+        recent[:len(stats)] = stats
+        state['it'] += len(stats)
+        return len(stats)
+    return step
+
+
 def rate(step, iterations, dev):
+    """Iterations per second of at least `iterations` iterations (a step may do several)."""
     sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
     sync()
-    start = time.perf_counter()
-    for _ in range(iterations):
-        step()
+    start, done = time.perf_counter(), 0
+    while done < iterations:
+        done += step() or 1
     sync()
-    return iterations / (time.perf_counter() - start)
+    return done / (time.perf_counter() - start)
 
 
 def peak_memory(which, dev):
@@ -147,20 +168,25 @@ def main():
     name = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'CPU ({os.cpu_count()} cores)'
     print(f'device {dev} [{name}], {torch.get_num_threads()} threads, torch {torch.__version__}, '
           f'data: {source}, batch 32, {args.rounds} alternating rounds, median')
-    print(f'{"n_pairs":>7} {"reference it/s":>15} {"parallel_gan it/s":>18} {"speed-up":>9}')
+    graphs = dev.type == 'cuda'
+    print(f'{"n_pairs":>7} {"reference it/s":>15} {"parallel_gan it/s":>18} {"speed-up":>9}'
+          + (f'   {"with CUDA graphs it/s":>21} {"speed-up":>9}' if graphs else ''))
     for n_pairs in [int(p) for p in args.pairs.split(',')]:
         loops = {'reference': reference_loop(n_pairs, images, dev), 'parallel_gan': parallel_gan_loop(n_pairs, images, dev)}
+        if graphs:
+            loops['graphs'] = graphed_loop(n_pairs, images, dev)
         iterations = args.iterations or max(20, int(400 / n_pairs))
         for step in loops.values():
-            rate(step, 20, dev)  # warm-up
+            rate(step, 300 if graphs else 20, dev)  # warm-up (and the graphs' capture)
         rates = {name: [] for name in loops}
         for _ in range(args.rounds):
             for name, step in loops.items():
                 rates[name].append(rate(step, iterations, dev))
-        ref, ours = (statistics.median(rates[name]) for name in loops)
+        ref, ours = statistics.median(rates['reference']), statistics.median(rates['parallel_gan'])
         ratios = sorted(o / r for r, o in zip(rates['reference'], rates['parallel_gan']))
-        print(f'{n_pairs:>7} {ref:>15.1f} {ours:>18.1f} {ours / ref:>8.2f}x   (per round {ratios[0]:.2f}x..{ratios[-1]:.2f}x)',
-              flush=True)
+        graphed = statistics.median(rates['graphs']) if graphs else 0
+        print(f'{n_pairs:>7} {ref:>15.1f} {ours:>18.1f} {ours / ref:>8.2f}x   (per round {ratios[0]:.2f}x..{ratios[-1]:.2f}x)'
+              + (f' {graphed:>21.1f} {graphed / ref:>8.2f}x' if graphs else ''), flush=True)
     ref_mem, our_mem = peak_memory('reference', dev), peak_memory('parallel_gan', dev)
     kind = 'GPU memory allocated' if dev.type == 'cuda' else 'resident memory'
     print(f'peak {kind}, 2 pairs, full-size data: reference {ref_mem:.0f} MiB, parallel_gan {our_mem:.0f} MiB')

@@ -237,3 +237,26 @@ def test_a_forward_edited_without_its_backward_is_caught_at_start_up(tmp_path, t
 def test_the_start_up_check_passes_the_shipped_networks_at_every_depth():
     for args in ([], ['--layers=3'], ['--dataset=ring8', '--layers=4']):
         pg.check_backward(pg.parse_args(args))  # returns without stopping
+
+
+def test_the_graphed_loop_schedule_repeats_the_eager_loop(monkeypatch, tmp_path):
+    """The CUDA-graph path's bookkeeping, on the CPU: blocks of 64/16/4/1 quiet iterations that read the batch
+    through a device cursor into a copy of the epoch's order, the rest eager. Here a "graph" re-runs the
+    captured Python code at each replay; on a GPU, tests/test_cuda.py checks the real graphs the same way."""
+    from types import SimpleNamespace
+    from conftest import make_mnist
+    root = make_mnist(tmp_path / 'data', train=4000, test=50)  # 125 batches an epoch
+    common = [f'--data_root={root}', '--iterations=450', '--log_every=200', '--sample_every=300', '--K=70',
+              '--n_pairs=3', '--h_dim=16', '--eval_every=0', '--dtype=float64']
+    pg.train(pg.parse_args([*common, f'--out_dir={tmp_path / "eager"}']))
+    replays = []
+    monkeypatch.setattr(pg, 'use_cuda_graphs', lambda dev, cfg: True)
+    monkeypatch.setattr(pg.GraphedIterations, 'capture', lambda self, length: SimpleNamespace(
+        replay=lambda: replays.append(length) or self.iterations(length)))
+    pg.train(pg.parse_args([*common, f'--out_dir={tmp_path / "graphed"}']))
+    assert {64, 16, 4, 1} <= set(replays) and sum(replays) > 350
+    eager, graphed = (torch.load(tmp_path / run / 'checkpoint.pt', weights_only=True) for run in ('eager', 'graphed'))
+    assert torch.equal(eager['history'], graphed['history']) and eager['pairing'] == graphed['pairing']
+    for side in ('G', 'D'):
+        for name, value in eager[side]['model'].items():
+            assert torch.equal(value, graphed[side]['model'][name])

@@ -641,12 +641,14 @@ def iteration_runner(G, D, batches, noise, cfg, procs):
     """advance(it) -> (stats of each iteration done, partners of a swap at its last one or None): one eager
     gap_iteration, or, on a GPU with cuda_graphs, as many quiet iterations as one graph replay does."""
     graphs = GraphedIterations(G, D, batches, noise, cfg) if use_cuda_graphs(noise.device, cfg) else None
+    warmed_up = []  # capture only after an eager iteration in this process: Adam's state, cuBLAS's set-up
 
     def advance(it):
-        quiet = quiet_stretch(it, cfg, batches) if graphs and D['solver'].state else 0  # the first step is eager
+        quiet = quiet_stretch(it, cfg, batches) if graphs and warmed_up else 0
         if quiet:
             return graphs.run(quiet), None
         stats, partners = gap_iteration(it, G, D, batches, noise, cfg, procs)
+        warmed_up[:] = [True]
         return stats[None], partners
     return advance
 

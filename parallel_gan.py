@@ -10,22 +10,25 @@ discriminator. K=0 never swaps: independent GANs, the baseline GAP is compared w
     python parallel_gan.py --K=0 --n_pairs=4    # override any hyperparameter below
     python parallel_gan.py --help               # list them all
     torchrun --nproc_per_node=2 parallel_gan.py # one pair per process, as in the paper
+    python parallel_gan.py --compare=out/runs   # judge every run's generators by every run's discriminators
 
 Writes out/NNN.png (samples from a fixed noise batch), out/losses.png, out/metrics.csv
-and out/metrics.png (mode coverage and sample quality), and out/checkpoint.pt (resume
-with --resume=True).
+and out/metrics.png (mode coverage, sample quality, discriminators on training and held-out
+data), and out/checkpoint.pt (resume with --resume=True).
 
 Where things are, top to bottom: the hyperparameters; the command line; the data; the
-networks (Stack: all pairs' networks of one side as one stack of weights); the losses
-(d_loss, g_loss) and every pair's step (train_step); the swap (new_partners,
-swap_discriminators) and one iteration of the loop (gap_iteration); checkpoints; the
-evaluation (Evaluator); pictures; the processes of a torchrun launch (Processes); and
-the training loop (run).
+networks (Stack: all pairs' networks of one side as one stack of weights, with their
+written-out backward and its start-up check, check_backward); the losses (d_loss, g_loss)
+and every pair's step (train_step); the swap (new_partners, swap_discriminators) and one
+iteration of the loop (gap_iteration); CUDA graphs of the quiet iterations on a GPU
+(GraphedIterations); files and checkpoints; the evaluation (Evaluator); comparing runs
+with one pool of discriminators (compare_runs); pictures; the processes of a torchrun
+launch (Processes); and the training loop (claim_out_dir, LossLog, train, run).
 """
-import csv
-import math
 import ast
+import csv
 import glob
+import math
 import os
 import re
 import signal
@@ -1023,6 +1026,8 @@ def compare_runs(cfg):
     """--compare=folder: score every generator of every run with the pool of every run's discriminators (GAM-II);
     print the table by configuration and write compare.csv, compare_matrix.csv and compare.png in the folder."""
     folder, dev = cfg['compare'], pick_device(cfg['device'])
+    if cfg['threads']:
+        torch.set_num_threads(cfg['threads'])
     runs = find_runs(folder)
     configs = configurations(runs)
     pairs = [restore_pairs(state, dev) for _, state in runs]

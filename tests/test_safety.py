@@ -156,3 +156,16 @@ def test_the_user_is_told_before_each_slow_step(tiny_mnist, tmp_path, monkeypatc
     assert said_before == {'loading the mnist training set': True, 'training the classifier': True}
     first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith('it '))
     assert first.startswith('it       0') and first.endswith('first iteration') and 'it/s' not in first
+
+
+def test_a_resume_may_change_lr_and_the_run_length(tiny_mnist, tmp_path):
+    common = [f'--data_root={tiny_mnist}', '--K=5', '--sample_every=10', '--log_every=10', *SMALL]
+    train(*common, f'--out_dir={tmp_path / "same"}', '--iterations=40')
+    train(*common, f'--out_dir={tmp_path / "slower"}', '--iterations=21')  # ends on a log line
+    train(*common, f'--out_dir={tmp_path / "slower"}', '--iterations=40', '--resume=True', '--lr=1e-4',
+          '--eval_every=10', '--eval_samples=100', f'--classifier_dir={tmp_path / "cls"}')
+    same, slower = load(tmp_path / 'same' / 'checkpoint.pt'), load(tmp_path / 'slower' / 'checkpoint.pt')
+    assert slower['iteration'] == 39 and [g['lr'] for g in slower['G']['solver']['param_groups']] == [1e-4]
+    assert torch.equal(same['history'][:3], slower['history'][:3])  # the same run up to the resume
+    assert not torch.allclose(same['history'][-1], slower['history'][-1])  # then a slower one
+    assert (tmp_path / 'slower' / 'metrics.csv').exists()

@@ -6,13 +6,9 @@ import pytest
 import torch
 
 import parallel_gan as pg
-from conftest import load
+from conftest import load, train
 
 TINY = ['--dataset=ring8', '--h_dim=16', '--iterations=30', '--log_every=10', '--sample_every=1000', '--eval_every=0']
-
-
-def train(*args):
-    return pg.train(pg.parse_args([str(a) for a in args]))
 
 
 @pytest.fixture(scope='module')

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import parallel_gan as pg
-from conftest import SCRIPT, SHARED_MNIST, load, run_script
+from conftest import SCRIPT, SHARED_MNIST, load, run_script, stopped, train
 
 SMALL = ['--h_dim=32', '--log_every=1', '--eval_every=0']  # small networks; every iteration's losses logged
 
@@ -19,19 +19,6 @@ def run_ok(*args):
     result = run_script(*args)
     assert result.returncode == 0, result.stderr
     return result
-
-
-def train(*args):
-    """Run the script's training in this process (faster than a subprocess); returns its exit status."""
-    return pg.train(pg.parse_args([str(a) for a in args]))
-
-
-def refused(capsys, *args):
-    """The message of a run that must stop before training, and its exit status."""
-    with pytest.raises(SystemExit) as stop:
-        train(*args)
-    code = stop.value.code
-    return (code, capsys.readouterr().err) if isinstance(code, int) else (1, code)
 
 
 def history(out):
@@ -117,23 +104,23 @@ def test_a_checkpoint_is_written_atomically(tmp_path, monkeypatch):
 
 def test_resume_refuses_a_damaged_checkpoint_a_missing_one_other_networks_and_another_device(tiny_mnist, tmp_path, capsys):
     data, out = f'--data_root={tiny_mnist}', f'--out_dir={tmp_path / "out"}'
-    code, message = refused(capsys, data, out, '--resume=True')
+    code, message = stopped(capsys, data, out, '--resume=True')
     assert code == 2 and 'no checkpoint' in message
 
     train(data, out, '--iterations=5', *SMALL)
     checkpoint = tmp_path / 'out' / 'checkpoint.pt'
     good = checkpoint.read_bytes()
-    code, message = refused(capsys, data, out, '--iterations=9', '--resume=True', '--h_dim=64')
+    code, message = stopped(capsys, data, out, '--iterations=9', '--resume=True', '--h_dim=64')
     assert code == 2 and 'h_dim=32 there, 64 now' in message
 
     state = load(checkpoint)
     torch.save({**state, 'device': 'cuda'}, checkpoint)
-    code, message = refused(capsys, data, out, '--iterations=9', '--resume=True', *SMALL)
+    code, message = stopped(capsys, data, out, '--iterations=9', '--resume=True', *SMALL)
     assert code == 2 and 'written on the cuda' in message and '--device=cuda' in message
 
     for damaged in (good[:len(good) // 2], b'not a checkpoint at all'):
         checkpoint.write_bytes(damaged)
-        code, message = refused(capsys, data, out, '--iterations=9', '--resume=True', *SMALL)
+        code, message = stopped(capsys, data, out, '--iterations=9', '--resume=True', *SMALL)
         assert code == 2 and 'damaged' in message
 
 
@@ -141,7 +128,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny
     data, out = f'--data_root={tiny_mnist}', f'--out_dir={tmp_path / "out"}'
     train(data, out, '--iterations=20', *SMALL)
     good = (tmp_path / 'out' / 'checkpoint.pt').read_bytes()
-    code, message = refused(capsys, data, out, '--iterations=60', '--resume=True', '--lr=1e30', '--sample_every=5',
+    code, message = stopped(capsys, data, out, '--iterations=60', '--resume=True', '--lr=1e30', '--sample_every=5',
                             *SMALL)
     assert code == 1 and 'became non-finite at iteration 2' in message and 'of pair' in message
     assert (tmp_path / 'out' / 'checkpoint.pt').read_bytes() == good

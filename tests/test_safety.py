@@ -10,21 +10,9 @@ import pytest
 import torch
 
 import parallel_gan as pg
-from conftest import SCRIPT, load, run_script
+from conftest import SCRIPT, load, run_script, stopped, train
 
 SMALL = ['--h_dim=16', '--eval_every=0']
-
-
-def train(*args):
-    return pg.train(pg.parse_args([str(a) for a in args]))
-
-
-def stopped(capsys, *args):
-    """(exit status, message) of a run that must stop."""
-    with pytest.raises(SystemExit) as stop:
-        train(*args)
-    code = stop.value.code
-    return (code, capsys.readouterr().err.strip()) if isinstance(code, int) else (1, code)
 
 
 def test_a_second_fresh_run_is_refused_and_says_how_to_go_on(tiny_mnist, tmp_path, capsys):

@@ -394,9 +394,14 @@ def make_side(n, n_in, n_out, cfg, dev, dtype, output='linear'):
     return {'model': model, 'solver': Adam(model.parameters(), lr=cfg['lr'], beta1=cfg['beta1']), 'output': output}
 
 
+def generator_output(cfg):
+    """The generators' output layer: a sigmoid makes pixels in [0, 1]; 2-D points are the output itself."""
+    return 'linear' if cfg['dataset'] in MIXTURES else 'sigmoid'
+
+
 def make_pairs(cfg, x_dim, dev, dtype):
-    """G: noise -> samples (a sigmoid makes pixels; 2-D points are the output itself); D: samples -> logit of P(real)."""
-    G = make_side(cfg['n_pairs'], cfg['z_dim'], x_dim, cfg, dev, dtype, 'linear' if cfg['dataset'] in MIXTURES else 'sigmoid')
+    """G: noise -> samples; D: samples -> logit of P(real)."""
+    G = make_side(cfg['n_pairs'], cfg['z_dim'], x_dim, cfg, dev, dtype, generator_output(cfg))
     D = make_side(cfg['n_pairs'], x_dim, 1, cfg, dev, dtype)
     return G, D
 
@@ -500,7 +505,7 @@ def check_backward(cfg):
     float64 case of this run's networks (milliseconds)."""
     rng = torch.Generator().manual_seed(0)
     small = {**cfg, 'h_dim': 6}
-    G = make_side(2, 3, 5, small, 'cpu', torch.float64, 'linear' if cfg['dataset'] in MIXTURES else 'sigmoid')
+    G = make_side(2, 3, 5, small, 'cpu', torch.float64, generator_output(cfg))
     D = make_side(2, 5, 1, small, 'cpu', torch.float64)
     z, x = torch.randn(4, 3, generator=rng, dtype=torch.float64), torch.rand(4, 5, generator=rng, dtype=torch.float64)
     fake, G_hidden = generate(G, z)
@@ -898,9 +903,9 @@ class Evaluator:
         scores[pairing] = by_slot  # row d: the discriminator that started in pair d
         judged = {}
         for split, points in self.real.items():
-            for key, by_slot in zip(('', '_acc'), judge_real(D, points)):
-                judged[f'd_{split}{key}'] = torch.empty_like(by_slot)
-                judged[f'd_{split}{key}'][pairing] = by_slot
+            for key, in_slots in zip(('', '_acc'), judge_real(D, points)):
+                judged[f'd_{split}{key}'] = torch.empty_like(in_slots)
+                judged[f'd_{split}{key}'][pairing] = in_slots  # by starting pair, as the scores
         rows = []
         for g in range(len(pairing)):
             if self.classifier is None:

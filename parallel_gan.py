@@ -23,7 +23,9 @@ and every pair's step (train_step); the swap (new_partners, swap_discriminators)
 iteration of the loop (gap_iteration); CUDA graphs of the quiet iterations on a GPU
 (GraphedIterations); files and checkpoints; the evaluation (Evaluator); comparing runs
 with one pool of discriminators (compare_runs); pictures; the processes of a torchrun
-launch (Processes); and the training loop (claim_out_dir, LossLog, train, run).
+launch (Processes); and the run: its out_dir (claim_out_dir), what a checkpoint keeps
+(Training, with its LossLog), what it shows and writes (Outputs), and the training loop
+(train, run, train_loop).
 """
 import ast
 import csv
@@ -1269,6 +1271,29 @@ def copy_side(source, target, per_pair):
     solver['state'] = {i: {k: v if k == 'step' else per_pair(v) for k, v in s.items()} for i, s in solver['state'].items()}
     target['solver'].load_state_dict(solver)
 
+def share_of_process(training, cfg, procs):
+    """(G, D): the pairs this process trains. In one process all of training's pairs; under torchrun copies of
+    its slots' slices, which collect_pairs gathers back. Every side takes today's --lr (a resume may change it)."""
+    G, D = training.G, training.D
+    if procs.world > 1:
+        G, D = (make_side(len(procs.slots), *side['model'].sizes(), cfg, procs.device, side['model'].W1.dtype,
+                          side['output']) for side in (G, D))
+        mine = lambda t: t[procs.slots.to(t.device)]
+        copy_side(training.G, G, mine)
+        copy_side(training.D, D, mine)
+    for side in (G, D, training.G, training.D):
+        for group in side['solver'].param_groups:
+            group['lr'] = cfg['lr']
+    return G, D
+
+
+def collect_pairs(training, G, D, procs):
+    """Bring training's G and D (every pair) up to date from every process's share (all processes must call it)."""
+    if procs.world > 1:
+        copy_side(G, training.G, procs.gather)
+        copy_side(D, training.D, procs.gather)
+
+
 
 # ------------------------------------------------------------------------------------
 # the run
@@ -1371,6 +1396,136 @@ def claim_out_dir(cfg):
     return lock
 
 
+class Training:
+    """What a run trains and what a resume must find as it was: every pair's networks and Adam states (all pairs, in
+    every process), the noise and data streams, the pairing, the loss log and the last iteration done.
+    state_dict() is what a checkpoint keeps of it, load_state_dict() a resume."""
+
+    def __init__(self, cfg, procs, images, dev, dtype):
+        # seeding: one seed, one stream per purpose (the weights' initialisation draws from torch's global one);
+        # every process draws the same
+        seed = cfg['seed']
+        torch.manual_seed(seed)
+        self.batches = Batches(used_for_training(images, cfg).to(dev), cfg['mb_size'], seed + 1)
+        self.G, self.D = make_pairs(cfg, images.shape[1], dev, dtype)
+        self.noise = torch.Generator(device=dev).manual_seed(seed + 2)
+        self.pairing = list(range(cfg['n_pairs']))  # pairing[i]: which discriminator generator i trains against now
+        self.log = LossLog(cfg['log_every'], cfg['n_pairs'], procs.slots, dev, dtype)
+        self.iteration = -1  # the last iteration done
+
+    def state_dict(self, unlogged):
+        """unlogged: every pair's stats since the last log line (LossLog.unlogged)."""
+        return {'iteration': self.iteration, 'pairing': self.pairing, **self.log.state_dict(unlogged),
+                'G': side_state(self.G), 'D': side_state(self.D), 'noise_rng': self.noise.get_state(),
+                'batches': self.batches.state_dict()}
+
+    def load_state_dict(self, state):
+        for side, saved in ((self.G, state['G']), (self.D, state['D'])):
+            side['model'].load_state_dict(saved['model'])
+            side['solver'].load_state_dict(saved['solver'])
+        self.noise.set_state(state['noise_rng'])
+        self.batches.load_state_dict(state['batches'])
+        self.log.load_state_dict(state)
+        self.pairing, self.iteration = state['pairing'], state['iteration']
+
+
+class Outputs:
+    """What a run shows and writes to out_dir (only the leader process writes): log lines, sample grids of the
+    fixed noise, evaluations (metrics.csv, metrics.png), the checkpoint and losses.png."""
+
+    def __init__(self, cfg, procs, training, images, labels):
+        dev, dtype = training.noise.device, training.G['model'].W1.dtype
+        self.cfg, self.leader, self.training = cfg, procs.leader, training
+        self.checkpoint_path = self.path('checkpoint.pt')
+        self.real = images[:2000] if cfg['dataset'] in MIXTURES else None  # drawn under 2-D samples
+        n_fixed = 16 if self.real is None else 1000  # the same latent points in every sample dump
+        self.fixed_z = torch.randn(n_fixed, cfg['z_dim'],
+                                   generator=torch.Generator().manual_seed(cfg['seed'] + 3)).to(dev, dtype)
+        self.evaluator = Evaluator(cfg, dev, dtype, images, labels) if cfg['eval_every'] and self.leader else None
+        if self.evaluator:  # a fresh run starts a fresh file; a resumed one redoes the evaluations after its checkpoint
+            write_metrics(self.path('metrics.csv'), [], keep_until=training.iteration)
+
+    def path(self, name):
+        return os.path.join(self.cfg['out_dir'], name)
+
+    def say(self, message):
+        if self.leader:
+            print(message, flush=True)
+
+    def evaluate(self, it):
+        """Score every generator and discriminator (the leader's copy of every pair must be up to date)."""
+        if self.evaluator:
+            rows = self.evaluator(self.training.G, self.training.D, self.training.pairing, it)
+            write_metrics(self.path('metrics.csv'), rows, keep_until=it - 1)
+            save_metrics_plot(self.path('metrics.png'), read_metrics(self.path('metrics.csv')))
+            self.say(format_eval(rows, len(rows[0]['histogram'])))
+
+    def save(self, it, unlogged):
+        """The sample grid of iteration it, then the checkpoint; never of non-finite weights."""
+        if not self.leader:
+            return
+        G, D = self.training.G, self.training.D
+        bad = nonfinite_sides({'G': G, 'D': D})
+        if bad:
+            self.stop(f'a weight of {" and ".join(bad)} became non-finite by iteration {it}')
+        number = it // self.cfg['sample_every'] + (it % self.cfg['sample_every'] != 0)
+        save_samples(self.path(f'{number:03d}.png'), generate(G, self.fixed_z)[0], it, self.training.pairing, self.real)
+        save_checkpoint(self.checkpoint_path, {'hyperparameters': self.cfg, 'device': self.fixed_z.device.type,
+                                               **self.training.state_dict(unlogged)})
+
+    def losses(self):
+        if self.leader:
+            save_losses(self.path('losses.png'), self.training.log.history, self.cfg['n_pairs'], self.cfg['K'])
+
+    def stop_if_nonfinite(self, stats, first_it):
+        bad = first_nonfinite(stats, first_it)
+        if bad:
+            self.stop(f'a loss of pair {bad[1]} became non-finite at iteration {bad[0]}')
+
+    def stop(self, message):
+        self.losses()
+        sys.exit(f'parallel_gan.py: {message}; stopped. The last good checkpoint ({self.checkpoint_path}) is untouched.')
+
+
+class Speed:
+    """Iterations per second of training alone: time spent evaluating and saving does not count."""
+
+    def __init__(self, start):
+        self.start, self.since, self.clock = start, start, time.perf_counter()
+
+    def rate(self, it):
+        """The rate since the previous call, iteration it included; None when only the run's first iteration was
+        timed (a warm-up, not a rate)."""
+        now = time.perf_counter()
+        rate = (it + 1 - self.since) / max(now - self.clock, 1e-9) if it > self.start else None
+        self.since, self.clock = it + 1, now
+        return rate
+
+    @contextmanager
+    def paused(self):
+        began = time.perf_counter()
+        yield
+        self.clock += time.perf_counter() - began
+
+
+@contextmanager
+def interrupts_caught():
+    """Ctrl-C (or torchrun's SIGTERM) finishes the current iteration, then saves; a second Ctrl-C stops at once.
+    Yields the list that records them; the default handlers come back on leaving."""
+    interrupted = []
+
+    def on_interrupt(signum, frame):
+        interrupted.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, on_interrupt)
+    signal.signal(signal.SIGTERM, on_interrupt)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def train(cfg):
     check_losses()
     check_backward(cfg)
@@ -1391,131 +1546,67 @@ def train(cfg):
 
 
 def run(cfg, procs):
+    """Set a run up (afresh or from its checkpoint) and train it; 0 when done, 130 when interrupted (and saved)."""
     dev, dtype = procs.device, getattr(torch, cfg['dtype'])
     say = print if procs.leader else (lambda *args, **kwargs: None)
     if cfg['threads']:
         torch.set_num_threads(cfg['threads'])
     checkpoint_path = os.path.join(cfg['out_dir'], 'checkpoint.pt')
     state = load_checkpoint(checkpoint_path, cfg, dev) if cfg['resume'] else None
-
-    # seeding: one seed, one stream per purpose; every process draws the same
-    seed, P = cfg['seed'], cfg['n_pairs']
-    torch.manual_seed(seed)
     say(f'loading the {cfg["dataset"]} training set' + (f' from {cfg["data_root"]}' if cfg['dataset'] in IMAGE_DATASETS else ''), flush=True)
     images, labels = training_data(cfg)
-    batches = Batches(used_for_training(images, cfg).to(dev), cfg['mb_size'], seed + 1)
-    G_all, D_all = make_pairs(cfg, images.shape[1], dev, dtype)  # every pair (samples, evaluation, checkpoints)
-    noise = torch.Generator(device=dev).manual_seed(seed + 2)
-    real = images[:2000] if cfg['dataset'] in MIXTURES else None  # drawn under 2-D samples
-    n_fixed = 16 if real is None else 1000  # the same latent points in every sample dump
-    fixed_z = torch.randn(n_fixed, cfg['z_dim'], generator=torch.Generator().manual_seed(seed + 3)).to(dev, dtype)
-    pairing = list(range(P))  # pairing[i]: which discriminator generator i trains against now
-    log, start = LossLog(cfg['log_every'], P, procs.slots, dev, dtype), 0
+    training = Training(cfg, procs, images, dev, dtype)
     if state:
-        for side, saved in ((G_all, state['G']), (D_all, state['D'])):
-            side['model'].load_state_dict(saved['model'])
-            side['solver'].load_state_dict(saved['solver'])
-        noise.set_state(state['noise_rng'])
-        batches.load_state_dict(state['batches'])
-        log.load_state_dict(state)
-        pairing, start = state['pairing'], state['iteration'] + 1
+        training.load_state_dict(state)
         say(f'resumed from {checkpoint_path} after iteration {state["iteration"]}')
-        if start >= cfg['iterations']:
+        if state['iteration'] + 1 >= cfg['iterations']:
             say(f'nothing to train: the run already reached --iterations={cfg["iterations"]}; raise it to go on')
+    G, D = share_of_process(training, cfg, procs)
+    with interrupts_caught() as interrupted:  # from here on a Ctrl-C ends in a checkpoint
+        outputs = Outputs(cfg, procs, training, images, labels)
+        say(f'GAP: {cfg["n_pairs"]} pairs, K={cfg["K"]}, {len(training.batches.data)} {cfg["dataset"]} training points, '
+            f'device {dev}, {cfg["dtype"]}, {procs.world} process(es) x {torch.get_num_threads()} threads, '
+            f'iterations {training.iteration + 1}..{cfg["iterations"] - 1}', flush=True)
+        stopped = train_loop(cfg, procs, training, G, D, outputs, interrupted)
+    return 130 if stopped else 0
 
-    G, D = G_all, D_all  # the pairs this process trains: all of them, or its share under torchrun
-    if procs.world > 1:
-        G, D = (make_side(len(procs.slots), *side['model'].sizes(), cfg, dev, dtype, side['output']) for side in (G_all, D_all))
-        mine = lambda t: t[procs.slots.to(t.device)]
-        copy_side(G_all, G, mine)
-        copy_side(D_all, D, mine)
-    for side in (G, D, G_all, D_all):
-        for group in side['solver'].param_groups:
-            group['lr'] = cfg['lr']  # a resumed run takes today's --lr
 
-    def collect_all_pairs():
-        """Bring G_all and D_all up to date from every process (all processes must call it)."""
-        if procs.world > 1:
-            copy_side(G, G_all, procs.gather)
-            copy_side(D, D_all, procs.gather)
-
-    def stop(message):
-        if procs.leader:
-            save_losses(os.path.join(cfg['out_dir'], 'losses.png'), log.history, P, cfg['K'])
-        sys.exit(f'parallel_gan.py: {message}; stopped. The last good checkpoint ({checkpoint_path}) is untouched.')
-
-    def stop_if_nonfinite(stats, first_it):
-        bad = first_nonfinite(stats, first_it)
-        if bad:
-            stop(f'a loss of pair {bad[1]} became non-finite at iteration {bad[0]}')
-
-    # Ctrl-C (or torchrun's SIGTERM) finishes the current iteration, then saves; a second Ctrl-C stops at once.
-    interrupted = []
-    def on_interrupt(signum, frame):
-        interrupted.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGINT, on_interrupt)
-    signal.signal(signal.SIGTERM, on_interrupt)
-
-    evaluator = Evaluator(cfg, dev, dtype, images, labels) if cfg['eval_every'] and procs.leader else None
-    metrics_path = os.path.join(cfg['out_dir'], 'metrics.csv')
-    if evaluator:  # a fresh run starts a fresh file; a resumed one redoes the evaluations after its checkpoint
-        write_metrics(metrics_path, [], keep_until=start - 1)
-
-    say(f'GAP: {P} pairs, K={cfg["K"]}, {len(batches.data)} {cfg["dataset"]} training points, device {dev}, '
-        f'{cfg["dtype"]}, {procs.world} process(es) x {torch.get_num_threads()} threads, '
-        f'iterations {start}..{cfg["iterations"] - 1}', flush=True)
-    last = cfg['iterations'] - 1
-    clock, clock_it, stopping = time.perf_counter(), start, False
-    advance, it = iteration_runner(G, D, batches, noise, cfg, procs), start - 1
+def train_loop(cfg, procs, training, G, D, outputs, interrupted):
+    """Train G and D (this process's pairs) from training's next iteration to the last, logging, evaluating
+    and saving on schedule. Returns whether an interrupt stopped it (after a checkpoint)."""
+    log, last, it = training.log, cfg['iterations'] - 1, training.iteration
+    speed, stopping = Speed(it + 1), False
+    advance = iteration_runner(G, D, training.batches, training.noise, cfg, procs)
     while it < last:
         stats, partners = advance(it + 1)  # one or more iterations, all but the last quiet
         log.add(stats)
-        it += len(stats)
+        it = training.iteration = it + len(stats)
         if partners is not None:
-            pairing = after_swap(pairing, partners)
+            training.pairing = after_swap(training.pairing, partners)
 
         logging = it % cfg['log_every'] == 0 or it == last
         stopping = procs.anyone(interrupted) if logging or procs.world == 1 else False  # all processes agree
         if logging:
             stats = log.unlogged(procs)
-            stop_if_nonfinite(stats, it - log.n + 1)
-            now = time.perf_counter()
-            rate = (it + 1 - clock_it) / max(now - clock, 1e-9) if it > start else None
-            say(format_log(it, log.close(it, stats), rate, (last - it) / max(rate or 1, 1e-9)), flush=True)
-            clock, clock_it = now, it + 1
+            outputs.stop_if_nonfinite(stats, it - log.n + 1)
+            rate = speed.rate(it)
+            outputs.say(format_log(it, log.close(it, stats), rate, (last - it) / max(rate or 1, 1e-9)))
         evaluating = cfg['eval_every'] and (it % cfg['eval_every'] == 0 and it > 0 or it == last)
         saving = it % cfg['sample_every'] == 0 or it == last or stopping
-        if not (evaluating or saving):
-            continue
-        began = time.perf_counter()
-        unlogged = log.unlogged(procs)
-        stop_if_nonfinite(unlogged, it - log.n + 1)
-        collect_all_pairs()
-        if evaluator and evaluating:  # before the checkpoint: a resume from an earlier one redoes it
-            rows = evaluator(G_all, D_all, pairing, it)
-            write_metrics(metrics_path, rows, keep_until=it - 1)
-            save_metrics_plot(os.path.join(cfg['out_dir'], 'metrics.png'), read_metrics(metrics_path))
-            say(format_eval(rows, len(rows[0]['histogram'])), flush=True)
-        if saving and procs.leader:
-            bad = nonfinite_sides({'G': G_all, 'D': D_all})
-            if bad:
-                stop(f'a weight of {" and ".join(bad)} became non-finite by iteration {it}')
-            number = it // cfg['sample_every'] + (it % cfg['sample_every'] != 0)
-            save_samples(os.path.join(cfg['out_dir'], f'{number:03d}.png'), generate(G_all, fixed_z)[0], it, pairing, real)
-            save_checkpoint(checkpoint_path, {
-                'hyperparameters': cfg, 'iteration': it, 'pairing': pairing, **log.state_dict(unlogged),
-                'G': side_state(G_all), 'D': side_state(D_all), 'device': dev.type,
-                'noise_rng': noise.get_state(), 'batches': batches.state_dict()})
-        clock += time.perf_counter() - began  # evaluation and saving do not count against it/s
+        if evaluating or saving:
+            with speed.paused():
+                unlogged = log.unlogged(procs)
+                outputs.stop_if_nonfinite(unlogged, it - log.n + 1)
+                collect_pairs(training, G, D, procs)
+                if evaluating:  # before the checkpoint: a resume from an earlier one redoes it
+                    outputs.evaluate(it)
+                if saving:
+                    outputs.save(it, unlogged)
         if stopping:
-            say(f'interrupted: checkpoint saved after iteration {it}; continue with --resume=True', flush=True)
+            outputs.say(f'interrupted: checkpoint saved after iteration {it}; continue with --resume=True')
             break
-    if procs.leader:
-        save_losses(os.path.join(cfg['out_dir'], 'losses.png'), log.history, P, cfg['K'])
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    return 130 if stopping else 0
+    outputs.losses()
+    return stopping
 
 
 if __name__ == '__main__':

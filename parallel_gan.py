@@ -1402,8 +1402,9 @@ class Training:
     state_dict() is what a checkpoint keeps of it, load_state_dict() a resume."""
 
     def __init__(self, cfg, procs, images, dev, dtype):
-        # seeding: one seed, one stream per purpose (the weights' initialisation draws from torch's global one);
-        # every process draws the same
+        # seeding: one seed, one stream per purpose, the same in every process: the weights from torch's global
+        # generator, the data order seed + 1, the noise seed + 2 (the fixed noise of the samples seed + 3, in Outputs;
+        # each swap's pairing the seed and its iteration, in new_partners)
         seed = cfg['seed']
         torch.manual_seed(seed)
         self.batches = Batches(used_for_training(images, cfg).to(dev), cfg['mb_size'], seed + 1)

@@ -1271,6 +1271,7 @@ def copy_side(source, target, per_pair):
     solver['state'] = {i: {k: v if k == 'step' else per_pair(v) for k, v in s.items()} for i, s in solver['state'].items()}
     target['solver'].load_state_dict(solver)
 
+
 def share_of_process(training, cfg, procs):
     """(G, D): the pairs this process trains. In one process all of training's pairs; under torchrun copies of
     its slots' slices, which collect_pairs gathers back. Every side takes today's --lr (a resume may change it)."""
@@ -1292,7 +1293,6 @@ def collect_pairs(training, G, D, procs):
     if procs.world > 1:
         copy_side(G, training.G, procs.gather)
         copy_side(D, training.D, procs.gather)
-
 
 
 # ------------------------------------------------------------------------------------

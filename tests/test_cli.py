@@ -57,6 +57,11 @@ def test_help_lists_every_hyperparameter_with_default_and_meaning(capsys):
     (['--threads=-2'], 'threads'),
     (['--dtype=float16'], 'dtype'),
     (['--device=tpu'], 'device'),
+    (['--seed=1180591620717411303424'], 'seed must be'),
+    (['--seed=-1'], 'seed must be'),
+    (['--layers=0'], 'layers must be'),
+    (['--beta1=1'], 'beta1 must be'),
+    (['--train_size=-3'], 'train_size must be'),
 ])
 def test_bad_input_is_refused_with_one_line_and_status_2(args, words, capsys):
     with pytest.raises(SystemExit) as exit:
@@ -118,16 +123,3 @@ def test_a_count_must_be_a_whole_number(capsys):
     with pytest.raises(SystemExit) as exit:
         pg.parse_args(['--iterations=1e3'])
     assert exit.value.code == 2
-
-
-@pytest.mark.parametrize('args, words', [
-    (['--seed=1180591620717411303424'], 'seed must be'),
-    (['--seed=-1'], 'seed must be'),
-    (['--layers=0'], 'layers must be'),
-    (['--beta1=1'], 'beta1 must be'),
-    (['--train_size=-3'], 'train_size must be'),
-])
-def test_new_values_that_make_no_sense_are_refused(args, words, capsys):
-    with pytest.raises(SystemExit) as exit:
-        pg.parse_args(args)
-    assert exit.value.code == 2 and words in capsys.readouterr().err

@@ -1240,6 +1240,11 @@ class Processes:
         mine = cfg['n_pairs'] // self.world
         self.slots = torch.arange(self.rank * mine, (self.rank + 1) * mine)
 
+    def say(self, message):
+        """Print a line, from the leader only (one log, however many processes)."""
+        if self.leader:
+            print(message, flush=True)
+
     def gather(self, tensor, dim=0):
         """Every process's tensor, concatenated along dim in process order (the tensor itself in one process)."""
         if self.world == 1:
@@ -1436,7 +1441,7 @@ class Outputs:
 
     def __init__(self, cfg, procs, training, images, labels):
         dev, dtype = training.noise.device, training.G['model'].W1.dtype
-        self.cfg, self.leader, self.training = cfg, procs.leader, training
+        self.cfg, self.leader, self.say, self.training = cfg, procs.leader, procs.say, training
         self.checkpoint_path = self.path('checkpoint.pt')
         self.real = images[:2000] if cfg['dataset'] in MIXTURES else None  # drawn under 2-D samples
         n_fixed = 16 if self.real is None else 1000  # the same latent points in every sample dump
@@ -1448,10 +1453,6 @@ class Outputs:
 
     def path(self, name):
         return os.path.join(self.cfg['out_dir'], name)
-
-    def say(self, message):
-        if self.leader:
-            print(message, flush=True)
 
     def evaluate(self, it):
         """Score every generator and discriminator (the leader's copy of every pair must be up to date)."""
@@ -1549,12 +1550,12 @@ def train(cfg):
 def run(cfg, procs):
     """Set a run up (afresh or from its checkpoint) and train it; 0 when done, 130 when interrupted (and saved)."""
     dev, dtype = procs.device, getattr(torch, cfg['dtype'])
-    say = print if procs.leader else (lambda *args, **kwargs: None)
+    say = procs.say
     if cfg['threads']:
         torch.set_num_threads(cfg['threads'])
     checkpoint_path = os.path.join(cfg['out_dir'], 'checkpoint.pt')
     state = load_checkpoint(checkpoint_path, cfg, dev) if cfg['resume'] else None
-    say(f'loading the {cfg["dataset"]} training set' + (f' from {cfg["data_root"]}' if cfg['dataset'] in IMAGE_DATASETS else ''), flush=True)
+    say(f'loading the {cfg["dataset"]} training set' + (f' from {cfg["data_root"]}' if cfg['dataset'] in IMAGE_DATASETS else ''))
     images, labels = training_data(cfg)
     training = Training(cfg, procs, images, dev, dtype)
     if state:
@@ -1567,7 +1568,7 @@ def run(cfg, procs):
         outputs = Outputs(cfg, procs, training, images, labels)
         say(f'GAP: {cfg["n_pairs"]} pairs, K={cfg["K"]}, {len(training.batches.data)} {cfg["dataset"]} training points, '
             f'device {dev}, {cfg["dtype"]}, {procs.world} process(es) x {torch.get_num_threads()} threads, '
-            f'iterations {training.iteration + 1}..{cfg["iterations"] - 1}', flush=True)
+            f'iterations {training.iteration + 1}..{cfg["iterations"] - 1}')
         stopped = train_loop(cfg, procs, training, G, D, outputs, interrupted)
     return 130 if stopped else 0
 

@@ -684,6 +684,10 @@ def replacing(path):
         raise WriteFailed(f'cannot write {path} ({error.strerror or error})') from error
 
 
+def checkpoint_path(cfg):
+    return os.path.join(cfg['out_dir'], 'checkpoint.pt')
+
+
 def save_checkpoint(path, state):
     with replacing(path) as tmp, open(tmp, 'wb') as f:
         torch.save(state, f)
@@ -1387,7 +1391,7 @@ def claim_out_dir(cfg):
         lock.truncate()
         lock.write(f'{os.getpid()}\n')
         lock.flush()
-        path = os.path.join(out, 'checkpoint.pt')
+        path = checkpoint_path(cfg)
         if not cfg['resume'] and os.path.exists(path):
             try:
                 where = f'stopped after iteration {torch.load(path, map_location="cpu", weights_only=True)["iteration"]}'
@@ -1442,7 +1446,6 @@ class Outputs:
     def __init__(self, cfg, procs, training, images, labels):
         dev, dtype = training.noise.device, training.G['model'].W1.dtype
         self.cfg, self.leader, self.say, self.training = cfg, procs.leader, procs.say, training
-        self.checkpoint_path = self.path('checkpoint.pt')
         self.real = images[:2000] if cfg['dataset'] in MIXTURES else None  # drawn under 2-D samples
         n_fixed = 16 if self.real is None else 1000  # the same latent points in every sample dump
         self.fixed_z = torch.randn(n_fixed, cfg['z_dim'],
@@ -1472,7 +1475,7 @@ class Outputs:
             self.stop(f'a weight of {" and ".join(bad)} became non-finite by iteration {it}')
         number = it // self.cfg['sample_every'] + (it % self.cfg['sample_every'] != 0)
         save_samples(self.path(f'{number:03d}.png'), generate(G, self.fixed_z)[0], it, self.training.pairing, self.real)
-        save_checkpoint(self.checkpoint_path, {'hyperparameters': self.cfg, 'device': self.fixed_z.device.type,
+        save_checkpoint(checkpoint_path(self.cfg), {'hyperparameters': self.cfg, 'device': self.fixed_z.device.type,
                                                **self.training.state_dict(unlogged)})
 
     def losses(self):
@@ -1486,7 +1489,7 @@ class Outputs:
 
     def stop(self, message):
         self.losses()
-        sys.exit(f'parallel_gan.py: {message}; stopped. The last good checkpoint ({self.checkpoint_path}) is untouched.')
+        sys.exit(f'parallel_gan.py: {message}; stopped. The last good checkpoint ({checkpoint_path(self.cfg)}) is untouched.')
 
 
 class Speed:
@@ -1553,14 +1556,13 @@ def run(cfg, procs):
     say = procs.say
     if cfg['threads']:
         torch.set_num_threads(cfg['threads'])
-    checkpoint_path = os.path.join(cfg['out_dir'], 'checkpoint.pt')
-    state = load_checkpoint(checkpoint_path, cfg, dev) if cfg['resume'] else None
+    state = load_checkpoint(checkpoint_path(cfg), cfg, dev) if cfg['resume'] else None
     say(f'loading the {cfg["dataset"]} training set' + (f' from {cfg["data_root"]}' if cfg['dataset'] in IMAGE_DATASETS else ''))
     images, labels = training_data(cfg)
     training = Training(cfg, procs, images, dev, dtype)
     if state:
         training.load_state_dict(state)
-        say(f'resumed from {checkpoint_path} after iteration {state["iteration"]}')
+        say(f'resumed from {checkpoint_path(cfg)} after iteration {state["iteration"]}')
         if state['iteration'] + 1 >= cfg['iterations']:
             say(f'nothing to train: the run already reached --iterations={cfg["iterations"]}; raise it to go on')
     G, D = share_of_process(training, cfg, procs)

@@ -1514,10 +1514,12 @@ class Speed:
 
 
 @contextmanager
-def interrupts_caught():
+def interrupts_caught(procs):
     """Ctrl-C (or torchrun's SIGTERM) finishes the current iteration, then saves; a second Ctrl-C stops at once.
-    Yields the list that records them; the default handlers come back on leaving."""
-    interrupted = []
+    Yields the list that records them; the default handlers come back on leaving, except one: when a collective
+    failed (another process died), torchrun's SIGTERM to the survivors follows at once, and it is ignored so
+    that it cannot cut short the report of what happened."""
+    interrupted, lost_the_others = [], False
 
     def on_interrupt(signum, frame):
         interrupted.append(signum)
@@ -1526,9 +1528,12 @@ def interrupts_caught():
     signal.signal(signal.SIGTERM, on_interrupt)
     try:
         yield interrupted
+    except RuntimeError:
+        lost_the_others = procs.world > 1
+        raise
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if lost_the_others else signal.SIG_DFL)
 
 
 def train(cfg):
@@ -1543,9 +1548,10 @@ def train(cfg):
     except RuntimeError as error:  # a collective failed: another process died or hung
         if procs.world == 1:
             raise
-        procs.close(finished=False)
-        sys.exit(f'parallel_gan.py: process {procs.rank} lost the other processes ({str(error).splitlines()[0]}); '
-                 f'stopped. The last checkpoint in {cfg["out_dir"]} is intact.')
+        print(f'parallel_gan.py: process {procs.rank} lost the other processes ({str(error).splitlines()[0]}); '
+              f'stopped. The last checkpoint in {cfg["out_dir"]} is intact.', file=sys.stderr, flush=True)
+        procs.close(finished=False)  # said first: tearing down after a loss can take a while
+        sys.exit(1)
     procs.close(finished=True)
     return status
 
@@ -1566,7 +1572,7 @@ def run(cfg, procs):
         if state['iteration'] + 1 >= cfg['iterations']:
             say(f'nothing to train: the run already reached --iterations={cfg["iterations"]}; raise it to go on')
     G, D = share_of_process(training, cfg, procs)
-    with interrupts_caught() as interrupted:  # from here on a Ctrl-C ends in a checkpoint
+    with interrupts_caught(procs) as interrupted:  # from here on a Ctrl-C ends in a checkpoint
         outputs = Outputs(cfg, procs, training, images, labels)
         say(f'GAP: {cfg["n_pairs"]} pairs, K={cfg["K"]}, {len(training.batches.data)} {cfg["dataset"]} training points, '
             f'device {dev}, {cfg["dtype"]}, {procs.world} process(es) x {torch.get_num_threads()} threads, '

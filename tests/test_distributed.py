@@ -4,7 +4,10 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
+from types import SimpleNamespace
 
+import pytest
 import torch
 
 import parallel_gan as pg
@@ -70,3 +73,21 @@ def test_when_a_process_dies_the_other_stops_with_a_message_and_the_checkpoint_s
     assert 'lost the other processes' in err and 'checkpoint' in err
     state = load(checkpoint)  # intact, and a state the run really passed through
     assert state['iteration'] % 20 == 0 and state['iteration'] >= 40
+
+
+@pytest.mark.parametrize('world, failure, after', [(2, RuntimeError('Connection reset by peer'), signal.SIG_IGN),
+                                                   (1, RuntimeError('Connection reset by peer'), signal.SIG_DFL),
+                                                   (2, None, signal.SIG_DFL), (2, ValueError('bad'), signal.SIG_DFL)])
+def test_only_a_failed_collective_leaves_sigterm_ignored_so_the_report_gets_out(world, failure, after):
+    """torchrun sends SIGTERM to the survivors the moment one process dies; it must not kill a survivor
+    between its failed collective and its message."""
+    try:
+        with pytest.raises(type(failure)) if failure else nullcontext():
+            with pg.interrupts_caught(SimpleNamespace(world=world)):
+                assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+                if failure:
+                    raise failure
+        assert signal.getsignal(signal.SIGTERM) == after
+        assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)

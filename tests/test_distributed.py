@@ -1,5 +1,6 @@
 """GAP across processes: torchrun with 2 gloo processes, one pair each."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -74,6 +75,25 @@ def test_when_a_process_dies_the_other_stops_with_a_message_and_the_checkpoint_s
     state = load(checkpoint)  # intact, and a state the run really passed through
     assert state['iteration'] % 20 == 0 and state['iteration'] >= 40
 
+
+
+def test_ctrl_c_under_torchrun_stops_every_process_at_the_next_log_line_with_a_checkpoint(tiny_mnist, tmp_path):
+    """Ctrl-C reaches torchrun, which passes SIGINT on to its processes (each in a session of its own)."""
+    proc = torchrun(f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}', '--iterations=1000000', '--h_dim=32',
+                    '--log_every=25', '--sample_every=1000', '--eval_every=0', '--threads=1', start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith('it ') and int(line.split()[1]) >= 50:
+                break
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C does: to torchrun's whole process group
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    saved = re.search(r'interrupted: checkpoint saved after iteration (\d+);', rest)
+    assert saved and rest.count('interrupted:') == 1 and 'lost the other processes' not in err
+    state = load(tmp_path / 'checkpoint.pt')
+    assert state['iteration'] == int(saved[1]) and state['iteration'] % 25 == 0 and state['iteration'] > 50
 
 @pytest.mark.parametrize('world, failure, after', [(2, RuntimeError('Connection reset by peer'), signal.SIG_IGN),
                                                    (1, RuntimeError('Connection reset by peer'), signal.SIG_DFL),

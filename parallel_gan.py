@@ -1229,8 +1229,8 @@ class Processes:
         self.world = int(os.environ.get('WORLD_SIZE', 1))
         self.rank = int(os.environ.get('RANK', 0))
         self.leader = self.rank == 0  # the only process that writes
-        cuda = cfg['device'].startswith('cuda') or (cfg['device'] == 'auto' and torch.cuda.is_available())
         self.device = pick_device(cfg['device'])
+        cuda = self.device.type == 'cuda'
         if self.world > 1:
             if cfg['n_pairs'] % self.world:
                 refuse(f'n_pairs={cfg["n_pairs"]} cannot be spread evenly over {self.world} processes')

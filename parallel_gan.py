@@ -1543,6 +1543,7 @@ def train(cfg):
     try:
         with claim_out_dir(cfg) if procs.leader else nullcontext():  # before any slow step; held until the end
             status = run(cfg, procs)
+        procs.close(finished=True)
     except WriteFailed as failure:
         sys.exit(f'parallel_gan.py: {failure}; stopped. The last checkpoint in {cfg["out_dir"]} is intact.')
     except RuntimeError as error:  # a collective failed: another process died or hung
@@ -1552,7 +1553,6 @@ def train(cfg):
               f'stopped. The last checkpoint in {cfg["out_dir"]} is intact.', file=sys.stderr, flush=True)
         procs.close(finished=False)  # said first: tearing down after a loss can take a while
         sys.exit(1)
-    procs.close(finished=True)
     return status
 
 

@@ -8,6 +8,7 @@ discriminator. K=0 never swaps: independent GANs, the baseline GAP is compared w
 
     python parallel_gan.py                      # the reference run: 2 pairs, K=100, MNIST
     python parallel_gan.py --K=0 --n_pairs=4    # override any hyperparameter below
+    python parallel_gan.py --paper=True         # the paper's training conditions (see --help)
     python parallel_gan.py --help               # list them all
     torchrun --nproc_per_node=2 parallel_gan.py # one pair per process, as in the paper
     python parallel_gan.py --compare=out/runs   # judge every run's generators by every run's discriminators
@@ -16,16 +17,14 @@ Writes out/NNN.png (samples from a fixed noise batch), out/losses.png, out/metri
 and out/metrics.png (mode coverage, sample quality, discriminators on training and held-out
 data), and out/checkpoint.pt (resume with --resume=True).
 
-Where things are, top to bottom: the hyperparameters; the command line; the data; the
-networks (Stack: all pairs' networks of one side as one stack of weights, with their
-written-out backward and its start-up check, check_backward); the losses (d_loss, g_loss)
-and every pair's step (train_step); the swap (new_partners, swap_discriminators) and one
-iteration of the loop (gap_iteration); CUDA graphs of the quiet iterations on a GPU
-(GraphedIterations); files and checkpoints; the evaluation (Evaluator); comparing runs
-with one pool of discriminators (compare_runs); pictures; the processes of a torchrun
-launch (Processes); and the run: its out_dir (claim_out_dir), what a checkpoint keeps
-(Training, with its LossLog), what it shows and writes (Outputs), and the training loop
-(train, run, train_loop).
+Where things are, top to bottom. The algorithm: the hyperparameters; the networks (generator and
+discriminator, each a list of layers over every pair at once); the losses (d_loss, g_loss); every pair's
+step (train_step); the swap (swaps_at, new_partners, swap_discriminators); one iteration (gap_iteration)
+and the training loop (train_loop). Then, below one divider, the support: the command line; the data;
+the fast written-out backward and the start-up check that decides whether it or autograd trains
+(check_backward); files and checkpoints; the evaluation (Evaluator); comparing runs (compare_runs);
+pictures; the processes of a torchrun launch (Processes); the run (train, run, Training, Outputs);
+and CUDA graphs of the quiet iterations on a GPU (GraphedIterations).
 """
 import ast
 import csv
@@ -59,18 +58,26 @@ layers = 1  # hidden layers of every generator and discriminator (the reference:
 n_pairs = 2  # generator/discriminator pairs trained side by side
 K = 100  # the discriminators change partners every K iterations (0: never, independent GANs)
 # training
-mb_size = 32  # minibatch size; every pair sees the same noise and the same real batch
+mb_size = 32  # minibatch size
 lr = 1e-3  # Adam learning rate of every network
 beta1 = 0.9  # Adam's first-moment decay (torch's default, the reference's; GAN papers often use 0.5)
 iterations = 1_000_000  # training iterations
 seed = 0  # seeds the weights, the noise, the data order and the pairings
+# the paper's training conditions (section 4.1 and Algorithm 1); off, every pair sees the same noise and batch
+paper = False  # set all six below as the paper does: own_noise, prior mixed, input_noise 0.1, clip 1, swap matching, batch_norm (values given on the command line win)
+own_noise = False  # each pair draws its own noise and its own minibatch order (each example still once per epoch)
+prior = 'gaussian'  # the generators' noise: 'gaussian', 'uniform' (on [-1, 1]) or 'mixed' (first half of the pairs Gaussian, the rest uniform)
+input_noise = 0.0  # std of Gaussian noise added to every discriminator input, real and fake, in training; decays linearly to 0 at the last iteration
+clip = 0.0  # clip each network's gradient (each G and each D on its own) to this norm before its step (0: never)
+swap = 'derangement'  # 'derangement' (every discriminator moves, to a random other generator) or 'matching' (Algorithm 1: n_pairs/2 random pairs exchange theirs)
+batch_norm = False  # batch normalisation after every hidden linear layer of G and D (the paper's toy networks)
 # output
 log_every = 1000  # print a log line (means since the previous one) every this many iterations
 sample_every = 1000  # write out/NNN.png and the checkpoint every this many iterations
 out_dir = 'out'  # where samples, plots and the checkpoint go
 resume = False  # continue from out_dir/checkpoint.pt exactly where it stopped
 # data
-dataset = 'mnist'  # 'mnist', 'fashion_mnist', or the 2-D Gaussian mixtures 'ring8' and 'grid25'
+dataset = 'mnist'  # 'mnist', 'fashion_mnist', or the 2-D Gaussian mixtures 'ring8', 'grid25' and 'r15'
 data_root = 'out/data'  # MNIST lives in data_root/MNIST/raw, Fashion-MNIST in data_root/FashionMNIST/raw
 train_size = 0  # train on only the first this many training examples (0: all of them)
 # evaluation: mode coverage and sample quality, GAP against no-swap
@@ -85,6 +92,9 @@ cuda_graphs = True  # on a GPU, replay captured CUDA graphs of the iterations (F
 threads = 0  # CPU threads torch may use (0: torch's default)
 # --- end of hyperparameters ---------------------------------------------------------
 
+PAPER = {'own_noise': True, 'prior': 'mixed', 'input_noise': 0.1, 'clip': 1.0, 'swap': 'matching',
+         'batch_norm': True}  # what paper=True sets (clip 1: the authors' code, hma02/GAN-evaluation)
+
 CLASSIFIER_VERSION = 1  # bump when Classifier or its training changes, so caches are rebuilt
 CLASSIFIER_EPOCHS = {'mnist': 3, 'fashion_mnist': 6}
 COLLECTIVE_TIMEOUT = 300  # seconds a process waits for the others before it gives up
@@ -92,12 +102,398 @@ COUNTS = ('z_dim', 'h_dim', 'layers', 'n_pairs', 'K', 'mb_size', 'iterations', '
           'train_size', 'eval_every', 'eval_samples', 'threads')  # hyperparameters that must be whole numbers
 RESUMABLE = ('lr', 'iterations', 'log_every', 'sample_every', 'eval_every', 'eval_samples', 'out_dir', 'resume',
              'data_root', 'classifier_dir', 'compare', 'device', 'threads', 'cuda_graphs')  # may change when a run is resumed
-SHAPE_KEYS = ('z_dim', 'h_dim', 'layers', 'n_pairs', 'dtype', 'dataset')  # a checkpoint only fits networks of its own shape
+SHAPE_KEYS = ('z_dim', 'h_dim', 'layers', 'n_pairs', 'dtype', 'dataset', 'batch_norm')  # a checkpoint only fits networks of its own shape
 IMAGE_DATASETS = {'mnist': 'MNIST', 'fashion_mnist': 'FashionMNIST'}  # torchvision's class and folder names
-MIXTURES = ('ring8', 'grid25')
+MIXTURES = ('ring8', 'grid25', 'r15')
 MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
                't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')  # the same four names for Fashion-MNIST
 
+
+# ------------------------------------------------------------------------------------
+# the networks. All pairs' networks of one side are one module whose every weight has a leading pairs
+# dimension, so every pair runs in the same batched product; activations are (n_pairs, batch, features).
+# Edit generator() and discriminator() as you would an nn.Sequential: any layer works (autograd trains what
+# has no written-out backward; the start-up check says which), and PerPair makes any torch module per pair.
+
+# What the data are and the generators emit, in one place: image pixels in PIXELS, made by the output layer
+# IMAGE_OUTPUT (for [-1, 1]: nn.Tanh, (-1.0, 1.0)); 2-D mixtures are points in their own coordinates.
+IMAGE_OUTPUT, PIXELS = nn.Sigmoid, (0.0, 1.0)
+
+
+class Linear(nn.Module):
+    """n_pairs independent nn.Linear(fan_in, fan_out) layers, initialised as nn.Linear is:
+    weight (n_pairs, fan_in, fan_out), bias (n_pairs, 1, fan_out)."""
+
+    def __init__(self, n, fan_in, fan_out):
+        super().__init__()
+        bound = 1 / math.sqrt(fan_in)
+        self.weight = nn.Parameter(torch.empty(n, fan_in, fan_out).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n, 1, fan_out).uniform_(-bound, bound))
+
+    def forward(self, x):
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class BatchNorm(nn.Module):
+    """n_pairs independent nn.BatchNorm1d(features): in training each pair normalises over its own batch and
+    updates its running statistics, which eval mode (sampling, evaluation) uses instead. Computed by torch's
+    batch_norm with every pair's features side by side, so that each pair's maths is nn.BatchNorm1d's."""
+
+    def __init__(self, n, features, momentum=0.1, eps=1e-5):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.weight = nn.Parameter(torch.ones(n, 1, features))
+        self.bias = nn.Parameter(torch.zeros(n, 1, features))
+        self.register_buffer('running_mean', torch.zeros(n, 1, features))
+        self.register_buffer('running_var', torch.ones(n, 1, features))
+
+    def forward(self, x):
+        n, batch, features = x.shape
+        side_by_side = x.transpose(0, 1).reshape(batch, n * features)
+        out = F.batch_norm(side_by_side, self.running_mean.view(-1), self.running_var.view(-1), self.weight.view(-1),
+                           self.bias.view(-1), self.training, self.momentum, self.eps)
+        return out.reshape(batch, n, features).transpose(0, 1)
+
+
+class PerPair(nn.Module):
+    """n_pairs independent copies of any torch module (a convolution, a block, ...), each made by make() and run
+    side by side by torch.func.vmap: every weight gets its leading pairs dimension. Trains through autograd."""
+
+    def __init__(self, n, make):
+        super().__init__()
+        copies = [make() for _ in range(n)]
+        params, buffers = torch.func.stack_module_state(copies)
+        self.names = {name.replace('.', '__'): name for name in (*params, *buffers)}
+        for name, value in params.items():
+            self.register_parameter(name.replace('.', '__'), nn.Parameter(value))
+        for name, value in buffers.items():
+            self.register_buffer(name.replace('.', '__'), value)
+        self.template = [copies[0].to('meta')]  # in a list: not a submodule, its own weights are never used
+
+    def forward(self, x):
+        tensors = {self.names[name]: t for name, t in (*self.named_parameters(), *self.named_buffers())}
+        call = lambda state, each: torch.func.functional_call(self.template[0].train(self.training), state, (each,))
+        return torch.func.vmap(call)(tensors, x)
+
+
+class Networks(nn.Sequential):
+    """One side's n_pairs networks as one sequence of pair-batched layers. An input shared by every pair,
+    (batch, features) or (1, batch, features), is fed to each."""
+
+    def __init__(self, *layers):
+        super().__init__(*layers)
+        self.n_pairs = next(self.parameters()).shape[0]
+
+    def forward(self, x):
+        x = x.expand(self.n_pairs, *x.shape[-2:])
+        for layer in self:
+            x = layer(x)
+        return x
+
+    @property
+    def per_example(self):
+        """Whether each example's output depends on that example alone (no batch statistics), so that real and fake
+        batches may share one forward pass."""
+        return not any(isinstance(m, (BatchNorm, nn.modules.batchnorm._BatchNorm)) for m in self.modules())
+
+
+def generator(n, cfg, x_dim):
+    """n generators, noise (z_dim) -> a sample (x_dim)."""
+    h, layers = cfg['h_dim'], []
+    for fan_in in [cfg['z_dim']] + [h] * (cfg['layers'] - 1):
+        layers.append(Linear(n, fan_in, h))
+        if cfg['batch_norm']:
+            layers.append(BatchNorm(n, h))
+        layers.append(nn.ReLU(inplace=True))
+    output = [] if cfg['dataset'] in MIXTURES else [IMAGE_OUTPUT()]  # 2-D points: a linear output
+    return Networks(*layers, Linear(n, h, x_dim), *output)
+
+
+def discriminator(n, cfg, x_dim):
+    """n discriminators, a sample (x_dim) -> the logit of P(real)."""
+    h, layers = cfg['h_dim'], []
+    for fan_in in [x_dim] + [h] * (cfg['layers'] - 1):
+        layers.append(Linear(n, fan_in, h))
+        if cfg['batch_norm']:
+            layers.append(BatchNorm(n, h))
+        layers.append(nn.ReLU(inplace=True))
+    return Networks(*layers, Linear(n, h, 1))
+
+
+def make_pairs(cfg, x_dim, dev, dtype, n=None):
+    """G: all generators, D: all discriminators; each side {'model': its Networks, 'solver': its Adam,
+    'written_out': whether the written-out backward trains it, else autograd (check_backward decides)}.
+    One Adam over a side is one Adam per network: Adam's update is elementwise."""
+    n = n or cfg['n_pairs']
+    sides = []
+    for name, model in (('G', generator(n, cfg, x_dim)), ('D', discriminator(n, cfg, x_dim))):
+        model.to(dev, dtype)
+        written_out = written_out_confirmed.get(name, False)
+        for p in model.parameters():
+            p.requires_grad_(not written_out)
+            p.grad = torch.zeros_like(p)
+        sides.append({'model': model, 'solver': Adam(model.parameters(), lr=cfg['lr'], beta1=cfg['beta1']),
+                      'written_out': written_out})
+    return sides
+
+
+# ------------------------------------------------------------------------------------
+# the GAN losses, from D's logits: log D = -softplus(-logit), log(1 - D) = -softplus(logit),
+# so they cannot overflow to inf or NaN the way log(sigmoid) can.
+
+def d_loss(real_logit, fake_logit):
+    """-mean(log D(x) + log(1 - D(G(z)))), one value per pair."""
+    return F.softplus(-real_logit).mean((1, 2)) + F.softplus(fake_logit).mean((1, 2))
+
+
+def g_loss(fake_logit):
+    """-mean(log D(G(z))), one value per pair (the non-saturating generator loss)."""
+    return F.softplus(-fake_logit).mean((1, 2))
+
+
+def loss_and_logit_grads(loss, *logits):
+    """A loss (one value per pair) and its gradients with respect to the logits, by autograd on those small
+    tensors (or the closed form that check_losses verified for it): whatever d_loss and g_loss say is what
+    trains. Each pair's loss depends on its own logits only, so the gradient of the sum is every pair's own."""
+    if loss in verified_closed_forms:
+        logits = [logit.detach() for logit in logits]
+        return loss(*logits), verified_closed_forms[loss](*logits)
+    leaves = [logit.detach().requires_grad_() for logit in logits]
+    with torch.enable_grad():
+        value = loss(*leaves)
+        return value.detach(), torch.autograd.grad(value.sum(), leaves)
+
+
+# ------------------------------------------------------------------------------------
+# every pair's step: forward and backward through each side's networks, by its written-out backward
+# (fast) or by autograd (whatever the layers are)
+
+def forward(side, x, inputs=False):
+    """(output, tape) of side's networks on x; the tape is what backward needs: every layer's output for the
+    written-out backward, else x as a leaf of autograd's graph (requiring grad if inputs)."""
+    if side['written_out']:
+        return forward_saving(side['model'], x)
+    x = x.detach().requires_grad_(inputs)
+    with torch.enable_grad():
+        return side['model'](x), x
+
+
+def backward(side, outputs, tape, grads, weights=True, inputs=False):
+    """Given d(loss)/d(output) for each output of forward, set d(loss)/d(weight) as each weight's .grad (if
+    weights) and return d(loss)/d(input) (if inputs)."""
+    if side['written_out']:
+        return backward_written_out(side['model'], tape, grads[0], weights, inputs)
+    params = list(side['model'].parameters()) if weights else []
+    found = torch.autograd.grad(outputs, params + ([tape] if inputs else []), grads, allow_unused=True)
+    for p, grad in zip(params, found):
+        p.grad = torch.zeros_like(p) if grad is None else grad
+    return found[-1] if inputs else None
+
+
+def plus(t, noise):
+    return t if noise is None else t + noise
+
+
+def d_step(D, x, fake, noise):
+    """D's gradients of d_loss on the real batch x and the fakes, each plus its input noise. Returns D_loss and
+    D's probabilities (n_pairs, 2 * batch, 1), real ones first. Real and fake run as one pass where D has no
+    batch statistics, else as two."""
+    real_in, fake_in = plus(x, noise[0]).expand(len(fake), -1, -1), plus(fake, noise[1])
+    if D['model'].per_example:
+        logit, tape = forward(D, torch.cat([real_in, fake_in], 1))
+        D_loss, grads = loss_and_logit_grads(d_loss, logit[:, :fake.shape[1]], logit[:, fake.shape[1]:])
+        backward(D, [logit], tape, [torch.cat(grads, 1)])
+    else:  # batch norm: the real and the fake batch are normalised apart, as two forward passes would
+        real_logit, fake_logit = forward(D, real_in)[0], forward(D, fake_in)[0]
+        D_loss, grads = loss_and_logit_grads(d_loss, real_logit, fake_logit)
+        backward(D, [real_logit, fake_logit], None, list(grads))
+        logit = torch.cat([real_logit, fake_logit], 1)
+    return D_loss, torch.sigmoid(logit.detach())
+
+
+def g_step(G, D, fake, G_tape, noise):
+    """G's gradients of g_loss, D scoring G's samples fake (G's output, with G's tape) plus their input noise;
+    D's weights are left alone."""
+    logit, D_tape = forward(D, plus(fake.detach(), noise), inputs=True)
+    G_loss, (grad_logit,) = loss_and_logit_grads(g_loss, logit)
+    grad_fake = backward(D, [logit], D_tape, [grad_logit], weights=False, inputs=True)
+    backward(G, [fake], G_tape, [grad_fake])
+    return G_loss
+
+
+def clip_gradients(side, max_norm):
+    """Scale each network's gradient to norm max_norm where it is longer (torch.nn.utils.clip_grad_norm_ on each
+    network of the side on its own)."""
+    grads = [p.grad for p in side['model'].parameters()]
+    norms = torch.stack([g.flatten(1).square().sum(1) for g in grads]).sum(0).sqrt()
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.view(-1, *[1] * (g.dim() - 1)))
+
+
+def train_step(G, D, z, x, noise=(None, None, None), clip=0.0):
+    """One GAP iteration for every pair at once: a D step, then a G step against the just-updated D. z and x:
+    (batch, dim) shared by every pair, or (n_pairs, batch, dim) each pair its own; noise: what is added to D's
+    real, fake and G-step inputs. Pair i's losses reach only pair i's networks.
+
+    Returns (n_pairs, 4): D_loss, G_loss, mean D(x), mean D(G(z)) of the D step."""
+    fake, G_tape = forward(G, z)  # each G runs once; the G step below reuses it
+    D_loss, D_prob = d_step(D, x, fake.detach(), noise)
+    if clip:
+        clip_gradients(D, clip)
+    D['solver'].step()
+    G_loss = g_step(G, D, fake, G_tape, noise[2])
+    if clip:
+        clip_gradients(G, clip)
+    G['solver'].step()
+    batch = fake.shape[1]
+    return torch.stack([D_loss, G_loss, D_prob[:, :batch].mean((1, 2)), D_prob[:, batch:].mean((1, 2))], 1)
+
+
+# ------------------------------------------------------------------------------------
+# the GAP swap
+
+def swaps_at(it, cfg):
+    """Whether the discriminators change partners after iteration it: every K iterations (K=0: never). The one
+    place that says so: the loop, the CUDA-graph planner and losses.png ask it. A random schedule stays
+    resumable when it draws from random_stream(cfg, it, 'swap')."""
+    return cfg['K'] > 0 and it > 0 and it % cfg['K'] == 0
+
+
+def random_stream(cfg, it, purpose):
+    """A generator seeded by the run's seed, the iteration and a purpose alone: a resumed run draws the same."""
+    return torch.Generator().manual_seed((cfg['seed'] * 1_000_003 + it) * 31 + zlib.crc32(purpose.encode()) % 31)
+
+
+def new_partners(cfg, it):
+    """The pairing after a swap at iteration it: generator i gets the discriminator at partners[i].
+
+    'derangement': a random permutation in which no discriminator stays with its generator (with two pairs, an
+    exchange); 'matching': the paper's Algorithm 1, n_pairs/2 random pairs (i, j) drawn without replacement
+    exchange their discriminators (with an odd number of pairs, one sits the swap out)."""
+    n, rng = cfg['n_pairs'], random_stream(cfg, it, 'swap')
+    if cfg['swap'] == 'matching':
+        order, partners = torch.randperm(n, generator=rng), torch.arange(n)
+        partners[order[0:n - 1:2]], partners[order[1:n:2]] = order[1:n:2], order[0:n - 1:2]
+        return partners
+    while True:
+        partners = torch.randperm(n, generator=rng)
+        if (partners != torch.arange(n)).all():
+            return partners
+
+
+@torch.no_grad()
+def swap_discriminators(D, partners, procs=None):
+    """Each discriminator, with its Adam state (and running statistics), moves to another generator:
+    generator i now trains against the discriminator that was at partners[i].
+
+    Across processes (procs), each process first gathers every process's discriminators,
+    then keeps the ones its own generators get."""
+    take = partners if procs is None else partners[procs.slots]
+    gather = (lambda t: t) if procs is None else procs.gather
+    model = D['model']
+    dev = next(model.parameters()).device
+    take = take.pin_memory().to(dev, non_blocking=True) if dev.type == 'cuda' else take  # no host sync
+    for p in model.parameters():
+        state = D['solver'].state[p]  # Adam's 'step' is the same for every discriminator
+        for tensor in (p, state['exp_avg'], state['exp_avg_sq']):
+            tensor.copy_(gather(tensor)[take])
+    for buffer in model.buffers():
+        buffer.copy_(gather(buffer)[take])
+
+
+def after_swap(pairing, partners):
+    """Which discriminator each generator trains against after a swap (pairing[i]: the pair that discriminator
+    started in): slot i now holds the one that was in slot partners[i]."""
+    return [pairing[j] for j in partners.tolist()]
+
+
+# ------------------------------------------------------------------------------------
+# the training loop
+
+def draw_noise(cfg, batch, rng, dtype):
+    """Each generator's noise from its prior: (n_pairs, batch, z_dim), or (1, batch, z_dim) shared by every pair."""
+    n = cfg['n_pairs']
+    shape = (n if cfg['own_noise'] else 1, batch, cfg['z_dim'])
+    gaussian = lambda: torch.randn(shape, generator=rng, device=rng.device, dtype=dtype)
+    uniform = lambda: torch.rand(shape, generator=rng, device=rng.device, dtype=dtype) * 2 - 1
+    if cfg['prior'] != 'mixed':
+        return gaussian() if cfg['prior'] == 'gaussian' else uniform()
+    first, rest = gaussian().expand(n, -1, -1), uniform().expand(n, -1, -1)
+    return torch.cat([first[:n // 2], rest[n // 2:]])  # the first half of the pairs Gaussian, the rest uniform
+
+
+def input_noise_of(cfg, it, x_dim, rng, dtype):
+    """The noise added to D's real, fake and G-step inputs at iteration it: std input_noise decaying linearly to 0
+    at the last iteration, each pair its own draws; (None, None, None) without."""
+    if not cfg['input_noise']:
+        return None, None, None
+    std = cfg['input_noise'] * (1 - it / max(cfg['iterations'] - 1, 1))
+    return tuple(std * torch.randn(cfg['n_pairs'], cfg['mb_size'], x_dim, generator=rng, device=rng.device,
+                                   dtype=dtype) for _ in range(3))
+
+
+def gap_iteration(it, G, D, batches, noise, cfg, procs=None):
+    """Iteration it of the training loop: fresh noise and a batch, every pair's step, and a swap where swaps_at
+    says. Returns train_step's stats and the swap's partners (None without a swap). Every process draws every
+    pair's noise and batches, and keeps its own pairs'."""
+    dtype = next(G['model'].parameters()).dtype
+    mine = (lambda t: t) if procs is None or procs.world == 1 else (
+        lambda t: t[procs.slots.to(t.device)] if torch.is_tensor(t) and len(t) == cfg['n_pairs'] else t)
+    z = mine(draw_noise(cfg, cfg['mb_size'], noise, dtype))
+    x = mine(as_inputs(batches.next(), dtype))
+    extra = tuple(mine(t) for t in input_noise_of(cfg, it, x.shape[-1], noise, dtype))
+    stats = train_step(G, D, z, x, extra, cfg['clip'])
+    if not swaps_at(it, cfg):
+        return stats, None
+    partners = new_partners(cfg, it)
+    swap_discriminators(D, partners, procs)
+    return stats, partners
+
+
+def train_loop(cfg, procs, training, G, D, outputs, interrupted):
+    """Train G and D (this process's pairs) from training's next iteration to the last, logging, evaluating
+    and saving on schedule. Returns whether an interrupt stopped it (after a checkpoint)."""
+    log, last, it = training.log, cfg['iterations'] - 1, training.iteration
+    speed, stopping = Speed(it + 1), False
+    advance = iteration_runner(G, D, training.batches, training.noise, cfg, procs)
+    while it < last:
+        stats, partners = advance(it + 1)  # one or more iterations, all but the last quiet
+        log.add(stats)
+        it = training.iteration = it + len(stats)
+        if partners is not None:
+            training.pairing = after_swap(training.pairing, partners)
+            training.swaps.append(it)
+
+        logging = it % cfg['log_every'] == 0 or it == last
+        stopping = procs.anyone(interrupted) if logging or procs.world == 1 else False  # all processes agree
+        if logging:
+            stats = log.unlogged(procs)
+            outputs.stop_if_nonfinite(stats, it - log.n + 1)
+            rate = speed.rate(it)
+            outputs.say(format_log(it, log.close(it, stats), rate, (last - it) / max(rate or 1, 1e-9)))
+        evaluating = cfg['eval_every'] and (it % cfg['eval_every'] == 0 and it > 0 or it == last)
+        saving = it % cfg['sample_every'] == 0 or it == last or stopping
+        if evaluating or saving:
+            with speed.paused():
+                unlogged = log.unlogged(procs)
+                outputs.stop_if_nonfinite(unlogged, it - log.n + 1)
+                collect_pairs(training, G, D, procs)
+                if evaluating:  # before the checkpoint: a resume from an earlier one redoes it
+                    outputs.evaluate(it)
+                if saving:
+                    outputs.save(it, unlogged)
+        if stopping:
+            outputs.say(f'interrupted: checkpoint saved after iteration {it}; continue with --resume=True')
+            break
+    outputs.losses()
+    return stopping
+
+
+# ====================================================================================
+# Support code: the command line, the data, the written-out backward and its start-up check, files and
+# checkpoints, the evaluation, comparing runs, pictures, torchrun's processes, the run, CUDA graphs.
+# ====================================================================================
 
 # ------------------------------------------------------------------------------------
 # command line: --name=value, checked against the default's type
@@ -171,6 +567,10 @@ def check(cfg):
         (cfg['eval_every'] >= 0, 'eval_every must be 0 (never) or a positive number of iterations'),
         (cfg['eval_samples'] >= 2, 'eval_samples must be at least 2'),
         (cfg['dtype'] in ('float32', 'float64'), "dtype must be 'float32' or 'float64'"),
+        (cfg['prior'] in ('gaussian', 'uniform', 'mixed'), "prior must be 'gaussian', 'uniform' or 'mixed'"),
+        (cfg['swap'] in ('derangement', 'matching'), "swap must be 'derangement' or 'matching'"),
+        (cfg['input_noise'] >= 0 and math.isfinite(cfg['input_noise']), 'input_noise must be 0 (none) or a positive std'),
+        (cfg['clip'] >= 0 and math.isfinite(cfg['clip']), 'clip must be 0 (never) or a positive gradient norm'),
         (re.fullmatch(r'auto|cpu|cuda(:\d+)?', cfg['device']) is not None,
          "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
         (not cfg['device'].startswith('cuda') or torch.cuda.is_available(),
@@ -185,6 +585,7 @@ def parse_args(argv):
     """The hyperparameters: the defaults above, overridden by --name=value arguments."""
     table = hyperparameters()
     cfg = {name: default for name, default, _ in table}
+    given = set()
     for arg in argv:
         if arg in ('-h', '--help'):
             print(__doc__.strip() + '\n\nhyperparameters (--name=value):')
@@ -195,6 +596,9 @@ def parse_args(argv):
         if not (arg.startswith('--') and eq and name in cfg):
             refuse(f'unknown argument {arg!r}: use --name=value with a name from: {", ".join(cfg)}')
         cfg[name] = convert(name, text, cfg[name])
+        given.add(name)
+    if cfg['paper']:  # the paper's conditions, where the command line does not say otherwise
+        cfg.update({name: value for name, value in PAPER.items() if name not in given})
     check(cfg)
     return cfg
 
@@ -221,12 +625,17 @@ def load_images(dataset, root, train=True):
 
 
 def mixture(dataset):
-    """Centres (modes, 2) and standard deviation of a 2-D Gaussian mixture, as the mode-collapse literature
-    defines them: 8 Gaussians on a circle of radius 2 with std 0.02, or 25 on the grid {-4,-2,0,2,4}^2 with
-    std 0.05, in their own coordinates (the generators of 2-D data have a linear output)."""
+    """Centres (modes, 2) and standard deviation of a 2-D Gaussian mixture, as the literature defines them: 8
+    Gaussians on a circle of radius 2 with std 0.02; 25 on the grid {-4,-2,0,2,4}^2 with std 0.05; or R15
+    (Veenman et al. 2002) in its own coordinates: one Gaussian at (10, 9.96), 7 at radius 2.025 and 7 at radius
+    6.4 around it, both rings at angles k*360/7, std 0.3 (the generators of 2-D data have a linear output)."""
     if dataset == 'ring8':
         angle = torch.arange(8) * 2 * math.pi / 8
         return 2 * torch.stack([angle.cos(), angle.sin()], 1), 0.02
+    if dataset == 'r15':
+        angle = torch.arange(7) * 2 * math.pi / 7
+        ring = torch.stack([angle.cos(), angle.sin()], 1)
+        return torch.tensor([10.0, 9.96]) + torch.cat([torch.zeros(1, 2), 2.025 * ring, 6.4 * ring]), 0.3
     axis = torch.arange(-4, 5, 2.0)
     return torch.cartesian_prod(axis, axis), 0.05
 
@@ -237,6 +646,11 @@ def sample_mixture(dataset, n, seed):
     centres, std = mixture(dataset)
     modes = torch.randint(len(centres), (n,), generator=rng)
     return centres[modes] + std * torch.randn(n, 2, generator=rng), modes
+
+
+def data_dim(dataset):
+    """The size of one example: 784 pixels, or a 2-D point."""
+    return 2 if dataset in MIXTURES else 784
 
 
 def training_data(cfg):
@@ -287,80 +701,47 @@ class Batches:
         self.order, self.pos = state['order'].to(self.data.device), state['pos']
 
 
+class PairBatches:
+    """Each pair's own minibatches (own_noise): one Batches per pair, each with its own shuffle; (n_pairs, batch, ...)."""
+
+    def __init__(self, data, mb_size, seeds):
+        self.data, self.each = data, [Batches(data, mb_size, seed) for seed in seeds]
+
+    def next(self):
+        return torch.stack([batches.next() for batches in self.each])
+
+    def state_dict(self):
+        return {'each': [batches.state_dict() for batches in self.each]}
+
+    def load_state_dict(self, state):
+        for batches, saved in zip(self.each, state['each']):
+            batches.load_state_dict(saved)
+
+
+def make_batches(data, cfg, seed):
+    """One shuffle shared by every pair, or each pair its own (own_noise)."""
+    if not cfg['own_noise']:
+        return Batches(data, cfg['mb_size'], seed)
+    return PairBatches(data, cfg['mb_size'], [seed + 1_000_003 * (k + 1) for k in range(cfg['n_pairs'])])
+
+
 def as_inputs(batch, dtype):
-    """A batch as network inputs in [0, 1]. Images stay uint8 until a batch is drawn, which quarters their memory."""
-    return batch.to(dtype) / 255 if batch.dtype == torch.uint8 else batch.to(dtype)
+    """A batch as network inputs: image pixels in PIXELS, 2-D points as they are. Images stay uint8 until a batch is
+    drawn, which quarters their memory."""
+    if batch.dtype != torch.uint8:
+        return batch.to(dtype)
+    low, high = PIXELS
+    return batch.to(dtype) / 255 if (low, high) == (0.0, 1.0) else batch.to(dtype) * ((high - low) / 255) + low
+
+
+def as_unit_pixels(samples):
+    """Generated images as pixels in [0, 1], as the classifier and the pictures take them."""
+    low, high = PIXELS
+    return (samples - low) / (high - low)
 
 
 # ------------------------------------------------------------------------------------
-# networks: all pairs' networks of one side held as one stack of weights
-
-def activation(pre):
-    """Every hidden layer's activation, in place. Edit it together with activation_backward: the start-up check
-    (check_backward) stops a run whose written-out backward no longer matches."""
-    return pre.relu_()
-
-
-def activation_backward(grad, out):
-    """d(loss)/d(pre-activation) from d(loss)/d(activation) and the activation's output: aten's one-kernel ReLU
-    derivative, grad * (out > 0)."""
-    return torch.ops.aten.threshold_backward(grad, out, 0)
-
-
-class Stack(nn.Module):
-    """n copies of the MLP n_in -> [n_hidden -> activation] x layers -> n_out, network i being slice i.
-
-    Holding the pairs' networks as stacked weights lets every pair run in the same
-    batched matrix product; per pair the maths is exactly nn.Sequential(Linear, ReLU, ...,
-    Linear), initialised the way nn.Linear is. Layer k's weights are Wk (n, in, out) and bk
-    (n, 1, out). The backward pass is written out (a handful of products per layer), which
-    computes only the gradients that are used and runs about 1.4x faster than autograd at
-    this size; check_backward pins it to autograd at every start, and the tests too."""
-
-    def __init__(self, n, n_in, n_hidden, n_out, layers=1):
-        super().__init__()
-        sizes = [n_in] + [n_hidden] * layers + [n_out]
-        for k, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:]), 1):
-            bound = 1 / math.sqrt(fan_in)
-            for name, shape in ((f'W{k}', (n, fan_in, fan_out)), (f'b{k}', (n, 1, fan_out))):
-                self.register_parameter(name, nn.Parameter(torch.empty(shape).uniform_(-bound, bound), requires_grad=False))
-
-    def layers(self):
-        """(W, b) of each layer, input to output."""
-        p = self._parameters  # not getattr: nn.Module's attribute lookup costs microseconds, and this runs often
-        return [(p[f'W{k}'], p[f'b{k}']) for k in range(1, len(p) // 2 + 1)]
-
-    def expand(self, x):
-        """A (batch, n_in) input shared by every network, as (n, batch, n_in)."""
-        return x.expand(len(self.W1), *x.shape[-2:])
-
-    def sizes(self):
-        """(n_in, n_out) of each network."""
-        return self.W1.shape[1], self.layers()[-1][0].shape[2]
-
-    def forward(self, x):
-        """(output, hidden activations) for x: (n, batch, n_in), or (batch, n_in) shared by every network."""
-        *hidden_layers, (W_out, b_out) = self.layers()
-        h, hidden = self.expand(x), []
-        for W, b in hidden_layers:
-            h = activation(torch.baddbmm(b, h, W))
-            hidden.append(h)
-        return torch.baddbmm(b_out, h, W_out), hidden
-
-    def backward(self, x, hidden, grad_output, weights=True, inputs=False):
-        """Given d(loss)/d(output), write d(loss)/d(weight) into each weight's .grad (if weights)
-        and return d(loss)/d(x) (if inputs)."""
-        layer_inputs, grad = [self.expand(x), *hidden], grad_output
-        for k, (W, b) in reversed(list(enumerate(self.layers()))):
-            if weights:
-                torch.bmm(layer_inputs[k].transpose(1, 2), grad, out=W.grad)
-                torch.sum(grad, 1, keepdim=True, out=b.grad)
-            if k > 0:
-                grad = activation_backward(torch.bmm(grad, W.transpose(1, 2)), layer_inputs[k])
-            elif inputs:
-                return torch.bmm(grad, W.transpose(1, 2))
-        return None
-
+# the written-out backward: where the start-up check confirms it, it trains instead of autograd
 
 class Adam(torch.optim.Adam):
     """torch's fused Adam without the generic Optimizer.step bookkeeping (hooks, profiler records,
@@ -370,7 +751,8 @@ class Adam(torch.optim.Adam):
     def __init__(self, params, lr, beta1):
         super().__init__(params, lr=lr, betas=(beta1, 0.999), fused=True)
 
-    def step(self):  # no torch.no_grad() needed: no weight here requires grad
+    @torch.no_grad()  # for the weights that autograd trains
+    def step(self):
         group = self.param_groups[0]
         params = group['params']
         if not self.state:
@@ -383,54 +765,6 @@ class Adam(torch.optim.Adam):
                            beta1=group['betas'][0], beta2=group['betas'][1], weight_decay=group['weight_decay'],
                            eps=group['eps'], maximize=False)
     step.hooked = True  # tells Optimizer not to wrap step in its hook and profiler layer
-
-
-def make_side(n, n_in, n_out, cfg, dev, dtype, output='linear'):
-    """One side of the pairs (all generators, or all discriminators):
-    {'model': stacked networks, 'solver': Adam, 'output': 'sigmoid' or 'linear', the output layer}.
-
-    One Adam over the stack is one Adam per network: Adam's update is elementwise."""
-    model = Stack(n, n_in, cfg['h_dim'], n_out, cfg['layers']).to(dev, dtype)
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    return {'model': model, 'solver': Adam(model.parameters(), lr=cfg['lr'], beta1=cfg['beta1']), 'output': output}
-
-
-def generator_output(cfg):
-    """The generators' output layer: a sigmoid makes pixels in [0, 1]; 2-D points are the output itself."""
-    return 'linear' if cfg['dataset'] in MIXTURES else 'sigmoid'
-
-
-def make_pairs(cfg, x_dim, dev, dtype):
-    """G: noise -> samples; D: samples -> logit of P(real)."""
-    G = make_side(cfg['n_pairs'], cfg['z_dim'], x_dim, cfg, dev, dtype, generator_output(cfg))
-    D = make_side(cfg['n_pairs'], x_dim, 1, cfg, dev, dtype)
-    return G, D
-
-
-def generate(G, z):
-    """Each generator's samples of the noise z, (n_pairs, batch, x_dim) (pixels in [0, 1]), and G's hidden layers."""
-    out, hidden = G['model'](z)
-    return (out.sigmoid_() if G['output'] == 'sigmoid' else out), hidden
-
-
-def output_backward(G, grad, samples):
-    """d(loss)/d(G's output layer) from d(loss)/d(samples): the derivative of generate's output function."""
-    return torch.ops.aten.sigmoid_backward(grad, samples) if G['output'] == 'sigmoid' else grad
-
-
-# ------------------------------------------------------------------------------------
-# the GAN losses, from D's logits: log D = -softplus(-logit), log(1 - D) = -softplus(logit),
-# so they cannot overflow to inf or NaN the way log(sigmoid) can.
-
-def d_loss(real_logit, fake_logit):
-    """-mean(log D(x) + log(1 - D(G(z)))), one value per pair."""
-    return F.softplus(-real_logit).mean((1, 2)) + F.softplus(fake_logit).mean((1, 2))
-
-
-def g_loss(fake_logit):
-    """-mean(log D(G(z))), one value per pair (the non-saturating generator loss)."""
-    return F.softplus(-fake_logit).mean((1, 2))
 
 
 # The gradients of the two losses above, written out: (D - 1) / batch on real logits, D / batch on fake ones
@@ -456,212 +790,117 @@ def check_losses():
             verified_closed_forms[loss] = CLOSED_FORMS[loss.__name__]
 
 
-def loss_and_logit_grads(loss, *logits):
-    """A loss (one value per pair) and its gradients with respect to the logits, by autograd on those small
-    tensors (or the closed form that check_losses verified for it): whatever d_loss and g_loss say is what
-    trains. Each pair's loss depends on its own logits only, so the gradient of the sum is every pair's own."""
-    if loss in verified_closed_forms:
-        return loss(*logits), verified_closed_forms[loss](*logits)
-    leaves = [logit.detach().requires_grad_() for logit in logits]
-    with torch.enable_grad():
-        value = loss(*leaves)
-        return value.detach(), torch.autograd.grad(value.sum(), leaves)
+def linear_backward(layer, x, y, grad, weights, need_input):
+    if weights:
+        torch.bmm(x.transpose(1, 2), grad, out=layer.weight.grad)
+        torch.sum(grad, 1, keepdim=True, out=layer.bias.grad)
+    return torch.bmm(grad, layer.weight.transpose(1, 2)) if need_input else None
 
 
-def d_backward(D, x, fake):
-    """D's gradients of d_loss on the real batch x (batch, x_dim) and the fakes (n_pairs, batch, x_dim), in one
-    pass over both. Returns D_loss and D's logits (n_pairs, 2 * batch, 1), real ones first."""
-    both = torch.cat([x.expand(len(fake), -1, -1), fake], 1)
-    logit, hidden = D['model'](both)
-    D_loss, grads = loss_and_logit_grads(d_loss, logit[:, :len(x)], logit[:, len(x):])
-    D['model'].backward(both, hidden, torch.cat(grads, 1))
-    return D_loss, logit
+# d(loss)/d(a layer's input) from d(loss)/d(its output), given its input x and output y, for the layers that have
+# one written out (a handful of products: about 1.4x faster than autograd at this size). Activations use y only,
+# so they may run in place. check_backward tries these against autograd at every start.
+WRITTEN_OUT = {
+    Linear: linear_backward,
+    nn.ReLU: lambda layer, x, y, grad, *_: torch.ops.aten.threshold_backward(grad, y, 0),
+    nn.LeakyReLU: lambda layer, x, y, grad, *_: torch.ops.aten.leaky_relu_backward(grad, y, layer.negative_slope, True),
+    nn.Sigmoid: lambda layer, x, y, grad, *_: torch.ops.aten.sigmoid_backward(grad, y),
+    nn.Tanh: lambda layer, x, y, grad, *_: torch.ops.aten.tanh_backward(grad, y),
+}
+written_out_confirmed = {}  # 'G' or 'D' -> True where check_backward confirmed the written-out backward
 
 
-def g_backward(G, D, z, fake, G_hidden):
-    """G's gradients of g_loss, D scoring G's samples fake = generate(G, z); D's weights are left alone."""
-    logit, D_hidden = D['model'](fake)
-    G_loss, (grad_logit,) = loss_and_logit_grads(g_loss, logit)
-    grad_fake = D['model'].backward(fake, D_hidden, grad_logit, weights=False, inputs=True)
-    G['model'].backward(z, G_hidden, output_backward(G, grad_fake, fake))
-    return G_loss
+def forward_saving(model, x):
+    """model's output on x, and every layer's input and output (what backward_written_out needs)."""
+    outputs = [x.expand(model.n_pairs, *x.shape[-2:])]
+    for layer in model:
+        outputs.append(layer.forward(outputs[-1]))
+    return outputs[-1], outputs
 
 
-def train_step(G, D, z, x):
-    """One GAP iteration for every pair at once: a D step, then a G step against the just-updated D.
-    Pair i's losses reach only pair i's networks, and nothing leaks from one step into the next.
-
-    Returns (n_pairs, 4): D_loss, G_loss, mean D(x), mean D(G(z)) of the D step."""
-    fake, G_hidden = generate(G, z)  # each G runs once; the G step below reuses it
-    D_loss, logit = d_backward(D, x, fake)
-    D['solver'].step()
-    G_loss = g_backward(G, D, z, fake, G_hidden)
-    G['solver'].step()
-    D_prob = torch.sigmoid(logit)
-    return torch.stack([D_loss, G_loss, D_prob[:, :len(x)].mean((1, 2)), D_prob[:, len(x):].mean((1, 2))], 1)
+def backward_written_out(model, outputs, grad, weights=True, inputs=False):
+    """Given d(loss)/d(output), write d(loss)/d(weight) into each weight's .grad (if weights) and return
+    d(loss)/d(x) (if inputs), layer by layer from the output back."""
+    layers = list(model)
+    for k in range(len(layers) - 1, -1, -1):
+        if k == 0 and not (inputs or weights):
+            break
+        grad = WRITTEN_OUT[type(layers[k])](layers[k], outputs[k], outputs[k + 1], grad, weights, k > 0 or inputs)
+    return grad if inputs else None
 
 
-def check_backward(cfg):
-    """Stop when the written-out backward no longer matches the forward maths, e.g. after an edit of activation,
-    Stack.forward or generate without its backward: both steps' gradients against autograd's on a small
-    float64 case of this run's networks (milliseconds)."""
-    rng = torch.Generator().manual_seed(0)
-    small = {**cfg, 'h_dim': 6}
-    G = make_side(2, 3, 5, small, 'cpu', torch.float64, generator_output(cfg))
-    D = make_side(2, 5, 1, small, 'cpu', torch.float64)
-    z, x = torch.randn(4, 3, generator=rng, dtype=torch.float64), torch.rand(4, 5, generator=rng, dtype=torch.float64)
-    fake, G_hidden = generate(G, z)
-    d_backward(D, x, fake)
-    g_backward(G, D, z, fake, G_hidden)
-    with torch.enable_grad():
-        for p in (*G['model'].parameters(), *D['model'].parameters()):
-            p.requires_grad_(True)
-        fake = generate(G, z)[0]
-        logit = D['model'](torch.cat([x.expand(2, -1, -1), fake.detach()], 1))[0]
-        expected = {'D': torch.autograd.grad(d_loss(logit[:, :4], logit[:, 4:]).sum(), list(D['model'].parameters())),
-                    'G': torch.autograd.grad(g_loss(D['model'](fake)[0]).sum(), list(G['model'].parameters()))}
-    stale = [f'{side}.{name}' for side, nets in (('G', G), ('D', D))
-             for (name, p), grad in zip(nets['model'].named_parameters(), expected[side])
-             if not torch.allclose(p.grad, grad, rtol=1e-7, atol=1e-10)]
-    if stale:
-        sys.exit(f'parallel_gan.py: the written-out backward no longer matches the forward maths: the gradients of '
-                 f'{", ".join(stale)} differ from autograd\'s. If you edited activation, Stack.forward or generate, '
-                 f'edit activation_backward, Stack.backward or output_backward to match.')
+def step_gradients(cfg, x_dim, written_out):
+    """Both sides' gradients after one train_step of small float64 networks built the way this run builds its own
+    (2 pairs, h_dim at most 6), G and D trained by their written-out backward where written_out says; the same
+    weights, data and random draws (dropout's masks too) whatever written_out is."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        saved = dict(written_out_confirmed)
+        written_out_confirmed.clear()
+        written_out_confirmed.update(written_out)
+        try:
+            G, D = make_pairs({**cfg, 'h_dim': min(cfg['h_dim'], 6), 'n_pairs': 2}, x_dim, torch.device('cpu'),
+                              torch.float64, n=2)
+        finally:
+            written_out_confirmed.clear()
+            written_out_confirmed.update(saved)
+        z = torch.randn(2 if cfg['own_noise'] else 1, 4, cfg['z_dim'], dtype=torch.float64)
+        low, high = PIXELS if cfg['dataset'] in IMAGE_DATASETS else (-1, 1)
+        x = low + (high - low) * torch.rand(2 if cfg['own_noise'] else 1, 4, x_dim, dtype=torch.float64)
+        noise = [0.1 * torch.randn(2, 4, x_dim, dtype=torch.float64) if cfg['input_noise'] else None for _ in range(3)]
+        torch.manual_seed(1)  # the draws of random layers
+        train_step(G, D, z, x, noise, cfg['clip'])
+    return {f'{name}.{p}': t.grad for name, side in (('G', G), ('D', D)) for p, t in side['model'].named_parameters()}
 
 
-# ------------------------------------------------------------------------------------
-# the GAP swap
-
-def new_partners(n_pairs, seed, it):
-    """The pairing after a swap at iteration it: generator i gets discriminator partners[i].
-
-    A random permutation in which no discriminator stays with its generator (the paper's
-    random pairing; with two pairs, an exchange), drawn from (seed, it) alone so a resumed
-    run draws the same one."""
-    rng = torch.Generator().manual_seed(seed * 1_000_003 + it)
-    while True:
-        partners = torch.randperm(n_pairs, generator=rng)
-        if (partners != torch.arange(n_pairs)).all():
-            return partners
-
-
-def swap_discriminators(D, partners, procs=None):
-    """Each discriminator, with its Adam state, moves to another generator:
-    generator i now trains against the discriminator that was at partners[i].
-
-    Across processes (procs), each process first gathers every process's discriminators,
-    then keeps the ones its own generators get."""
-    take = partners if procs is None else partners[procs.slots]
-    gather = (lambda t: t) if procs is None else procs.gather
-    dev = D['model'].W1.device
-    take = take.pin_memory().to(dev, non_blocking=True) if dev.type == 'cuda' else take  # no host sync
-    for p in D['model'].parameters():
-        state = D['solver'].state[p]  # Adam's 'step' is the same for every discriminator
-        for tensor in (p, state['exp_avg'], state['exp_avg_sq']):
-            tensor.copy_(gather(tensor)[take])
+def check_backward(cfg, x_dim, say=print):
+    """Decide which side trains by its written-out backward: a side whose every layer has one, and whose gradients,
+    trained so, equal autograd's on small float64 copies of this run's networks (both steps, each side alone).
+    Every other side trains through autograd, and one line says so. Refuses weights without a pairs dimension."""
+    autograd = step_gradients(cfg, x_dim, {})
+    G, D = make_pairs({**cfg, 'h_dim': min(cfg['h_dim'], 6)}, x_dim, torch.device('cpu'), torch.float64, n=2)
+    written_out_confirmed.clear()
+    for name, side in (('G', G), ('D', D)):
+        model = side['model']
+        flat = [f'{name}.{k}' for k, t in (*model.named_parameters(), *model.named_buffers()) if t.shape[:1] != (2,)]
+        if flat:
+            refuse(f'{", ".join(flat)} has no leading pairs dimension: every weight of the networks is '
+                   f'(n_pairs, ...); use Linear, BatchNorm, or PerPair(n, lambda: your_layer)')
+        missing = sorted({type(layer).__name__ for layer in model if type(layer) not in WRITTEN_OUT})
+        if missing or not model.per_example:
+            say(f'{name} trains through autograd ({", ".join(missing) or "batch statistics"} '
+                f'{"has" if len(missing) < 2 else "have"} no written-out backward): roughly {AUTOGRAD_COST} the time '
+                f'of its written-out step')
+            continue
+        trial = step_gradients(cfg, x_dim, {name: True})
+        differ = [k for k in autograd if not torch.allclose(trial[k], autograd[k], rtol=1e-7, atol=1e-10)]
+        if differ:
+            say(f'{name} trains through autograd: its written-out backward differs from autograd\'s for '
+                f'{", ".join(differ)} (mend WRITTEN_OUT for the layer you changed to get the fast step back)')
+        else:
+            written_out_confirmed[name] = True
 
 
-def after_swap(pairing, partners):
-    """Which discriminator each generator trains against after a swap (pairing[i]: the pair that discriminator
-    started in): slot i now holds the one that was in slot partners[i]."""
-    return [pairing[j] for j in partners.tolist()]
+AUTOGRAD_COST = '1.3x'  # autograd's step against the written-out one, default networks on a CPU (tests/benchmark.py)
 
 
-def gap_iteration(it, G, D, batches, noise, cfg, procs=None):
-    """Iteration it of the training loop: fresh noise and a batch, every pair's step, and every
-    K iterations a swap. Returns train_step's stats and the swap's partners (None without a swap)."""
-    dtype = G['model'].W1.dtype
-    z = torch.randn(cfg['mb_size'], cfg['z_dim'], generator=noise, device=noise.device, dtype=dtype)
-    stats = train_step(G, D, z, as_inputs(batches.next(), dtype))
-    swapping = cfg['K'] and it % cfg['K'] == 0 and it != 0  # K=0: never
-    if not swapping:
-        return stats, None
-    partners = new_partners(cfg['n_pairs'], cfg['seed'], it)
-    swap_discriminators(D, partners, procs)
-    return stats, partners
+@contextmanager
+def evaluating(*sides):
+    """The sides' networks in eval mode (dropout off, batch norm's running statistics), then back to training."""
+    for side in sides:
+        side['model'].eval()
+    try:
+        yield
+    finally:
+        for side in sides:
+            side['model'].train()
 
 
-# ------------------------------------------------------------------------------------
-# CUDA graphs: on a GPU the loop is bound by launching small kernels, so stretches of iterations with
-# nothing for the host to do are captured once and replayed. The eager loop stays the definition.
-
-def quiet_stretch(it, cfg, batches):
-    """How many iterations from it on need nothing from the host: no log line, swap, evaluation, sample,
-    checkpoint or last iteration, and no batch that runs into a new epoch (whose shuffle runs eagerly)."""
-    periods = [cfg['log_every'], cfg['sample_every']] + [p for p in (cfg['K'], cfg['eval_every']) if p]
-    return max(0, min(min((-it) % p for p in periods), cfg['iterations'] - 1 - it,
-                      (len(batches.order) - batches.pos) // batches.mb_size))
-
-
-class GraphedIterations:
-    """Iterations as replays of captured CUDA graphs of BLOCKS[k] iterations each: the same kernels as
-    gap_iteration in the same order, reading the noise from the same generator (registered with each graph,
-    so every replay draws what the eager calls would) and the batch rows from a device copy of the epoch's
-    order at a device cursor; so the losses and weights are the eager loop's, bit for bit."""
-    BLOCKS = (64, 16, 4, 1)
-
-    def __init__(self, G, D, batches, noise, cfg):
-        self.G, self.D, self.batches, self.noise, self.cfg = G, D, batches, noise, cfg
-        dev, self.dtype = noise.device, G['model'].W1.dtype
-        self.order = batches.order.clone()  # the current epoch's order, where the graphs read it
-        self.order_of = batches.order  # which of Batches' orders self.order holds
-        self.cursor = torch.zeros((), dtype=torch.long, device=dev)  # batches.pos, on the device
-        self.rows = torch.arange(cfg['mb_size'], device=dev)
-        self.stats = torch.zeros(self.BLOCKS[0], len(G['model'].W1), 4, device=dev, dtype=self.dtype)
-        self.pool, self.graphs = None, {}
-
-    def iterations(self, length):
-        """The work of `length` quiet iterations, all on the device: what a graph captures."""
-        for k in range(length):
-            z = torch.randn(self.cfg['mb_size'], self.cfg['z_dim'], generator=self.noise, device=self.noise.device,
-                            dtype=self.dtype)
-            batch = self.batches.data.index_select(0, self.order.index_select(0, self.cursor + self.rows))
-            self.stats[k] = train_step(self.G, self.D, z, as_inputs(batch, self.dtype))
-            self.cursor += self.cfg['mb_size']
-
-    def capture(self, length):
-        graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(self.noise)  # each replay draws the noise the eager calls would
-        self.pool = self.pool or torch.cuda.graph_pool_handle()  # one memory pool for all the graphs
-        with torch.cuda.graph(graph, pool=self.pool):
-            self.iterations(length)
-        return graph
-
-    def run(self, n):
-        """Run the next n iterations (all quiet); returns their stats, (n, pairs, 4), valid until the next call."""
-        length = next(b for b in self.BLOCKS if b <= n)
-        if self.order_of is not self.batches.order:  # a new epoch began in an eager iteration
-            self.order.copy_(self.batches.order)
-            self.order_of = self.batches.order
-        if length not in self.graphs:
-            self.graphs[length] = self.capture(length)
-        self.cursor.fill_(self.batches.pos)
-        self.graphs[length].replay()
-        self.batches.pos += length * self.cfg['mb_size']
-        return self.stats[:length]
-
-
-def use_cuda_graphs(dev, cfg):
-    """On a GPU unless cuda_graphs=False, and with the shipped losses (an edited loss trains through autograd,
-    eagerly)."""
-    return dev.type == 'cuda' and cfg['cuda_graphs'] and set(verified_closed_forms) == {d_loss, g_loss}
-
-
-def iteration_runner(G, D, batches, noise, cfg, procs):
-    """advance(it) -> (stats of each iteration done, partners of a swap at its last one or None): one eager
-    gap_iteration, or, on a GPU with cuda_graphs, as many quiet iterations as one graph replay does."""
-    graphs = GraphedIterations(G, D, batches, noise, cfg) if use_cuda_graphs(noise.device, cfg) else None
-    warmed_up = []  # capture only after an eager iteration in this process: Adam's state, cuBLAS's set-up
-
-    def advance(it):
-        quiet = quiet_stretch(it, cfg, batches) if graphs and warmed_up else 0
-        if quiet:
-            return graphs.run(quiet), None
-        stats, partners = gap_iteration(it, G, D, batches, noise, cfg, procs)
-        warmed_up[:] = [True]
-        return stats[None], partners
-    return advance
-
+@torch.no_grad()
+def generate(G, z):
+    """Each generator's samples of the noise z, (n_pairs, batch, x_dim), in eval mode."""
+    with evaluating(G):
+        return G['model'](z)
 
 # ------------------------------------------------------------------------------------
 # files: each written whole or not at all; checkpoints loaded with weights_only=True
@@ -698,6 +937,24 @@ def save_checkpoint(path, state):
 def side_state(side):
     """What a checkpoint keeps of a side: its networks and their Adam state."""
     return {'model': side['model'].state_dict(), 'solver': side['solver'].state_dict()}
+
+
+def weights(side):
+    """A side's first weight: its device and dtype are the side's."""
+    return next(side['model'].parameters())
+
+
+def load_networks(side, saved, where):
+    """Load a side's networks from a checkpoint's weights, or refuse in one line when the script builds networks of
+    other names or shapes than those the checkpoint holds (an edited network, other hyperparameters)."""
+    mine = side['model'].state_dict()
+    differ = [f'{k} {tuple(saved[k].shape) if k in saved else "absent"} there, '
+              f'{tuple(mine[k].shape) if k in mine else "absent"} here'
+              for k in sorted(set(mine) | set(saved)) if k not in mine or k not in saved or mine[k].shape != saved[k].shape]
+    if differ:
+        refuse(f'{where} holds other networks than this script builds ({"; ".join(differ[:3])}'
+               f'{"; ..." if len(differ) > 3 else ""})')
+    side['model'].load_state_dict(saved)
 
 
 def load_checkpoint(path, cfg, dev):
@@ -856,14 +1113,16 @@ def mixture_metrics(points, dataset, real_stats):
 def cross_scores(D, samples):
     """The paper's cross-scoring (GAM-II style): scores[d, g] = mean D_d(G_g(z)), every discriminator's mean
     output on every generator's samples; rows follow the discriminators' slots."""
-    return torch.stack([torch.sigmoid(D['model'](s)[0]).mean((1, 2)) for s in samples], 1).double().cpu()
+    with evaluating(D):
+        return torch.stack([torch.sigmoid(D['model'](s)).mean((1, 2)) for s in samples], 1).double().cpu()
 
 
 @torch.no_grad()
 def judge_real(D, points, chunk=1000):
     """Each discriminator's mean D(x) and its accuracy (the share it takes for real, D > 0.5) on real points
     (N, x_dim): two (n_pairs,) tensors, in slot order."""
-    prob = torch.cat([torch.sigmoid(D['model'](part)[0]) for part in points.split(chunk)], 1)
+    with evaluating(D):
+        prob = torch.cat([torch.sigmoid(D['model'](part)) for part in points.split(chunk)], 1)
     return prob.mean((1, 2)).double().cpu(), (prob > 0.5).double().mean((1, 2)).cpu()
 
 
@@ -895,13 +1154,12 @@ class Evaluator:
         rng = torch.Generator(device=self.dev).manual_seed(self.cfg['seed'] * 1_000_003 + it + 7)  # training RNGs untouched
         chunks, probs, features, samples = [], [], [], []
         for n in torch.arange(self.cfg['eval_samples']).split(1000):
-            z = torch.randn(len(n), self.cfg['z_dim'], generator=rng, device=self.dev, dtype=self.dtype)
-            fake = generate(G, z)[0]
+            fake = generate(G, draw_noise(self.cfg, len(n), rng, self.dtype))
             chunks.append(cross_scores(D, fake) * len(n))
             if self.classifier is None:
                 samples.append(fake.cpu())
             else:
-                p, f = zip(*(classify(self.classifier, g) for g in fake))
+                p, f = zip(*(classify(self.classifier, g) for g in as_unit_pixels(fake)))
                 probs.append(torch.stack(p))
                 features.append(torch.stack(f))
         by_slot = sum(chunks) / self.cfg['eval_samples']
@@ -1008,29 +1266,30 @@ def configurations(runs):
     return [' '.join(f'{k}={state["hyperparameters"][k]}' for k in keys) or 'all runs' for _, state in runs]
 
 
-def restore_pairs(state, dev):
+def restore_pairs(state, dev, where):
     """A run's generators and discriminators from its checkpoint, and each discriminator slot's starting pair."""
     hp = state['hyperparameters']
-    G, D = make_pairs(hp, state['D']['model']['W1'].shape[1], dev, getattr(torch, hp['dtype']))
-    G['model'].load_state_dict(state['G']['model'])
-    D['model'].load_state_dict(state['D']['model'])
+    G, D = make_pairs(hp, data_dim(hp['dataset']), dev, getattr(torch, hp['dtype']))
+    load_networks(G, state['G']['model'], where)
+    load_networks(D, state['D']['model'], where)
     return G, D, list(state['pairing'])
 
 
 @torch.no_grad()
-def pool_errors(pairs, z, chunk=1000):
-    """errors[d, g]: the share of generator g's samples (of the noise z) that discriminator d takes for real,
+def pool_errors(pairs, noises, chunk=1000):
+    """errors[d, g]: the share of generator g's samples (of its run's noise) that discriminator d takes for real,
     D > 0.5, over every discriminator and every generator of every run, in run order."""
     Ds = [D for _, D, _ in pairs]
     columns = []
-    for G, _, _ in pairs:
+    for (G, _, _), z in zip(pairs, noises):
         fooled = 0
-        for part in z.split(chunk):
-            fake = generate(G, part.to(G['model'].W1))[0]  # (generators, chunk, x_dim)
-            fooled = fooled + torch.stack([torch.cat([(torch.sigmoid(D['model'](sample.to(D['model'].W1))[0]) > 0.5)
-                                                      .sum((1, 2)) for D in Ds]) for sample in fake], 1)
+        for part in z.split(chunk, dim=1):
+            fake = generate(G, part)  # (generators, chunk, x_dim)
+            with evaluating(*Ds):
+                fooled = fooled + torch.stack([torch.cat([(torch.sigmoid(D['model'](sample.to(weights(D)))) > 0.5)
+                                                          .sum((1, 2)) for D in Ds]) for sample in fake], 1)
         columns.append(fooled)
-    return torch.cat(columns, 1).double().cpu() / len(z)
+    return torch.cat(columns, 1).double().cpu() / noises[0].shape[1]
 
 
 def compare_runs(cfg):
@@ -1041,14 +1300,15 @@ def compare_runs(cfg):
         torch.set_num_threads(cfg['threads'])
     runs = find_runs(folder)
     configs = configurations(runs)
-    pairs = [restore_pairs(state, dev) for _, state in runs]
+    pairs = [restore_pairs(state, dev, os.path.join(folder, name, 'checkpoint.pt')) for name, state in runs]
     hp = runs[0][1]['hyperparameters']
     print(f'comparing {len(runs)} runs ({sum(len(p) for _, _, p in pairs)} generators, as many discriminators) '
           f'on {cfg["eval_samples"]} samples per generator', flush=True)
-    z = torch.randn(cfg['eval_samples'], hp['z_dim'], generator=torch.Generator().manual_seed(cfg['seed']))
-    errors = pool_errors(pairs, z)
+    noises = [draw_noise(state['hyperparameters'], cfg['eval_samples'], torch.Generator().manual_seed(cfg['seed']),
+                         weights(G).dtype).to(dev) for (_, state), (G, _, _) in zip(runs, pairs)]  # each run's prior
+    errors = pool_errors(pairs, noises)
     real = held_out_data(hp, cfg['eval_samples'])
-    real_error = torch.cat([1 - judge_real(D, as_inputs(real.to(dev), D['model'].W1.dtype))[1] for _, D, _ in pairs])
+    real_error = torch.cat([1 - judge_real(D, as_inputs(real.to(dev), weights(D).dtype))[1] for _, D, _ in pairs])
     run_of = torch.tensor([r for r, (_, _, pairing) in enumerate(pairs) for _ in pairing])
     names = [(f'{runs[r][0]}:G{i + 1}', f'{runs[r][0]}:D{pairing[i] + 1}') for r, (_, _, pairing) in enumerate(pairs)
              for i in range(len(pairing))]
@@ -1131,13 +1391,13 @@ def save_samples(path, samples, it, pairing, real=None):
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis('off')
-    for i, points in enumerate(samples.cpu().float()):
+    for i, points in enumerate((samples if real is not None else as_unit_pixels(samples)).cpu().float()):
         ax = axes.flat[i]
         if real is None:
             grid = torch.ones(4 * 30 - 2, 4 * 30 - 2)
             for k, image in enumerate(points[:16].reshape(16, 28, 28)):
                 grid[30 * (k // 4):30 * (k // 4) + 28, 30 * (k % 4):30 * (k % 4) + 28] = image
-            ax.imshow(grid.numpy(), cmap='Greys_r', vmin=0, vmax=1)
+            ax.imshow(grid.numpy(), cmap='Greys_r', vmin=0, vmax=1)  # pixels in [0, 1] (as_unit_pixels)
         else:
             ax.scatter(*real[:2000].T.numpy(), s=1, c='lightgrey')
             ax.scatter(*points.T.numpy(), s=1, c='C3')
@@ -1170,15 +1430,14 @@ def save_comparison_plot(path, errors, config_of_column):
     save_figure(fig, path)
 
 
-def save_losses(path, history, n_pairs, K):
-    """Each pair's D and G loss over the run (means over each log interval), with the swaps marked."""
+def save_losses(path, history, n_pairs, swaps):
+    """Each pair's D and G loss over the run (means over each log interval), with the swaps (iterations) marked."""
     plt = pyplot()
     if len(history) == 0:
         return
     its = history[:, 0].numpy()
     stats = history[:, 1:].reshape(len(history), n_pairs, 4).numpy()
     fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    swaps = range(K, int(its[-1]) + 1, K) if K else []
     for ax, column, name in ((axes[0], 0, 'D_loss'), (axes[1], 1, 'G_loss')):
         for i in range(n_pairs):
             ax.plot(its, stats[:, i, column], label=f'pair {i + 1}', lw=1)
@@ -1187,8 +1446,8 @@ def save_losses(path, history, n_pairs, K):
         ax.set_ylabel(name)
         ax.legend(loc='upper right', fontsize=8)
     axes[1].set_xlabel('iteration')
-    title = ('no swaps (K=0)' if not K else f'discriminators swap every K={K} iterations'
-             + (' (grey lines)' if 0 < len(swaps) <= 100 else f' ({len(swaps)} swaps, too dense to draw)'))
+    title = ('no swaps' if not swaps else f'{len(swaps)} swaps of discriminators'
+             + (' (grey lines)' if len(swaps) <= 100 else ', too dense to draw'))
     axes[0].set_title(title)
     fig.tight_layout()
     save_figure(fig, path)
@@ -1286,8 +1545,7 @@ def share_of_process(training, cfg, procs):
     its slots' slices, which collect_pairs gathers back. Every side takes today's --lr (a resume may change it)."""
     G, D = training.G, training.D
     if procs.world > 1:
-        G, D = (make_side(len(procs.slots), *side['model'].sizes(), cfg, procs.device, side['model'].W1.dtype,
-                          side['output']) for side in (G, D))
+        G, D = make_pairs(cfg, data_dim(cfg['dataset']), procs.device, weights(G).dtype, n=len(procs.slots))
         mine = lambda t: t[procs.slots.to(t.device)]
         copy_side(training.G, G, mine)
         copy_side(training.D, D, mine)
@@ -1302,7 +1560,6 @@ def collect_pairs(training, G, D, procs):
     if procs.world > 1:
         copy_side(G, training.G, procs.gather)
         copy_side(D, training.D, procs.gather)
-
 
 # ------------------------------------------------------------------------------------
 # the run
@@ -1412,31 +1669,33 @@ class Training:
 
     def __init__(self, cfg, procs, images, dev, dtype):
         # seeding: one seed, one stream per purpose, the same in every process: the weights from torch's global
-        # generator, the data order seed + 1, the noise seed + 2 (the fixed noise of the samples seed + 3, in Outputs;
-        # each swap's pairing the seed and its iteration, in new_partners)
+        # generator, the data order seed + 1 (each pair's own, with own_noise, in make_batches), the noise and the
+        # input noise seed + 2 (the fixed noise of the samples seed + 3, in Outputs; each swap's pairing the seed
+        # and its iteration, in random_stream)
         seed = cfg['seed']
         torch.manual_seed(seed)
-        self.batches = Batches(used_for_training(images, cfg).to(dev), cfg['mb_size'], seed + 1)
+        self.batches = make_batches(used_for_training(images, cfg).to(dev), cfg, seed + 1)
         self.G, self.D = make_pairs(cfg, images.shape[1], dev, dtype)
         self.noise = torch.Generator(device=dev).manual_seed(seed + 2)
         self.pairing = list(range(cfg['n_pairs']))  # pairing[i]: which discriminator generator i trains against now
+        self.swaps = []  # the iterations after which the discriminators changed partners
         self.log = LossLog(cfg['log_every'], cfg['n_pairs'], procs.slots, dev, dtype)
         self.iteration = -1  # the last iteration done
 
     def state_dict(self, unlogged):
         """unlogged: every pair's stats since the last log line (LossLog.unlogged)."""
-        return {'iteration': self.iteration, 'pairing': self.pairing, **self.log.state_dict(unlogged),
-                'G': side_state(self.G), 'D': side_state(self.D), 'noise_rng': self.noise.get_state(),
-                'batches': self.batches.state_dict()}
+        return {'iteration': self.iteration, 'pairing': self.pairing, 'swaps': self.swaps,
+                **self.log.state_dict(unlogged), 'G': side_state(self.G), 'D': side_state(self.D),
+                'noise_rng': self.noise.get_state(), 'batches': self.batches.state_dict()}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state, where):
         for side, saved in ((self.G, state['G']), (self.D, state['D'])):
-            side['model'].load_state_dict(saved['model'])
+            load_networks(side, saved['model'], where)
             side['solver'].load_state_dict(saved['solver'])
         self.noise.set_state(state['noise_rng'])
         self.batches.load_state_dict(state['batches'])
         self.log.load_state_dict(state)
-        self.pairing, self.iteration = state['pairing'], state['iteration']
+        self.pairing, self.iteration, self.swaps = state['pairing'], state['iteration'], state.get('swaps', [])
 
 
 class Outputs:
@@ -1444,12 +1703,11 @@ class Outputs:
     fixed noise, evaluations (metrics.csv, metrics.png), the checkpoint and losses.png."""
 
     def __init__(self, cfg, procs, training, images, labels):
-        dev, dtype = training.noise.device, training.G['model'].W1.dtype
+        dev, dtype = training.noise.device, weights(training.G).dtype
         self.cfg, self.leader, self.say, self.training = cfg, procs.leader, procs.say, training
         self.real = images[:2000] if cfg['dataset'] in MIXTURES else None  # drawn under 2-D samples
         n_fixed = 16 if self.real is None else 1000  # the same latent points in every sample dump
-        self.fixed_z = torch.randn(n_fixed, cfg['z_dim'],
-                                   generator=torch.Generator().manual_seed(cfg['seed'] + 3)).to(dev, dtype)
+        self.fixed_z = draw_noise(cfg, n_fixed, torch.Generator().manual_seed(cfg['seed'] + 3), torch.float32).to(dev, dtype)
         self.evaluator = Evaluator(cfg, dev, dtype, images, labels) if cfg['eval_every'] and self.leader else None
         if self.evaluator:  # a fresh run starts a fresh file; a resumed one redoes the evaluations after its checkpoint
             write_metrics(self.path('metrics.csv'), [], keep_until=training.iteration)
@@ -1474,13 +1732,13 @@ class Outputs:
         if bad:
             self.stop(f'a weight of {" and ".join(bad)} became non-finite by iteration {it}')
         number = it // self.cfg['sample_every'] + (it % self.cfg['sample_every'] != 0)
-        save_samples(self.path(f'{number:03d}.png'), generate(G, self.fixed_z)[0], it, self.training.pairing, self.real)
+        save_samples(self.path(f'{number:03d}.png'), generate(G, self.fixed_z), it, self.training.pairing, self.real)
         save_checkpoint(checkpoint_path(self.cfg), {'hyperparameters': self.cfg, 'device': self.fixed_z.device.type,
                                                **self.training.state_dict(unlogged)})
 
     def losses(self):
         if self.leader:
-            save_losses(self.path('losses.png'), self.training.log.history, self.cfg['n_pairs'], self.cfg['K'])
+            save_losses(self.path('losses.png'), self.training.log.history, self.cfg['n_pairs'], self.training.swaps)
 
     def stop_if_nonfinite(self, stats, first_it):
         bad = first_nonfinite(stats, first_it)
@@ -1538,8 +1796,8 @@ def interrupts_caught(procs):
 
 def train(cfg):
     check_losses()
-    check_backward(cfg)
     procs = Processes(cfg)
+    check_backward(cfg, data_dim(cfg['dataset']), procs.say)
     try:
         with claim_out_dir(cfg) if procs.leader else nullcontext():  # before any slow step; held until the end
             status = run(cfg, procs)
@@ -1567,7 +1825,7 @@ def run(cfg, procs):
     images, labels = training_data(cfg)
     training = Training(cfg, procs, images, dev, dtype)
     if state:
-        training.load_state_dict(state)
+        training.load_state_dict(state, checkpoint_path(cfg))
         say(f'resumed from {checkpoint_path(cfg)} after iteration {state["iteration"]}')
         if state['iteration'] + 1 >= cfg['iterations']:
             say(f'nothing to train: the run already reached --iterations={cfg["iterations"]}; raise it to go on')
@@ -1581,42 +1839,87 @@ def run(cfg, procs):
     return 130 if stopped else 0
 
 
-def train_loop(cfg, procs, training, G, D, outputs, interrupted):
-    """Train G and D (this process's pairs) from training's next iteration to the last, logging, evaluating
-    and saving on schedule. Returns whether an interrupt stopped it (after a checkpoint)."""
-    log, last, it = training.log, cfg['iterations'] - 1, training.iteration
-    speed, stopping = Speed(it + 1), False
-    advance = iteration_runner(G, D, training.batches, training.noise, cfg, procs)
-    while it < last:
-        stats, partners = advance(it + 1)  # one or more iterations, all but the last quiet
-        log.add(stats)
-        it = training.iteration = it + len(stats)
-        if partners is not None:
-            training.pairing = after_swap(training.pairing, partners)
+# ------------------------------------------------------------------------------------
+# CUDA graphs: on a GPU the loop is bound by launching small kernels, so stretches of iterations with
+# nothing for the host to do are captured once and replayed. The eager loop stays the definition.
 
-        logging = it % cfg['log_every'] == 0 or it == last
-        stopping = procs.anyone(interrupted) if logging or procs.world == 1 else False  # all processes agree
-        if logging:
-            stats = log.unlogged(procs)
-            outputs.stop_if_nonfinite(stats, it - log.n + 1)
-            rate = speed.rate(it)
-            outputs.say(format_log(it, log.close(it, stats), rate, (last - it) / max(rate or 1, 1e-9)))
-        evaluating = cfg['eval_every'] and (it % cfg['eval_every'] == 0 and it > 0 or it == last)
-        saving = it % cfg['sample_every'] == 0 or it == last or stopping
-        if evaluating or saving:
-            with speed.paused():
-                unlogged = log.unlogged(procs)
-                outputs.stop_if_nonfinite(unlogged, it - log.n + 1)
-                collect_pairs(training, G, D, procs)
-                if evaluating:  # before the checkpoint: a resume from an earlier one redoes it
-                    outputs.evaluate(it)
-                if saving:
-                    outputs.save(it, unlogged)
-        if stopping:
-            outputs.say(f'interrupted: checkpoint saved after iteration {it}; continue with --resume=True')
-            break
-    outputs.losses()
-    return stopping
+def quiet_stretch(it, cfg, batches):
+    """How many iterations from it on need nothing from the host: no log line, swap, evaluation, sample,
+    checkpoint or last iteration, and no batch that runs into a new epoch (whose shuffle runs eagerly)."""
+    periods = [cfg['log_every'], cfg['sample_every']] + [p for p in (cfg['eval_every'],) if p]
+    horizon = min(min((-it) % p for p in periods), cfg['iterations'] - 1 - it,
+                  (len(batches.order) - batches.pos) // batches.mb_size, GraphedIterations.BLOCKS[0])
+    return max(0, next((k for k in range(horizon) if swaps_at(it + k, cfg)), horizon))
+
+
+class GraphedIterations:
+    """Iterations as replays of captured CUDA graphs of BLOCKS[k] iterations each: the same kernels as
+    gap_iteration in the same order, reading the noise from the same generator (registered with each graph,
+    so every replay draws what the eager calls would) and the batch rows from a device copy of the epoch's
+    order at a device cursor; so the losses and weights are the eager loop's, bit for bit."""
+    BLOCKS = (64, 16, 4, 1)
+
+    def __init__(self, G, D, batches, noise, cfg):
+        self.G, self.D, self.batches, self.noise, self.cfg = G, D, batches, noise, cfg
+        dev, self.dtype = noise.device, weights(G).dtype
+        self.order = batches.order.clone()  # the current epoch's order, where the graphs read it
+        self.order_of = batches.order  # which of Batches' orders self.order holds
+        self.cursor = torch.zeros((), dtype=torch.long, device=dev)  # batches.pos, on the device
+        self.rows = torch.arange(cfg['mb_size'], device=dev)
+        self.stats = torch.zeros(self.BLOCKS[0], G['model'].n_pairs, 4, device=dev, dtype=self.dtype)
+        self.pool, self.graphs = None, {}
+
+    def iterations(self, length):
+        """The work of `length` quiet iterations, all on the device: what a graph captures."""
+        for k in range(length):
+            z = draw_noise(self.cfg, self.cfg['mb_size'], self.noise, self.dtype)
+            batch = self.batches.data.index_select(0, self.order.index_select(0, self.cursor + self.rows))
+            self.stats[k] = train_step(self.G, self.D, z, as_inputs(batch, self.dtype), clip=self.cfg['clip'])
+            self.cursor += self.cfg['mb_size']
+
+    def capture(self, length):
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(self.noise)  # each replay draws the noise the eager calls would
+        self.pool = self.pool or torch.cuda.graph_pool_handle()  # one memory pool for all the graphs
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.iterations(length)
+        return graph
+
+    def run(self, n):
+        """Run the next n iterations (all quiet); returns their stats, (n, pairs, 4), valid until the next call."""
+        length = next(b for b in self.BLOCKS if b <= n)
+        if self.order_of is not self.batches.order:  # a new epoch began in an eager iteration
+            self.order.copy_(self.batches.order)
+            self.order_of = self.batches.order
+        if length not in self.graphs:
+            self.graphs[length] = self.capture(length)
+        self.cursor.fill_(self.batches.pos)
+        self.graphs[length].replay()
+        self.batches.pos += length * self.cfg['mb_size']
+        return self.stats[:length]
+
+
+def use_cuda_graphs(dev, cfg):
+    """On a GPU unless cuda_graphs=False, with the shipped losses and both sides' written-out backward (autograd
+    runs eagerly), and every pair on the same batch and no input noise (whose draws run eagerly)."""
+    return (dev.type == 'cuda' and cfg['cuda_graphs'] and set(verified_closed_forms) == {d_loss, g_loss}
+            and written_out_confirmed == {'G': True, 'D': True} and not cfg['own_noise'] and not cfg['input_noise'])
+
+
+def iteration_runner(G, D, batches, noise, cfg, procs):
+    """advance(it) -> (stats of each iteration done, partners of a swap at its last one or None): one eager
+    gap_iteration, or, on a GPU with cuda_graphs, as many quiet iterations as one graph replay does."""
+    graphs = GraphedIterations(G, D, batches, noise, cfg) if use_cuda_graphs(noise.device, cfg) else None
+    warmed_up = []  # capture only after an eager iteration in this process: Adam's state, cuBLAS's set-up
+
+    def advance(it):
+        quiet = quiet_stretch(it, cfg, batches) if graphs and warmed_up else 0
+        if quiet:
+            return graphs.run(quiet), None
+        stats, partners = gap_iteration(it, G, D, batches, noise, cfg, procs)
+        warmed_up[:] = [True]
+        return stats[None], partners
+    return advance
 
 
 if __name__ == '__main__':

@@ -1,19 +1,23 @@
 """The reference GAP loop written the plain way, to pin parallel_gan.py's behaviour.
 
-One nn.Sequential and one Adam per network; for each pair in order, G runs twice (once
-for the D step, once for the G step), D scores real and fake in separate passes, and
-every network's gradients are zeroed after every step. The losses come from D's logits
-in the same softplus form as parallel_gan.py, so the two can be compared to 1e-9 in
-float64 (GAN training is chaotic: a formula difference of 1e-8 grows tenfold every
-~50 iterations)."""
+One nn.Sequential and one Adam per network; for each pair in order, G makes its samples once
+(as pytorch/examples' DCGAN does), D scores real and fake in separate passes (so batch norm
+normalises each batch on its own), D steps, then G steps against the updated D; every network's
+gradients are zeroed after every step. The paper's conditions are written plainly too: each pair's
+own noise and batch (z and x with a leading pairs dimension), noise added to every D input, and
+torch's clip_grad_norm_ on each network. The losses come from D's logits in the same softplus form
+as parallel_gan.py, so the two can be compared to 1e-9 in float64 (GAN training is chaotic: a
+formula difference of 1e-8 grows tenfold every ~50 iterations)."""
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def mlp(n_in, n_hidden, n_out, layers=1):
+def mlp(n_in, n_hidden, n_out, layers=1, batch_norm=False):
     sizes = [n_in] + [n_hidden] * layers
-    hidden = [m for a, b in zip(sizes, sizes[1:]) for m in (nn.Linear(a, b), nn.ReLU())]
+    hidden = []
+    for a, b in zip(sizes, sizes[1:]):
+        hidden += [nn.Linear(a, b), *([nn.BatchNorm1d(b)] if batch_norm else []), nn.ReLU()]
     return nn.Sequential(*hidden, nn.Linear(n_hidden, n_out))
 
 
@@ -26,24 +30,32 @@ def g_loss(fake_logit):
 
 
 class ReferenceGAP:
-    """n_pairs generators G[i] (noise -> pixels) and discriminators D[i] (pixels -> logit)."""
+    """n_pairs generators G[i] (noise -> samples) and discriminators D[i] (samples -> logit)."""
 
-    def __init__(self, n_pairs, z_dim, h_dim, x_dim, lr, layers=1, beta1=0.9, losses=(d_loss, g_loss)):
-        self.G = [nn.Sequential(mlp(z_dim, h_dim, x_dim, layers), nn.Sigmoid()) for _ in range(n_pairs)]
-        self.D = [mlp(x_dim, h_dim, 1, layers) for _ in range(n_pairs)]
+    def __init__(self, n_pairs, z_dim, h_dim, x_dim, lr, layers=1, beta1=0.9, losses=(d_loss, g_loss),
+                 batch_norm=False, output=nn.Sigmoid, clip=0.0):
+        self.G = [nn.Sequential(mlp(z_dim, h_dim, x_dim, layers, batch_norm), output()) for _ in range(n_pairs)]
+        self.D = [mlp(x_dim, h_dim, 1, layers, batch_norm) for _ in range(n_pairs)]
         self.G_solver = [torch.optim.Adam(g.parameters(), lr=lr, betas=(beta1, 0.999)) for g in self.G]
         self.D_solver = [torch.optim.Adam(d.parameters(), lr=lr, betas=(beta1, 0.999)) for d in self.D]
         self.d_loss, self.g_loss = losses
+        self.clip = clip
 
     def copy_weights_from(self, G_stack, D_stack):
-        """Take pair i's weights from slice i of parallel_gan.py's stacked networks."""
+        """Take pair i's weights from slice i of parallel_gan.py's networks (its Linear and BatchNorm layers,
+        in order)."""
         with torch.no_grad():
             for nets, stack in ((self.G, G_stack), (self.D, D_stack)):
+                ours = [m for m in stack if m._parameters]
                 for i, net in enumerate(nets):
-                    body = net[0] if isinstance(net[0], nn.Sequential) else net
-                    linears = [m for m in body if isinstance(m, nn.Linear)]
-                    for linear, (W, b) in zip(linears, stack.layers(), strict=True):
-                        linear.weight.copy_(W[i].T), linear.bias.copy_(b[i, 0])
+                    theirs = [m for m in net.modules() if isinstance(m, (nn.Linear, nn.BatchNorm1d))]
+                    for mine, layer in zip(theirs, ours, strict=True):
+                        if isinstance(mine, nn.Linear):
+                            mine.weight.copy_(layer.weight[i].T), mine.bias.copy_(layer.bias[i, 0])
+                        else:
+                            mine.weight.copy_(layer.weight[i, 0]), mine.bias.copy_(layer.bias[i, 0])
+                            mine.running_mean.copy_(layer.running_mean[i, 0])
+                            mine.running_var.copy_(layer.running_var[i, 0])
         return self
 
     def to(self, *args):
@@ -55,22 +67,29 @@ class ReferenceGAP:
         for net in self.G + self.D:
             net.zero_grad()
 
-    def iteration(self, z, x):
-        """One iteration; returns (n_pairs, 2): each pair's D_loss and G_loss."""
+    def step(self, net, solver, loss):
+        loss.backward()
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), self.clip)
+        solver.step()
+        self.reset_grad()
+
+    def iteration(self, z, x, noise=(None, None, None)):
+        """One iteration; z and x shared (batch, dim) or each pair's own (n_pairs, batch, dim); noise: each pair's
+        noise on D's real, fake and G-step inputs (n_pairs, batch, x_dim), or None. Returns (n_pairs, 2): each
+        pair's D_loss and G_loss."""
+        own = lambda t, i: t[i] if t.dim() == 3 else t
+        plus = lambda t, e, i: t if e is None else t + e[i]
         losses = []
         for i in range(len(self.G)):
-            G_sample = self.G[i](z)
-            D_real, D_fake = self.D[i](x), self.D[i](G_sample)
+            G_sample = self.G[i](own(z, i))
+            D_real = self.D[i](plus(own(x, i), noise[0], i))
+            D_fake = self.D[i](plus(G_sample.detach(), noise[1], i))
             D_loss = self.d_loss(D_real, D_fake)
-            D_loss.backward()
-            self.D_solver[i].step()
-            self.reset_grad()
+            self.step(self.D[i], self.D_solver[i], D_loss)
 
-            G_sample = self.G[i](z)
-            G_loss = self.g_loss(self.D[i](G_sample))
-            G_loss.backward()
-            self.G_solver[i].step()
-            self.reset_grad()
+            G_loss = self.g_loss(self.D[i](plus(G_sample, noise[2], i)))
+            self.step(self.G[i], self.G_solver[i], G_loss)
             losses.append(torch.stack([D_loss.detach(), G_loss.detach()]))
         return torch.stack(losses)
 

@@ -2,6 +2,7 @@
 
     python tests/benchmark.py                  # n_pairs 2, 4, 8 on the default device
     python tests/benchmark.py --pairs=2 --rounds=3 --device=cpu --threads=1
+    python tests/benchmark.py --against=HEAD~1 --pairs=2,4      # this version's iteration against an older one's
 
 Both loops run in this process on the same data, in alternating timed rounds after a
 warm-up; each round times `--iterations` iterations (noise, batch and both updates).
@@ -10,6 +11,7 @@ whole default-sized run of each (measured in child processes, so one cannot hide
 Not collected by pytest: it is a measurement, not a test.
 """
 import argparse
+import inspect
 import os
 import re
 import tempfile
@@ -47,25 +49,42 @@ def reference_loop(n_pairs, images, dev):
         it = state['it'] = state['it'] + 1
         z = torch.randn(cfg['mb_size'], cfg['z_dim'], generator=noise, device=dev)
         ref.iteration(z, batches.next())
-        if it % cfg['K'] == 0:
-            ref.swap(pg.new_partners(n_pairs, cfg['seed'], it).tolist())
+        if pg.swaps_at(it, cfg):
+            ref.swap(pg.new_partners(cfg, it).tolist())
     return step
 
 
-def parallel_gan_loop(n_pairs, images, dev):
-    """parallel_gan.py's iteration, exactly as its training loop runs it."""
-    cfg = pg.parse_args([f'--n_pairs={n_pairs}'])
-    pg.check_losses()  # as train() does: the shipped losses' gradients in closed form
-    G, D = pg.make_pairs(cfg, images.shape[1], dev, torch.float32)
-    batches = pg.Batches(images, cfg['mb_size'], 1)
+def parallel_gan_loop(n_pairs, images, dev, module=pg, options=()):
+    """parallel_gan.py's iteration (or another version's: module), exactly as its training loop runs it."""
+    cfg = module.parse_args([f'--n_pairs={n_pairs}', *options])
+    module.check_losses()  # as train() does: the shipped losses' gradients in closed form
+    if 'x_dim' in inspect.signature(module.check_backward).parameters:  # versions that choose the backward
+        module.check_backward(cfg, images.shape[1], say=lambda message: None)
+    G, D = module.make_pairs(cfg, images.shape[1], dev, torch.float32)
+    batches = module.Batches(images, cfg['mb_size'], 1) if not cfg.get('own_noise') else module.make_batches(images, cfg, 1)
     noise = torch.Generator(device=dev).manual_seed(2)
     recent = torch.zeros(cfg['log_every'], n_pairs, 4, device=dev)
     state = {'it': 0}
 
     def step():
         it = state['it'] = state['it'] + 1
-        recent[it % len(recent)] = pg.gap_iteration(it, G, D, batches, noise, cfg)[0]
+        recent[it % len(recent)] = module.gap_iteration(it, G, D, batches, noise, cfg)[0]
     return step
+
+
+def version(revision):
+    """parallel_gan.py as it was at a git revision, imported as a module of its own."""
+    import importlib.util
+    source = subprocess.run(['git', 'show', f'{revision}:parallel_gan.py'], capture_output=True, text=True, check=True,
+                            cwd=os.path.dirname(HERE)).stdout
+    folder = tempfile.mkdtemp()
+    path = os.path.join(folder, 'parallel_gan.py')
+    with open(path, 'w') as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location(f'parallel_gan_at_{revision}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def graphed_loop(n_pairs, images, dev):
@@ -155,6 +174,9 @@ def main():
     parser.add_argument('--device', default='auto')
     parser.add_argument('--threads', type=int, default=0, help='torch threads (0: default)')
     parser.add_argument('--process_rounds', type=int, default=2, help='rounds of the processes row (0: skip it)')
+    parser.add_argument('--against', default='', help='a git revision: time its iteration against this one instead '
+                        'of the reference loop (alternating rounds, default networks)')
+    parser.add_argument('--options', default='', help='hyperparameters of both loops, e.g. --options=--paper=True')
     parser.add_argument('--memory_child', default='', help=argparse.SUPPRESS)
     args = parser.parse_args()
     dev = pg.pick_device(args.device)
@@ -171,8 +193,13 @@ def main():
     graphs = dev.type == 'cuda'
     print(f'{"n_pairs":>7} {"reference it/s":>15} {"parallel_gan it/s":>18} {"speed-up":>9}'
           + (f'   {"with CUDA graphs it/s":>21} {"speed-up":>9}' if graphs else ''))
+    options = args.options.split() if args.options else []
+    if args.against:
+        print(f'(the "reference" column: parallel_gan.py at {args.against}; options {options or "none"})')
     for n_pairs in [int(p) for p in args.pairs.split(',')]:
-        loops = {'reference': reference_loop(n_pairs, images, dev), 'parallel_gan': parallel_gan_loop(n_pairs, images, dev)}
+        old = (parallel_gan_loop(n_pairs, images, dev, version(args.against), options) if args.against
+               else reference_loop(n_pairs, images, dev))
+        loops = {'reference': old, 'parallel_gan': parallel_gan_loop(n_pairs, images, dev, options=options)}
         if graphs:
             loops['graphs'] = graphed_loop(n_pairs, images, dev)
         iterations = args.iterations or max(20, int(400 / n_pairs))
@@ -187,6 +214,8 @@ def main():
         graphed = statistics.median(rates['graphs']) if graphs else 0
         print(f'{n_pairs:>7} {ref:>15.1f} {ours:>18.1f} {ours / ref:>8.2f}x   (per round {ratios[0]:.2f}x..{ratios[-1]:.2f}x)'
               + (f' {graphed:>21.1f} {graphed / ref:>8.2f}x' if graphs else ''), flush=True)
+    if args.against:
+        return
     ref_mem, our_mem = peak_memory('reference', dev), peak_memory('parallel_gan', dev)
     kind = 'GPU memory allocated' if dev.type == 'cuda' else 'resident memory'
     print(f'peak {kind}, 2 pairs, full-size data: reference {ref_mem:.0f} MiB, parallel_gan {our_mem:.0f} MiB')

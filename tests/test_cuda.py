@@ -13,6 +13,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA d
 def test_an_iteration_never_waits_for_the_gpu_not_even_at_a_swap_or_a_new_epoch():
     cfg = pg.parse_args(['--n_pairs=4', '--K=10'])
     dev = torch.device('cuda')
+    pg.check_losses()
+    pg.check_backward(cfg, 784)
     G, D = pg.make_pairs(cfg, 784, dev, torch.float32)
     batches = pg.Batches(torch.randint(0, 256, (200, 784), dtype=torch.uint8, device=dev), 32, 1)  # 6 batches an epoch
     noise = torch.Generator(device=dev).manual_seed(0)
@@ -98,6 +100,7 @@ def test_a_graphed_run_resumes_exactly(mnist_5000, tmp_path):
 def test_graph_replays_never_wait_for_the_gpu(mnist_5000):
     cfg = pg.parse_args(['--n_pairs=2', '--K=100', '--log_every=1000', '--iterations=100000'])
     pg.check_losses()
+    pg.check_backward(cfg, 784)
     dev = torch.device('cuda')
     images, _ = pg.load_images('mnist', mnist_5000)
     G, D = pg.make_pairs(cfg, 784, dev, torch.float32)

@@ -109,8 +109,8 @@ def test_cross_scores_hold_every_discriminator_on_every_generator():
     cfg = pg.parse_args(['--n_pairs=3', '--dataset=ring8'])
     G, D = pg.make_pairs(cfg, 2, torch.device('cpu'), torch.float32)
     with torch.no_grad():  # discriminator d says sigmoid(d - 1) to everything; generator g's samples don't matter
-        D['model'].W2.zero_()
-        D['model'].b2.copy_(torch.arange(3.0).reshape(3, 1, 1) - 1)
+        D['model'][2].weight.zero_()
+        D['model'][2].bias.copy_(torch.arange(3.0).reshape(3, 1, 1) - 1)
     samples = torch.rand(3, 50, 2)
     scores = pg.cross_scores(D, samples)
     assert scores.shape == (3, 3)

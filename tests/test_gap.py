@@ -152,7 +152,7 @@ def test_three_hidden_layers_and_beta1_equal_the_reference_loop():
     {'paper': True, 'clip': 0.05, 'layers': 2}], ids=lambda options: ','.join(f'{k}={v}' for k, v in options.items()))
 def test_each_of_the_papers_conditions_equals_the_reference_loop(options):
     """Each condition alone, and all together (paper=True; its clip made small enough to act), through a dozen swaps."""
-    options = {'n_pairs': 4, **options}
+    options = {'n_pairs': 4, 'h_dim': 32, **options}
     assert_matches_reference(iterations=130, **options)
 
 

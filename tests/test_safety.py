@@ -87,7 +87,7 @@ def test_non_finite_weights_are_never_saved(tiny_mnist, tmp_path, monkeypatch, c
     def poisoned(it, G, D, *args, **kwargs):
         result = step(it, G, D, *args, **kwargs)
         if it == 12:
-            G['model'].b1.data[0, 0, 0] = -float('inf')
+            G['model'][0].bias.data[0, 0, 0] = -float('inf')
         return result
     common = [f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}', '--sample_every=5', '--log_every=100', *SMALL]
     train(*common, '--iterations=11')

@@ -46,7 +46,7 @@ class ReferenceGAP:
         in order)."""
         with torch.no_grad():
             for nets, stack in ((self.G, G_stack), (self.D, D_stack)):
-                ours = [m for m in stack if m._parameters]
+                ours = [m for m in stack if list(m.parameters(recurse=False))]
                 for i, net in enumerate(nets):
                     theirs = [m for m in net.modules() if isinstance(m, (nn.Linear, nn.BatchNorm1d))]
                     for mine, layer in zip(theirs, ours, strict=True):

@@ -90,6 +90,10 @@ CLASSIFIER_EPOCHS = {'mnist': 3, 'fashion_mnist': 6}
 COLLECTIVE_TIMEOUT = 300  # seconds a process waits for the others before it gives up
 COUNTS = ('z_dim', 'h_dim', 'layers', 'n_pairs', 'K', 'mb_size', 'iterations', 'seed', 'log_every', 'sample_every',
           'train_size', 'eval_every', 'eval_samples', 'threads')  # hyperparameters that must be whole numbers
+KINDS = {**dict.fromkeys(COUNTS, int), **dict.fromkeys(('lr', 'beta1'), float),
+         **dict.fromkeys(('resume', 'cuda_graphs'), bool),
+         **dict.fromkeys(('out_dir', 'dataset', 'data_root', 'classifier_dir', 'compare', 'device', 'dtype'), str)
+         }  # what each hyperparameter must be, in the block or on the command line (a name not here: its block value's kind)
 RESUMABLE = ('lr', 'iterations', 'log_every', 'sample_every', 'eval_every', 'eval_samples', 'out_dir', 'resume',
              'data_root', 'classifier_dir', 'compare', 'device', 'threads', 'cuda_graphs')  # may change when a run is resumed
 SHAPE_KEYS = ('z_dim', 'h_dim', 'layers', 'n_pairs', 'dtype', 'dataset')  # a checkpoint only fits networks of its own shape
@@ -100,7 +104,7 @@ MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
 
 
 # ------------------------------------------------------------------------------------
-# command line: --name=value, checked against the default's type
+# command line: --name=value, checked against the kind of value each name takes
 
 def hyperparameters():
     """(name, default, meaning) of each assignment in the block above, read from this file so --help never drifts.
@@ -122,8 +126,26 @@ def hyperparameters():
         name = node.targets[0].id
         if type(globals()[name]) not in (bool, int, float, str):
             refuse(f'{where}: {name} must be a number, True/False or a string, not {type(globals()[name]).__name__}')
-        table.append((name, globals()[name], comments.get(node.end_lineno, '')))
+        value = of_kind(name, globals()[name])
+        if value is None:
+            refuse(f'{where}: {name} must be {ACCEPTED[KINDS[name]]}, not {globals()[name]!r}')
+        table.append((name, value, comments.get(node.end_lineno, '')))
     return table
+
+
+ACCEPTED = {bool: 'True or False', int: 'a whole number', float: 'a number', str: 'a string'}
+
+
+def of_kind(name, value):
+    """value as the kind of value name takes (KINDS): a count written as a whole float (2e5) as an integer, a
+    number written as an integer as a float; None when it is of another kind (a string for a number, 2.5 for a
+    count, 1 for True)."""
+    kind = KINDS.get(name, type(value))
+    if kind is int and type(value) is float and value.is_integer():
+        return int(value)
+    if kind is float and type(value) is int:
+        return float(value)
+    return value if type(value) is kind else None
 
 
 def refuse(message):
@@ -133,15 +155,21 @@ def refuse(message):
 
 
 def convert(name, text, default):
-    """The text of --name=text as a value of the default's type, or a refusal saying what is accepted."""
-    kind = type(default)
+    """The text of --name=text as a value of name's kind (KINDS, else the default's), or a refusal saying what is
+    accepted. Numbers take the forms the block takes: 1000, 1_000, 1e3 (a count too, when it is whole)."""
+    kind = KINDS.get(name, type(default))
     try:
         if kind is bool:
             return {'true': True, '1': True, 'false': False, '0': False}[text.lower()]
+        if kind is int:
+            with suppress(ValueError):
+                return int(text)
+            if not float(text).is_integer():
+                raise ValueError(text)
+            return int(float(text))
         return kind(text)
     except (KeyError, ValueError):
-        accepted = {bool: 'True or False', int: 'an integer', float: 'a number', str: 'a string'}[kind]
-        refuse(f'--{name}={text}: expected {accepted} (default {default!r})')
+        refuse(f'--{name}={text}: expected {ACCEPTED[kind]} (default {default!r})')
 
 
 def check(cfg):

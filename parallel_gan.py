@@ -74,7 +74,8 @@ dataset = 'mnist'  # 'mnist', 'fashion_mnist', or the 2-D Gaussian mixtures 'rin
 data_root = 'out/data'  # MNIST lives in data_root/MNIST/raw, Fashion-MNIST in data_root/FashionMNIST/raw
 train_size = 0  # train on only the first this many training examples (0: all of them)
 # evaluation: mode coverage and sample quality, GAP against no-swap
-eval_every = 10_000  # evaluate every this many iterations and at the end (0: never)
+eval_every = 10_000  # evaluate every this many iterations, and at the end of a run that reached one (0: never)
+eval_at_end = False  # evaluate at the end of any run, also one shorter than eval_every (a try-run skips the classifier)
 eval_samples = 10_000  # samples per generator in each evaluation
 classifier_dir = 'out/classifiers'  # where the classifier that scores image samples is cached
 compare = ''  # a folder of runs: score every generator with every run's discriminators, train nothing
@@ -91,10 +92,10 @@ COLLECTIVE_TIMEOUT = 300  # seconds a process waits for the others before it giv
 COUNTS = ('z_dim', 'h_dim', 'layers', 'n_pairs', 'K', 'mb_size', 'iterations', 'seed', 'log_every', 'sample_every',
           'train_size', 'eval_every', 'eval_samples', 'threads')  # hyperparameters that must be whole numbers
 KINDS = {**dict.fromkeys(COUNTS, int), **dict.fromkeys(('lr', 'beta1'), float),
-         **dict.fromkeys(('resume', 'cuda_graphs'), bool),
+         **dict.fromkeys(('resume', 'cuda_graphs', 'eval_at_end'), bool),
          **dict.fromkeys(('out_dir', 'dataset', 'data_root', 'classifier_dir', 'compare', 'device', 'dtype'), str)
          }  # what each hyperparameter must be, in the block or on the command line (a name not here: its block value's kind)
-RESUMABLE = ('lr', 'iterations', 'log_every', 'sample_every', 'eval_every', 'eval_samples', 'out_dir', 'resume',
+RESUMABLE = ('lr', 'iterations', 'log_every', 'sample_every', 'eval_every', 'eval_at_end', 'eval_samples', 'out_dir', 'resume',
              'data_root', 'classifier_dir', 'compare', 'device', 'threads', 'cuda_graphs')  # may change when a run is resumed
 SHAPE_KEYS = ('z_dim', 'h_dim', 'layers', 'n_pairs', 'dtype', 'dataset')  # a checkpoint only fits networks of its own shape
 IMAGE_DATASETS = {'mnist': 'MNIST', 'fashion_mnist': 'FashionMNIST'}  # torchvision's class and folder names
@@ -995,7 +996,7 @@ def format_eval(rows, n_modes):
 
 POOL_KEYS = ('dataset', 'z_dim', 'h_dim', 'layers')  # runs that differ in these cannot share a pool
 NOT_CONFIGURATION = ('seed', 'out_dir', 'resume', 'data_root', 'classifier_dir', 'compare', 'device', 'threads',
-                     'cuda_graphs', 'log_every', 'sample_every', 'eval_every', 'eval_samples')  # runs differing only here are seeds of one
+                     'cuda_graphs', 'log_every', 'sample_every', 'eval_every', 'eval_at_end', 'eval_samples')  # runs differing only here are seeds of one
 
 
 def find_runs(folder):
@@ -1397,40 +1398,60 @@ class LossLog:
         self.add(state['recent'][:, self.slots].to(self.recent))
 
 
+@contextmanager
 def claim_out_dir(cfg):
-    """Make out_dir and lock it for this process's lifetime; refuse one that a live run is using, and, for a fresh
-    run, one that holds another run's checkpoint. The lock is the kernel's (flock): a run that dies in any way,
-    kill -9 or power loss, leaves nothing that blocks the next one. Returns the open lock file."""
+    """Make out_dir and lock it while the run lives; refuse one that a live run is using, and, for a fresh run, one
+    that holds another run's checkpoint. The lock is the kernel's (flock): a run that dies in any way, kill -9 or
+    power loss, leaves nothing that blocks the next one; and a run that ends in any other way (done, an error,
+    Ctrl-C, sys.exit, SIGTERM) removes .lock as it goes. Yields the open lock file."""
     out = cfg['out_dir']
+    path = os.path.join(out, '.lock')
+    while True:
+        try:
+            os.makedirs(out, exist_ok=True)
+            lock = open(path, 'a+')
+        except OSError as error:
+            raise WriteFailed(f'cannot use --out_dir={out} ({error.strerror or error})') from error
+        if not fcntl:
+            break
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or 'unknown'
+            lock.close()
+            refuse(f'--out_dir={out} is in use by another run (process {holder}); '
+                   f'let it finish, stop it, or choose another --out_dir')
+        with suppress(OSError):
+            if os.path.samestat(os.fstat(lock.fileno()), os.stat(path)):
+                break
+        lock.close()  # the run before removed this .lock as it ended, after we opened it: lock the next one
+
+    def terminated(signum, frame):  # a plain kill (SIGTERM) ends the run as an exception would, so .lock goes too
+        raise SystemExit(128 + signum)
+    before = signal.getsignal(signal.SIGTERM)
+    if before == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, terminated)
     try:
-        os.makedirs(out, exist_ok=True)
-        lock = open(os.path.join(out, '.lock'), 'a+')
-    except OSError as error:
-        raise WriteFailed(f'cannot use --out_dir={out} ({error.strerror or error})') from error
-    try:
-        if fcntl:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                lock.seek(0)
-                refuse(f'--out_dir={out} is in use by another run (process {lock.read().strip() or "unknown"}); '
-                       f'let it finish, stop it, or choose another --out_dir')
         lock.seek(0)
         lock.truncate()
         lock.write(f'{os.getpid()}\n')
         lock.flush()
-        path = checkpoint_path(cfg)
-        if not cfg['resume'] and os.path.exists(path):
+        checkpoint = checkpoint_path(cfg)
+        if not cfg['resume'] and os.path.exists(checkpoint):
             try:
-                where = f'stopped after iteration {torch.load(path, map_location="cpu", weights_only=True)["iteration"]}'
+                where = f'stopped after iteration {torch.load(checkpoint, map_location="cpu", weights_only=True)["iteration"]}'
             except Exception:
                 where = 'left an unreadable checkpoint.pt'
             refuse(f'--out_dir={out} holds another run, which {where}: continue it with --resume=True, '
                    f'or start afresh with another --out_dir (or delete that one)')
-    except BaseException:
+        yield lock
+    finally:
+        if signal.getsignal(signal.SIGTERM) is terminated:  # not when the run set its own since
+            signal.signal(signal.SIGTERM, before)
+        with suppress(OSError):
+            os.remove(path)  # while still locked: once unlocked, it may be the next run's
         lock.close()  # releases the lock at once, also where train() was called from Python and goes on
-        raise
-    return lock
 
 
 class Training:
@@ -1478,7 +1499,8 @@ class Outputs:
         n_fixed = 16 if self.real is None else 1000  # the same latent points in every sample dump
         self.fixed_z = torch.randn(n_fixed, cfg['z_dim'],
                                    generator=torch.Generator().manual_seed(cfg['seed'] + 3)).to(dev, dtype)
-        self.evaluator = Evaluator(cfg, dev, dtype, images, labels) if cfg['eval_every'] and self.leader else None
+        evaluating = evaluates_at(cfg['iterations'] - 1, cfg)  # the last iteration is, when any is
+        self.evaluator = Evaluator(cfg, dev, dtype, images, labels) if evaluating and self.leader else None
         if self.evaluator:  # a fresh run starts a fresh file; a resumed one redoes the evaluations after its checkpoint
             write_metrics(self.path('metrics.csv'), [], keep_until=training.iteration)
 
@@ -1599,14 +1621,25 @@ def run(cfg, procs):
         say(f'resumed from {checkpoint_path(cfg)} after iteration {state["iteration"]}')
         if state['iteration'] + 1 >= cfg['iterations']:
             say(f'nothing to train: the run already reached --iterations={cfg["iterations"]}; raise it to go on')
+            return 0
     G, D = share_of_process(training, cfg, procs)
     with interrupts_caught(procs) as interrupted:  # from here on a Ctrl-C ends in a checkpoint
         outputs = Outputs(cfg, procs, training, images, labels)
         say(f'GAP: {cfg["n_pairs"]} pairs, K={cfg["K"]}, {len(training.batches.data)} {cfg["dataset"]} training points, '
             f'device {dev}, {cfg["dtype"]}, {procs.world} process(es) x {torch.get_num_threads()} threads, '
             f'iterations {training.iteration + 1}..{cfg["iterations"] - 1}')
+        if cfg['eval_every'] and not outputs.evaluator:
+            say(f'no evaluation: the run ends before eval_every={cfg["eval_every"]}; for metrics of a short run, '
+                f'add --eval_at_end=True (or a smaller --eval_every)')
         stopped = train_loop(cfg, procs, training, G, D, outputs, interrupted)
     return 130 if stopped else 0
+
+
+def evaluates_at(it, cfg):
+    """Whether iteration it is evaluated: every eval_every iterations, and the last one when the run reached one of
+    those or eval_at_end asks (so a try-run shorter than eval_every never trains the classifier that scores it)."""
+    every, last = cfg['eval_every'], cfg['iterations'] - 1
+    return bool(every and it % every == 0 and it > 0 or it == last and (cfg['eval_at_end'] or every and last >= every))
 
 
 def train_loop(cfg, procs, training, G, D, outputs, interrupted):
@@ -1629,7 +1662,7 @@ def train_loop(cfg, procs, training, G, D, outputs, interrupted):
             outputs.stop_if_nonfinite(stats, it - log.n + 1)
             rate = speed.rate(it)
             outputs.say(format_log(it, log.close(it, stats), rate, (last - it) / max(rate or 1, 1e-9)))
-        evaluating = cfg['eval_every'] and (it % cfg['eval_every'] == 0 and it > 0 or it == last)
+        evaluating = evaluates_at(it, cfg)
         saving = it % cfg['sample_every'] == 0 or it == last or stopping
         if evaluating or saving:
             with speed.paused():

@@ -157,3 +157,59 @@ def test_a_resume_may_change_lr_and_the_run_length(tiny_mnist, tmp_path):
     assert torch.equal(same['history'][:3], slower['history'][:3])  # the same run up to the resume
     assert not torch.allclose(same['history'][-1], slower['history'][-1])  # then a slower one
     assert (tmp_path / 'slower' / 'metrics.csv').exists()
+
+
+@pytest.mark.parametrize('ending', ['an error', 'sys.exit', 'Ctrl-C', 'Ctrl-C while loading', 'SIGTERM while loading'])
+def test_the_lock_file_goes_however_the_run_ends(tiny_mnist, tmp_path, monkeypatch, ending):
+    """Short of kill -9 (above): an exception, a sys.exit, a Ctrl-C in the loop (saved, status 130) or before it, a
+    plain kill. Afterwards out_dir can be claimed again, and SIGTERM has its default handler back."""
+    step, load_data = pg.gap_iteration, pg.training_data
+
+    def loading(*args):
+        if ending == 'an error':
+            raise RuntimeError('boom')
+        if ending == 'sys.exit':
+            sys.exit('stopped')
+        if ending == 'SIGTERM while loading':
+            assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL  # else the kill below would end pytest
+        os.kill(os.getpid(), signal.SIGINT if ending.startswith('Ctrl-C') else signal.SIGTERM)
+        return load_data(*args)
+
+    def ctrl_c_at_3(it, *args, **kwargs):
+        if it == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(it, *args, **kwargs)
+    if ending == 'Ctrl-C':
+        monkeypatch.setattr(pg, 'gap_iteration', ctrl_c_at_3)
+    else:
+        monkeypatch.setattr(pg, 'training_data', loading)
+    args = [f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}', *SMALL, '--iterations=10']
+    raised = {'an error': RuntimeError, 'Ctrl-C while loading': KeyboardInterrupt}.get(ending, SystemExit)
+    if ending == 'Ctrl-C':
+        assert train(*args) == 130
+    else:
+        with pytest.raises(raised) as stop:
+            train(*args)
+        if ending == 'SIGTERM while loading':
+            assert stop.value.code == 128 + signal.SIGTERM
+    assert not (tmp_path / '.lock').exists()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    with pg.claim_out_dir({'out_dir': str(tmp_path), 'resume': True}):
+        assert (tmp_path / '.lock').read_text() == f'{os.getpid()}\n'
+
+
+@pytest.mark.skipif(pg.fcntl is None, reason='no flock here')
+def test_a_lock_file_removed_as_it_was_opened_is_not_taken(tmp_path, monkeypatch, capsys):
+    """A run that opens .lock just before the run holding it removes it (as that run ends) must not lock the removed
+    file, which nobody else would see: it locks a new .lock, which a third run then finds in use."""
+    cfg = {'out_dir': str(tmp_path), 'resume': True}
+    with pg.claim_out_dir(cfg):
+        stale = open(tmp_path / '.lock', 'a+')
+    opened = []
+    monkeypatch.setattr(pg, 'open', lambda *args: opened.append(1) or (stale if len(opened) == 1 else open(*args)),
+                        raising=False)
+    with pg.claim_out_dir(cfg):
+        assert len(opened) == 2 and (tmp_path / '.lock').read_text() == f'{os.getpid()}\n'
+        monkeypatch.undo()
+        code, message = stopped(capsys, f'--out_dir={tmp_path}', '--resume=True', *SMALL)
+        assert code == 2 and f'in use by another run (process {os.getpid()})' in message

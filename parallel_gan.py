@@ -1398,6 +1398,10 @@ class LossLog:
         self.add(state['recent'][:, self.slots].to(self.recent))
 
 
+RUN_FILES = ('checkpoint.pt', 'NNN.png', 'losses.png', 'metrics.csv', 'metrics.png')  # all a run writes in out_dir
+# but .lock, which goes with it (out_dir may also hold the caches of data_root and classifier_dir: never the run's)
+
+
 @contextmanager
 def claim_out_dir(cfg):
     """Make out_dir and lock it while the run lives; refuse one that a live run is using, and, for a fresh run, one
@@ -1443,8 +1447,8 @@ def claim_out_dir(cfg):
                 where = f'stopped after iteration {torch.load(checkpoint, map_location="cpu", weights_only=True)["iteration"]}'
             except Exception:
                 where = 'left an unreadable checkpoint.pt'
-            refuse(f'--out_dir={out} holds another run, which {where}: continue it with --resume=True, '
-                   f'or start afresh with another --out_dir (or delete that one)')
+            refuse(f'--out_dir={out} holds another run, which {where}: continue it with --resume=True, start afresh '
+                   f'with another --out_dir, or remove that run\'s own files from it ({", ".join(RUN_FILES)})')
         yield lock
     finally:
         if signal.getsignal(signal.SIGTERM) is terminated:  # not when the run set its own since

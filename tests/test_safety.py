@@ -1,7 +1,10 @@
 """Never lose a run: a second run over a finished one, two live runs in one out_dir, changed resumes,
 non-finite weights, files that cannot be written, and what the user sees before the slow steps."""
 import errno
+import glob
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,14 +18,26 @@ from conftest import SCRIPT, load, run_script, stopped, train
 SMALL = ['--h_dim=16', '--eval_every=0']
 
 
-def test_a_second_fresh_run_is_refused_and_says_how_to_go_on(tiny_mnist, tmp_path, capsys):
-    common = [f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}', *SMALL]
+def test_a_second_fresh_run_is_refused_and_says_how_to_go_on_safely(tiny_mnist, tmp_path, capsys):
+    """The layout of the defaults: the data and the classifier cached inside out_dir. The refusal names the
+    run's own files, all of them and nothing else; removing them lets a fresh run start, with the caches kept."""
+    shutil.copytree(tiny_mnist, tmp_path / 'data')
+    common = [f'--data_root={tmp_path / "data"}', f'--out_dir={tmp_path}', f'--classifier_dir={tmp_path / "classifiers"}',
+              '--h_dim=16', '--eval_at_end=True', '--eval_samples=100', '--sample_every=5']
     train(*common, '--iterations=12')
     before = (tmp_path / 'checkpoint.pt').read_bytes()
     code, message = stopped(capsys, *common, '--iterations=30')
     assert code == 2 and 'stopped after iteration 11' in message
     assert '--resume=True' in message and 'another --out_dir' in message and len(message.splitlines()) == 1
     assert (tmp_path / 'checkpoint.pt').read_bytes() == before
+    written = {re.sub(r'^\d{3}\.png$', 'NNN.png', name) for name in os.listdir(tmp_path)} - {'data', 'classifiers'}
+    named = re.fullmatch(r".*remove that run's own files from it \((.*)\)", message).group(1).split(', ')
+    assert set(named) == written and len(named) == len(written)
+    for name in named:
+        for path in glob.glob(str(tmp_path / name.replace('NNN', '[0-9][0-9][0-9]'))):
+            os.remove(path)
+    assert train(*common, '--iterations=3') == 0
+    assert 'classifier (cached in' in capsys.readouterr().out
 
 
 def test_a_live_run_locks_its_out_dir_until_it_dies_even_by_sigkill(tiny_mnist, tmp_path, capsys):

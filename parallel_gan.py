@@ -210,10 +210,18 @@ def check(cfg):
             refuse(message)
 
 
+block_values = {}  # the block as the last parse_args read it: checkpoints keep it, so that a resume can tell its edits
+explicit = set()  # the names the last parse_args was given explicitly: on its command line, and, on a resume, those
+# edited in the block since the checkpoint's run; all others are the block's values (the checkpoint's, on a resume)
+
+
 def parse_args(argv):
-    """The hyperparameters: the defaults above, overridden by --name=value arguments."""
+    """The hyperparameters: the defaults above, overridden by --name=value arguments; on a resume, the checkpoint's,
+    overridden only by those given explicitly (continued). Sets block_values and explicit."""
+    global block_values, explicit
     table = hyperparameters()
     cfg = {name: default for name, default, _ in table}
+    block_values, explicit = dict(cfg), set()
     for arg in argv:
         if arg in ('-h', '--help'):
             print(__doc__.strip() + '\n\nhyperparameters (--name=value):')
@@ -224,8 +232,25 @@ def parse_args(argv):
         if not (arg.startswith('--') and eq and name in cfg):
             refuse(f'unknown argument {arg!r}: use --name=value with a name from: {", ".join(cfg)}')
         cfg[name] = convert(name, text, cfg[name])
+        explicit.add(name)
+    if cfg['resume'] and not cfg['compare']:
+        cfg, explicit = continued(cfg, explicit)
     check(cfg)
     return cfg
+
+
+def continued(cfg, named):
+    """A resume's hyperparameters, and the names given explicitly: the checkpoint's values, but for the names on the
+    command line (named) and those edited in the block since the checkpoint's run (it keeps the block as it was).
+    out_dir is where the checkpoint was found. A checkpoint that is missing or damaged is left to load_checkpoint
+    to refuse; one written before checkpoints kept the block leaves cfg as it is (a resume then compares with it)."""
+    try:
+        state = torch.load(checkpoint_path(cfg), map_location='cpu', weights_only=True)
+        saved, then = state['hyperparameters'], state['block']
+    except Exception:
+        return cfg, named
+    given = named | {name for name, value in then.items() if name in block_values and value != block_values[name]}
+    return {k: cfg[k] if k in given or k in ('out_dir', 'resume') or k not in saved else saved[k] for k in cfg}, given
 
 
 # ------------------------------------------------------------------------------------
@@ -1529,8 +1554,9 @@ class Outputs:
             self.stop(f'a weight of {" and ".join(bad)} became non-finite by iteration {it}')
         number = it // self.cfg['sample_every'] + (it % self.cfg['sample_every'] != 0)
         save_samples(self.path(f'{number:03d}.png'), generate(G, self.fixed_z)[0], it, self.training.pairing, self.real)
-        save_checkpoint(checkpoint_path(self.cfg), {'hyperparameters': self.cfg, 'device': self.fixed_z.device.type,
-                                               **self.training.state_dict(unlogged)})
+        save_checkpoint(checkpoint_path(self.cfg), {'hyperparameters': self.cfg, 'block': block_values,
+                                                    'device': self.fixed_z.device.type,
+                                                    **self.training.state_dict(unlogged)})
 
     def losses(self):
         if self.leader:
@@ -1622,7 +1648,11 @@ def run(cfg, procs):
     training = Training(cfg, procs, images, dev, dtype)
     if state:
         training.load_state_dict(state)
-        say(f'resumed from {checkpoint_path(cfg)} after iteration {state["iteration"]}')
+        saved = state['hyperparameters']
+        changes = '; '.join(f'{k}={saved[k]!r} there, {cfg[k]!r} now' for k in RESUMABLE
+                            if k != 'resume' and k in saved and saved[k] != cfg[k])
+        say(f'resumed from {checkpoint_path(cfg)} after iteration {state["iteration"]}'
+            + (f', with these changes: {changes}' if changes else ', with its own hyperparameters'))
         if state['iteration'] + 1 >= cfg['iterations']:
             say(f'nothing to train: the run already reached --iterations={cfg["iterations"]}; raise it to go on')
             return 0

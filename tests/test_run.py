@@ -180,3 +180,35 @@ def test_a_try_run_shorter_than_eval_every_skips_the_classifier_and_says_how_to_
                  '--eval_samples=100', f'--classifier_dir={tmp_path / "cls"}') == 0
     assert [int(r['iteration']) for r in pg.read_metrics(tmp_path / 'asked' / 'metrics.csv')] == [29, 29]
     assert 'eval_at_end' not in capsys.readouterr().out
+
+
+def test_resume_alone_continues_the_run_with_its_own_hyperparameters(tiny_mnist, tmp_path, monkeypatch, capsys):
+    """A run started with other settings than the block's (data, pairs, K, seed, length, ...), stopped by Ctrl-C,
+    goes on with --resume=True alone (and its out_dir) exactly as the uninterrupted run; once done, a resume says
+    there is nothing to train under the run's own length."""
+    settings = [f'--data_root={tiny_mnist}', '--n_pairs=4', '--K=5', '--seed=3', '--h_dim=16', '--iterations=40',
+                '--sample_every=10', '--log_every=4', '--eval_every=0', '--threads=1']
+    train(*settings, f'--out_dir={tmp_path / "whole"}')
+    step = pg.gap_iteration
+
+    def ctrl_c_at_17(it, *args, **kwargs):
+        if it == 17:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(it, *args, **kwargs)
+    monkeypatch.setattr(pg, 'gap_iteration', ctrl_c_at_17)
+    assert train(*settings, f'--out_dir={tmp_path / "split"}') == 130
+    monkeypatch.setattr(pg, 'gap_iteration', step)
+    capsys.readouterr()
+    assert train(f'--out_dir={tmp_path / "split"}', '--resume=True') == 0
+    assert 'after iteration 17, with its own hyperparameters' in capsys.readouterr().out
+    whole, split = load(tmp_path / 'whole' / 'checkpoint.pt'), load(tmp_path / 'split' / 'checkpoint.pt')
+    assert torch.equal(whole['history'], split['history'])
+    for side in ('G', 'D'):
+        for name, value in whole[side]['model'].items():
+            assert torch.equal(value, split[side]['model'][name])
+    assert {k: v for k, v in split['hyperparameters'].items() if k not in ('out_dir', 'resume')} == \
+           {k: v for k, v in whole['hyperparameters'].items() if k not in ('out_dir', 'resume')}
+
+    assert train(f'--out_dir={tmp_path / "split"}', '--resume=True') == 0
+    out = capsys.readouterr().out
+    assert 'nothing to train: the run already reached --iterations=40' in out and 'GAP:' not in out

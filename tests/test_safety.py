@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import parallel_gan as pg
-from conftest import SCRIPT, load, run_script, stopped, train
+from conftest import SCRIPT, edited_copy, load, run_script, stopped, train
 
 SMALL = ['--h_dim=16', '--eval_every=0']
 
@@ -228,3 +228,55 @@ def test_a_lock_file_removed_as_it_was_opened_is_not_taken(tmp_path, monkeypatch
         monkeypatch.undo()
         code, message = stopped(capsys, f'--out_dir={tmp_path}', '--resume=True', *SMALL)
         assert code == 2 and f'in use by another run (process {os.getpid()})' in message
+
+
+def test_a_resume_applies_the_changes_given_and_says_them_in_one_line(tiny_mnist, tmp_path, capsys):
+    """Only what is given explicitly changes: a resumable change is applied and said; another is refused naming it
+    alone (not every setting the run was started with)."""
+    train(f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}', '--n_pairs=4', '--K=50', '--seed=3', *SMALL,
+          '--iterations=12')
+    code, message = stopped(capsys, f'--out_dir={tmp_path}', '--resume=True', '--seed=4')
+    assert code == 2 and 'with other settings, which would not continue it exactly (seed=3 there, 4 now)' in message
+    capsys.readouterr()
+    assert train(f'--out_dir={tmp_path}', '--resume=True', '--iterations=20', '--lr=5e-4') == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if 'resumed from' in line]
+    assert said == [f'resumed from {tmp_path / "checkpoint.pt"} after iteration 11, with these changes: '
+                    f'lr=0.001 there, 0.0005 now; iterations=12 there, 20 now']
+    state = load(tmp_path / 'checkpoint.pt')
+    assert state['iteration'] == 19 and [g['lr'] for g in state['G']['solver']['param_groups']] == [5e-4]
+    assert (state['hyperparameters']['n_pairs'], state['hyperparameters']['K'], state['hyperparameters']['seed']) == (4, 50, 3)
+
+
+def test_a_value_edited_in_the_block_since_the_run_counts_as_given(tiny_mnist, tmp_path, capsys):
+    """The block as it was is kept in the checkpoint: a value edited there since is a change (applied or refused),
+    an unedited one is the run's own, whatever the block says (here the run's n_pairs=3 from its command line)."""
+    edits = [('K = 100  #', 'K = 5  #'), ('h_dim = 128  #', 'h_dim = 16  #'), ('eval_every = 10_000  #', 'eval_every = 0  #')]
+    (tmp_path / 'a').mkdir(), (tmp_path / 'b').mkdir(), (tmp_path / 'c').mkdir()
+    first, _ = edited_copy(tmp_path / 'a', *edits)
+    out = f'--out_dir={tmp_path / "out"}'
+    first.train(first.parse_args([f'--data_root={tiny_mnist}', out, '--n_pairs=3', '--iterations=12']))
+    assert load(tmp_path / 'out' / 'checkpoint.pt')['block']['K'] == 5
+    slower, _ = edited_copy(tmp_path / 'b', *edits, ('lr = 1e-3  #', 'lr = 5e-4  #'))
+    cfg = slower.parse_args([out, '--resume=True', '--iterations=20'])
+    assert slower.explicit == {'out_dir', 'resume', 'iterations', 'lr'}
+    assert (cfg['lr'], cfg['n_pairs'], cfg['data_root']) == (5e-4, 3, tiny_mnist)
+    capsys.readouterr()
+    assert slower.train(cfg) == 0
+    assert 'with these changes: lr=0.001 there, 0.0005 now; iterations=12 there, 20 now' in capsys.readouterr().out
+    other_k, _ = edited_copy(tmp_path / 'c', *edits[1:], ('K = 100  #', 'K = 7  #'))
+    with pytest.raises(SystemExit) as stop:
+        other_k.train(other_k.parse_args([out, '--resume=True', '--iterations=30']))
+    message = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and '(K=5 there, 7 now)' in message and len(message.splitlines()) == 1
+
+
+def test_a_checkpoint_without_its_block_resumes_as_before(tiny_mnist, tmp_path, capsys):
+    """Written before checkpoints kept the block: the block and command line alone, compared with the checkpoint."""
+    common = [f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}', *SMALL]
+    train(*common, '--K=5', '--iterations=12')
+    state = load(tmp_path / 'checkpoint.pt')
+    del state['block']
+    torch.save(state, tmp_path / 'checkpoint.pt')
+    code, message = stopped(capsys, *common, '--resume=True', '--iterations=20')
+    assert code == 2 and '(K=5 there, 100 now)' in message
+    assert train(*common, '--resume=True', '--iterations=20', '--K=5') == 0

@@ -1157,12 +1157,15 @@ def write_comparison(folder, errors, names, run_of, configs, table):
 # ------------------------------------------------------------------------------------
 # pictures
 
+DPI = 80  # pixels per inch of every PNG
+
+
 def save_figure(fig, path):
     """A figure as a PNG file, written whole or not at all."""
     plt = pyplot()
     try:
         with replacing(path) as tmp:
-            fig.savefig(tmp, dpi=80, format='png')
+            fig.savefig(tmp, dpi=DPI, format='png')
     finally:
         plt.close(fig)
 
@@ -1176,29 +1179,38 @@ def pyplot():
 
 
 def save_samples(path, samples, it, pairing, real=None):
-    """Images: a 4x4 grid of 16 samples per generator. 2-D data: each generator's samples over the real
-    points. Panels are labelled G1, G2, ... with their current discriminator."""
+    """Images: a 4x4 grid of 16 samples per generator, each pixel drawn as 3x3 and the grids close together.
+    2-D data: each generator's samples over the real points. Panels are labelled G1, G2, ... with their current
+    discriminator."""
     plt = pyplot()
     n = len(samples)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
-    for ax in axes.flat:
+    if real is None:  # laid out in pixels: a grid of 118 x 118 pixels shown at 3x, with room for its title
+        side, pad, title, top = 3 * (4 * 30 - 2), 9, 22, 26
+        width, height = cols * (side + 2 * pad), top + rows * (title + side + pad)
+        fig = plt.figure(figsize=(width / DPI, height / DPI))
+        axes = [fig.add_axes(((c * (side + 2 * pad) + pad) / width, 1 - (top + r * (title + side + pad) + title + side) / height,
+                              side / width, side / height)) for r in range(rows) for c in range(cols)]
+    else:
+        fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
+        axes = axes.flat
+    for ax in axes:
         ax.axis('off')
     for i, points in enumerate(samples.cpu().float()):
-        ax = axes.flat[i]
+        ax = axes[i]
         if real is None:
             grid = torch.ones(4 * 30 - 2, 4 * 30 - 2)
             for k, image in enumerate(points[:16].reshape(16, 28, 28)):
                 grid[30 * (k // 4):30 * (k // 4) + 28, 30 * (k % 4):30 * (k % 4) + 28] = image
-            ax.imshow(grid.numpy(), cmap='Greys_r', vmin=0, vmax=1)
+            ax.imshow(grid.numpy(), cmap='Greys_r', vmin=0, vmax=1, interpolation='nearest')
         else:
             ax.scatter(*real[:2000].T.numpy(), s=1, c='lightgrey')
             ax.scatter(*points.T.numpy(), s=1, c='C3')
             reach = 1.25 * float(real.abs().max())
             ax.set(xlim=(-reach, reach), ylim=(-reach, reach), aspect='equal')
-        ax.set_title(f'G{i + 1}' + (f' (with D{pairing[i] + 1})' if n > 1 else ''))
-    fig.suptitle(f'iteration {it}')
+        ax.set_title(f'G{i + 1}' + (f' (with D{pairing[i] + 1})' if n > 1 else ''), fontsize=11, pad=4)
+    fig.suptitle(f'iteration {it}', **({'y': 1 - 4 / height, 'va': 'top', 'fontsize': 12} if real is None else {}))
     save_figure(fig, path)
 
 
@@ -1224,23 +1236,48 @@ def save_comparison_plot(path, errors, config_of_column):
     save_figure(fig, path)
 
 
-def save_losses(path, history, n_pairs, K):
-    """Each pair's D and G loss over the run (means over each log interval), with the swaps marked."""
+def save_losses(path, history, n_pairs, K, most=2000, long=200):
+    """Each pair's D and G loss over the run (means over each log interval), with the swaps marked. A long run
+    stays readable: at most `most` points a curve (means of consecutive log lines); beyond `long` points, drawn
+    thin and faint under a moving median per pair, with the y range set by the bulk of the points (the rarest
+    0.5% at either end may fall outside it, and the axis says how many do); iterations written as 200k, 1M."""
     plt = pyplot()
+    from matplotlib.ticker import EngFormatter
     if len(history) == 0:
         return
+    faint = 'every log line' if len(history) <= most else f'means of {len(history) / most:.3g} log lines'
+    swaps = range(K, int(history[-1, 0]) + 1, K) if K else []
+    if len(history) > most:  # consecutive rows averaged into `most` bins
+        bins = torch.arange(len(history)) * most // len(history)
+        history = torch.zeros(most, history.shape[1], dtype=history.dtype).index_add_(0, bins, history) \
+            / torch.bincount(bins, minlength=most)[:, None]
     its = history[:, 0].numpy()
-    stats = history[:, 1:].reshape(len(history), n_pairs, 4).numpy()
+    stats = history[:, 1:].reshape(len(history), n_pairs, 4)
+    smooth = len(history) > long
+    window = max(len(history) // 50, 2)
     fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    swaps = range(K, int(its[-1]) + 1, K) if K else []
     for ax, column, name in ((axes[0], 0, 'D_loss'), (axes[1], 1, 'G_loss')):
         for i in range(n_pairs):
-            ax.plot(its, stats[:, i, column], label=f'pair {i + 1}', lw=1)
+            values = stats[:, i, column]
+            ax.plot(its, values.numpy(), color=f'C{i}', lw=0.5 if smooth else 1, alpha=0.35 if smooth else 1,
+                    label=None if smooth else f'pair {i + 1}')
+            if smooth:  # a centred moving median over `window` points: a lone spike does not move it
+                medians = values.unfold(0, window, 1).median(1).values
+                ax.plot(its[window // 2:window // 2 + len(medians)], medians.numpy(), color=f'C{i}', lw=1.6,
+                        label=f'pair {i + 1}')
+        off = 0
+        if smooth:
+            every = stats[:, :, column].flatten()
+            low, high = torch.quantile(every, torch.tensor([0.005, 0.995], dtype=every.dtype)).tolist()
+            low, high = low - 0.1 * (high - low + 1e-9), high + 0.1 * (high - low + 1e-9)
+            ax.set_ylim(low, high)
+            off = int(((every < low) | (every > high)).sum())
         if 0 < len(swaps) <= 100:
             ax.vlines(swaps, 0, 1, transform=ax.get_xaxis_transform(), colors='grey', alpha=0.3, lw=0.8)
-        ax.set_ylabel(name)
+        ax.set_ylabel(name + (f' ({off} off the scale)' if off else ''))
         ax.legend(loc='upper right', fontsize=8)
-    axes[1].set_xlabel('iteration')
+    axes[1].set_xlabel('iteration' + (f' (faint: {faint}; bold: their moving median over {window})' if smooth else ''))
+    axes[1].xaxis.set_major_formatter(EngFormatter(sep=''))
     title = ('no swaps (K=0)' if not K else f'discriminators swap every K={K} iterations'
              + (' (grey lines)' if 0 < len(swaps) <= 100 else f' ({len(swaps)} swaps, too dense to draw)'))
     axes[0].set_title(title)
@@ -1250,7 +1287,8 @@ def save_losses(path, history, n_pairs, K):
 
 def save_metrics_plot(path, rows):
     """Modes covered, KL to uniform and Frechet distance over the run, a line per generator; and each
-    discriminator's mean D(x) on real training (solid) and held-out (dashed) examples."""
+    discriminator's mean D(x) on real training (solid line, filled markers) and held-out (dashed, open) examples.
+    Every evaluation is a marker, large while there are few (a single one is a point, with no line to show it)."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
     panels = (('modes', 'modes covered'), ('kl', 'KL(histogram || uniform)'), ('fd', 'Frechet distance'))
@@ -1258,13 +1296,15 @@ def save_metrics_plot(path, rows):
     for g in ids:
         mine = [r for r in rows if int(r['generator']) == g]
         its = [int(r['iteration']) for r in mine]
+        ms = 7 if len(its) <= 30 else 3
         for ax, (key, name) in zip(axes, panels):
-            ax.plot(its, [float(r[key]) for r in mine], marker='o', ms=3, label=f'G{g}')
+            ax.plot(its, [float(r[key]) for r in mine], marker='o', ms=ms, label=f'G{g}')
             ax.set(title=name, xlabel='iteration')
         for key, style in (('d_train', '-'), ('d_heldout', '--')):
-            axes[3].plot(its, [float(r[key] or 'nan') for r in mine], style, color=f'C{g - 1}', marker='o', ms=3,
+            axes[3].plot(its, [float(r[key] or 'nan') for r in mine], style, color=f'C{g - 1}', marker='o', ms=ms,
+                         fillstyle='full' if key == 'd_train' else 'none',
                          label=f'D{g} {"train" if key == "d_train" else "held-out"}')
-    axes[3].set(title='mean D(x): train (solid), held-out (dashed)', xlabel='iteration')
+    axes[3].set(title='mean D(x): train (filled), held-out (open)', xlabel='iteration')
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)

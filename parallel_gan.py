@@ -1683,6 +1683,10 @@ def run(cfg, procs):
     if cfg['threads']:
         torch.set_num_threads(cfg['threads'])
     state = load_checkpoint(checkpoint_path(cfg), cfg, dev) if cfg['resume'] else None
+    if state and state['iteration'] + 1 >= cfg['iterations']:
+        say(f'nothing to train: the run in {cfg["out_dir"]} stopped after iteration {state["iteration"]}, and it already '
+            f'reached --iterations={cfg["iterations"]}; raise it to go on')
+        return 0
     say(f'loading the {cfg["dataset"]} training set' + (f' from {cfg["data_root"]}' if cfg['dataset'] in IMAGE_DATASETS else ''))
     images, labels = training_data(cfg)
     training = Training(cfg, procs, images, dev, dtype)
@@ -1693,9 +1697,6 @@ def run(cfg, procs):
                             if k != 'resume' and k in saved and saved[k] != cfg[k])
         say(f'resumed from {checkpoint_path(cfg)} after iteration {state["iteration"]}'
             + (f', with these changes: {changes}' if changes else ', with its own hyperparameters'))
-        if state['iteration'] + 1 >= cfg['iterations']:
-            say(f'nothing to train: the run already reached --iterations={cfg["iterations"]}; raise it to go on')
-            return 0
     G, D = share_of_process(training, cfg, procs)
     with interrupts_caught(procs) as interrupted:  # from here on a Ctrl-C ends in a checkpoint
         outputs = Outputs(cfg, procs, training, images, labels)

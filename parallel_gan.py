@@ -111,7 +111,8 @@ def hyperparameters():
     """(name, default, meaning) of each assignment in the block above, read from this file so --help never drifts.
 
     Any plain `name = value` works there (an expression too), with or without a `# meaning` after it; blank and
-    comment-only lines are skipped. Anything else is refused with its line number."""
+    comment-only lines are skipped. Anything else is refused with its line number, as is a value of the wrong kind
+    (KINDS: a string for a number, 2.5 for a count); a count written as a whole float (2e5) is an integer."""
     with open(__file__) as f:
         lines = f.read().splitlines()
     first = next(i for i, line in enumerate(lines) if line.startswith('# --- hyperparameters')) + 1

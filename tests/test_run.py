@@ -187,7 +187,7 @@ def test_resume_alone_continues_the_run_with_its_own_hyperparameters(tiny_mnist,
     goes on with --resume=True alone (and its out_dir) exactly as the uninterrupted run; once done, a resume says
     there is nothing to train under the run's own length."""
     settings = [f'--data_root={tiny_mnist}', '--n_pairs=4', '--K=5', '--seed=3', '--h_dim=16', '--iterations=40',
-                '--sample_every=10', '--log_every=4', '--eval_every=0', '--threads=1']
+                '--sample_every=10', '--log_every=4', '--eval_every=0']
     train(*settings, f'--out_dir={tmp_path / "whole"}')
     step = pg.gap_iteration
 

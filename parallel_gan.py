@@ -81,7 +81,8 @@ dataset = 'mnist'  # 'mnist', 'fashion_mnist', or the 2-D Gaussian mixtures 'rin
 data_root = 'out/data'  # MNIST lives in data_root/MNIST/raw, Fashion-MNIST in data_root/FashionMNIST/raw
 train_size = 0  # train on only the first this many training examples (0: all of them)
 # evaluation: mode coverage and sample quality, GAP against no-swap
-eval_every = 10_000  # evaluate every this many iterations and at the end (0: never)
+eval_every = 10_000  # evaluate every this many iterations, and at the end of a run that reached one (0: never)
+eval_at_end = False  # evaluate at the end of any run, also one shorter than eval_every (a try-run skips the classifier)
 eval_samples = 10_000  # samples per generator in each evaluation
 classifier_dir = 'out/classifiers'  # where the classifier that scores image samples is cached
 compare = ''  # a folder of runs: score every generator with every run's discriminators, train nothing
@@ -100,7 +101,11 @@ CLASSIFIER_EPOCHS = {'mnist': 3, 'fashion_mnist': 6}
 COLLECTIVE_TIMEOUT = 300  # seconds a process waits for the others before it gives up
 COUNTS = ('z_dim', 'h_dim', 'layers', 'n_pairs', 'K', 'mb_size', 'iterations', 'seed', 'log_every', 'sample_every',
           'train_size', 'eval_every', 'eval_samples', 'threads')  # hyperparameters that must be whole numbers
-RESUMABLE = ('lr', 'iterations', 'log_every', 'sample_every', 'eval_every', 'eval_samples', 'out_dir', 'resume',
+KINDS = {**dict.fromkeys(COUNTS, int), **dict.fromkeys(('lr', 'beta1'), float),
+         **dict.fromkeys(('resume', 'cuda_graphs', 'eval_at_end'), bool),
+         **dict.fromkeys(('out_dir', 'dataset', 'data_root', 'classifier_dir', 'compare', 'device', 'dtype'), str)
+         }  # what each hyperparameter must be, in the block or on the command line (a name not here: its block value's kind)
+RESUMABLE = ('lr', 'iterations', 'log_every', 'sample_every', 'eval_every', 'eval_at_end', 'eval_samples', 'out_dir', 'resume',
              'data_root', 'classifier_dir', 'compare', 'device', 'threads', 'cuda_graphs')  # may change when a run is resumed
 SHAPE_KEYS = ('z_dim', 'h_dim', 'layers', 'n_pairs', 'dtype', 'dataset', 'batch_norm')  # a checkpoint only fits networks of its own shape
 IMAGE_DATASETS = {'mnist': 'MNIST', 'fashion_mnist': 'FashionMNIST'}  # torchvision's class and folder names
@@ -472,7 +477,7 @@ def train_loop(cfg, procs, training, G, D, outputs, interrupted):
             outputs.stop_if_nonfinite(stats, it - log.n + 1)
             rate = speed.rate(it)
             outputs.say(format_log(it, log.close(it, stats), rate, (last - it) / max(rate or 1, 1e-9)))
-        evaluating = cfg['eval_every'] and (it % cfg['eval_every'] == 0 and it > 0 or it == last)
+        evaluating = evaluates_at(it, cfg)
         saving = it % cfg['sample_every'] == 0 or it == last or stopping
         if evaluating or saving:
             with speed.paused():
@@ -496,13 +501,14 @@ def train_loop(cfg, procs, training, G, D, outputs, interrupted):
 # ====================================================================================
 
 # ------------------------------------------------------------------------------------
-# command line: --name=value, checked against the default's type
+# command line: --name=value, checked against the kind of value each name takes
 
 def hyperparameters():
     """(name, default, meaning) of each assignment in the block above, read from this file so --help never drifts.
 
     Any plain `name = value` works there (an expression too), with or without a `# meaning` after it; blank and
-    comment-only lines are skipped. Anything else is refused with its line number."""
+    comment-only lines are skipped. Anything else is refused with its line number, as is a value of the wrong kind
+    (KINDS: a string for a number, 2.5 for a count); a count written as a whole float (2e5) is an integer."""
     with open(__file__) as f:
         lines = f.read().splitlines()
     first = next(i for i, line in enumerate(lines) if line.startswith('# --- hyperparameters')) + 1
@@ -518,8 +524,26 @@ def hyperparameters():
         name = node.targets[0].id
         if type(globals()[name]) not in (bool, int, float, str):
             refuse(f'{where}: {name} must be a number, True/False or a string, not {type(globals()[name]).__name__}')
-        table.append((name, globals()[name], comments.get(node.end_lineno, '')))
+        value = of_kind(name, globals()[name])
+        if value is None:
+            refuse(f'{where}: {name} must be {ACCEPTED[KINDS[name]]}, not {globals()[name]!r}')
+        table.append((name, value, comments.get(node.end_lineno, '')))
     return table
+
+
+ACCEPTED = {bool: 'True or False', int: 'a whole number', float: 'a number', str: 'a string'}
+
+
+def of_kind(name, value):
+    """value as the kind of value name takes (KINDS): a count written as a whole float (2e5) as an integer, a
+    number written as an integer as a float; None when it is of another kind (a string for a number, 2.5 for a
+    count, 1 for True)."""
+    kind = KINDS.get(name, type(value))
+    if kind is int and type(value) is float and value.is_integer():
+        return int(value)
+    if kind is float and type(value) is int:
+        return float(value)
+    return value if type(value) is kind else None
 
 
 def refuse(message):
@@ -529,15 +553,21 @@ def refuse(message):
 
 
 def convert(name, text, default):
-    """The text of --name=text as a value of the default's type, or a refusal saying what is accepted."""
-    kind = type(default)
+    """The text of --name=text as a value of name's kind (KINDS, else the default's), or a refusal saying what is
+    accepted. Numbers take the forms the block takes: 1000, 1_000, 1e3 (a count too, when it is whole)."""
+    kind = KINDS.get(name, type(default))
     try:
         if kind is bool:
             return {'true': True, '1': True, 'false': False, '0': False}[text.lower()]
+        if kind is int:
+            with suppress(ValueError):
+                return int(text)
+            if not float(text).is_integer():
+                raise ValueError(text)
+            return int(float(text))
         return kind(text)
     except (KeyError, ValueError):
-        accepted = {bool: 'True or False', int: 'an integer', float: 'a number', str: 'a string'}[kind]
-        refuse(f'--{name}={text}: expected {accepted} (default {default!r})')
+        refuse(f'--{name}={text}: expected {ACCEPTED[kind]} (default {default!r})')
 
 
 def check(cfg):
@@ -581,11 +611,18 @@ def check(cfg):
             refuse(message)
 
 
+block_values = {}  # the block as the last parse_args read it: checkpoints keep it, so that a resume can tell its edits
+explicit = set()  # the names the last parse_args was given explicitly: on its command line, and, on a resume, those
+# edited in the block since the checkpoint's run; all others are the block's values (the checkpoint's, on a resume)
+
+
 def parse_args(argv):
-    """The hyperparameters: the defaults above, overridden by --name=value arguments."""
+    """The hyperparameters: the defaults above, overridden by --name=value arguments; on a resume, the checkpoint's,
+    overridden only by those given explicitly (continued). Sets block_values and explicit."""
+    global block_values, explicit
     table = hyperparameters()
     cfg = {name: default for name, default, _ in table}
-    given = set()
+    block_values, explicit = dict(cfg), set()
     for arg in argv:
         if arg in ('-h', '--help'):
             print(__doc__.strip() + '\n\nhyperparameters (--name=value):')
@@ -596,11 +633,27 @@ def parse_args(argv):
         if not (arg.startswith('--') and eq and name in cfg):
             refuse(f'unknown argument {arg!r}: use --name=value with a name from: {", ".join(cfg)}')
         cfg[name] = convert(name, text, cfg[name])
-        given.add(name)
+        explicit.add(name)
     if cfg['paper']:  # the paper's conditions, where the command line does not say otherwise
-        cfg.update({name: value for name, value in PAPER.items() if name not in given})
+        cfg.update({name: value for name, value in PAPER.items() if name not in explicit})
+    if cfg['resume'] and not cfg['compare']:
+        cfg, explicit = continued(cfg, explicit)
     check(cfg)
     return cfg
+
+
+def continued(cfg, named):
+    """A resume's hyperparameters, and the names given explicitly: the checkpoint's values, but for the names on the
+    command line (named) and those edited in the block since the checkpoint's run (it keeps the block as it was).
+    out_dir is where the checkpoint was found. A checkpoint that is missing or damaged is left to load_checkpoint
+    to refuse; one written before checkpoints kept the block leaves cfg as it is (a resume then compares with it)."""
+    try:
+        state = torch.load(checkpoint_path(cfg), map_location='cpu', weights_only=True)
+        saved, then = state['hyperparameters'], state['block']
+    except Exception:
+        return cfg, named
+    given = named | {name for name, value in then.items() if name in block_values and value != block_values[name]}
+    return {k: cfg[k] if k in given or k in ('out_dir', 'resume') or k not in saved else saved[k] for k in cfg}, given
 
 
 # ------------------------------------------------------------------------------------
@@ -1225,7 +1278,7 @@ def format_eval(rows, n_modes):
 
 POOL_KEYS = ('dataset', 'z_dim', 'h_dim', 'layers')  # runs that differ in these cannot share a pool
 NOT_CONFIGURATION = ('seed', 'out_dir', 'resume', 'data_root', 'classifier_dir', 'compare', 'device', 'threads',
-                     'cuda_graphs', 'log_every', 'sample_every', 'eval_every', 'eval_samples')  # runs differing only here are seeds of one
+                     'cuda_graphs', 'log_every', 'sample_every', 'eval_every', 'eval_at_end', 'eval_samples')  # runs differing only here are seeds of one
 
 
 def find_runs(folder):
@@ -1363,12 +1416,15 @@ def write_comparison(folder, errors, names, run_of, configs, table):
 # ------------------------------------------------------------------------------------
 # pictures
 
+DPI = 80  # pixels per inch of every PNG
+
+
 def save_figure(fig, path):
     """A figure as a PNG file, written whole or not at all."""
     plt = pyplot()
     try:
         with replacing(path) as tmp:
-            fig.savefig(tmp, dpi=80, format='png')
+            fig.savefig(tmp, dpi=DPI, format='png')
     finally:
         plt.close(fig)
 
@@ -1382,29 +1438,38 @@ def pyplot():
 
 
 def save_samples(path, samples, it, pairing, real=None):
-    """Images: a 4x4 grid of 16 samples per generator. 2-D data: each generator's samples over the real
-    points. Panels are labelled G1, G2, ... with their current discriminator."""
+    """Images: a 4x4 grid of 16 samples per generator, each pixel drawn as 3x3 and the grids close together.
+    2-D data: each generator's samples over the real points. Panels are labelled G1, G2, ... with their current
+    discriminator."""
     plt = pyplot()
     n = len(samples)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
-    for ax in axes.flat:
+    if real is None:  # laid out in pixels: a grid of 118 x 118 pixels shown at 3x, with room for its title
+        side, pad, title, top = 3 * (4 * 30 - 2), 9, 22, 26
+        width, height = cols * (side + 2 * pad), top + rows * (title + side + pad)
+        fig = plt.figure(figsize=(width / DPI, height / DPI))
+        axes = [fig.add_axes(((c * (side + 2 * pad) + pad) / width, 1 - (top + r * (title + side + pad) + title + side) / height,
+                              side / width, side / height)) for r in range(rows) for c in range(cols)]
+    else:
+        fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
+        axes = axes.flat
+    for ax in axes:
         ax.axis('off')
     for i, points in enumerate((samples if real is not None else as_unit_pixels(samples)).cpu().float()):
-        ax = axes.flat[i]
+        ax = axes[i]
         if real is None:
             grid = torch.ones(4 * 30 - 2, 4 * 30 - 2)
             for k, image in enumerate(points[:16].reshape(16, 28, 28)):
                 grid[30 * (k // 4):30 * (k // 4) + 28, 30 * (k % 4):30 * (k % 4) + 28] = image
-            ax.imshow(grid.numpy(), cmap='Greys_r', vmin=0, vmax=1)  # pixels in [0, 1] (as_unit_pixels)
+            ax.imshow(grid.numpy(), cmap='Greys_r', vmin=0, vmax=1, interpolation='nearest')  # [0, 1]: as_unit_pixels
         else:
             ax.scatter(*real[:2000].T.numpy(), s=1, c='lightgrey')
             ax.scatter(*points.T.numpy(), s=1, c='C3')
             reach = 1.25 * float(real.abs().max())
             ax.set(xlim=(-reach, reach), ylim=(-reach, reach), aspect='equal')
-        ax.set_title(f'G{i + 1}' + (f' (with D{pairing[i] + 1})' if n > 1 else ''))
-    fig.suptitle(f'iteration {it}')
+        ax.set_title(f'G{i + 1}' + (f' (with D{pairing[i] + 1})' if n > 1 else ''), fontsize=11, pad=4)
+    fig.suptitle(f'iteration {it}', **({'y': 1 - 4 / height, 'va': 'top', 'fontsize': 12} if real is None else {}))
     save_figure(fig, path)
 
 
@@ -1430,22 +1495,47 @@ def save_comparison_plot(path, errors, config_of_column):
     save_figure(fig, path)
 
 
-def save_losses(path, history, n_pairs, swaps):
-    """Each pair's D and G loss over the run (means over each log interval), with the swaps (iterations) marked."""
+def save_losses(path, history, n_pairs, swaps, most=2000, long=200):
+    """Each pair's D and G loss over the run (means over each log interval), with the swaps (iterations) marked. A long run
+    stays readable: at most `most` points a curve (means of consecutive log lines); beyond `long` points, drawn
+    thin and faint under a moving median per pair, with the y range set by the bulk of the points (the rarest
+    0.5% at either end may fall outside it, and the axis says how many do); iterations written as 200k, 1M."""
     plt = pyplot()
+    from matplotlib.ticker import EngFormatter
     if len(history) == 0:
         return
+    faint = 'every log line' if len(history) <= most else f'means of {len(history) / most:.3g} log lines'
+    if len(history) > most:  # consecutive rows averaged into `most` bins
+        bins = torch.arange(len(history)) * most // len(history)
+        history = torch.zeros(most, history.shape[1], dtype=history.dtype).index_add_(0, bins, history) \
+            / torch.bincount(bins, minlength=most)[:, None]
     its = history[:, 0].numpy()
-    stats = history[:, 1:].reshape(len(history), n_pairs, 4).numpy()
+    stats = history[:, 1:].reshape(len(history), n_pairs, 4)
+    smooth = len(history) > long
+    window = max(len(history) // 50, 2)
     fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     for ax, column, name in ((axes[0], 0, 'D_loss'), (axes[1], 1, 'G_loss')):
         for i in range(n_pairs):
-            ax.plot(its, stats[:, i, column], label=f'pair {i + 1}', lw=1)
-        if 0 < len(swaps) <= 100:
+            values = stats[:, i, column]
+            ax.plot(its, values.numpy(), color=f'C{i}', lw=0.5 if smooth else 1, alpha=0.35 if smooth else 1,
+                    label=None if smooth else f'pair {i + 1}')
+            if smooth:  # a centred moving median over `window` points: a lone spike does not move it
+                medians = values.unfold(0, window, 1).median(1).values
+                ax.plot(its[window // 2:window // 2 + len(medians)], medians.numpy(), color=f'C{i}', lw=1.6,
+                        label=f'pair {i + 1}')
+        off = 0
+        if smooth:
+            every = stats[:, :, column].flatten()
+            low, high = torch.quantile(every, torch.tensor([0.005, 0.995], dtype=every.dtype)).tolist()
+            low, high = low - 0.1 * (high - low + 1e-9), high + 0.1 * (high - low + 1e-9)
+            ax.set_ylim(low, high)
+            off = int(((every < low) | (every > high)).sum())
+        if len(swaps) <= 100:
             ax.vlines(swaps, 0, 1, transform=ax.get_xaxis_transform(), colors='grey', alpha=0.3, lw=0.8)
-        ax.set_ylabel(name)
+        ax.set_ylabel(name + (f' ({off} off the scale)' if off else ''))
         ax.legend(loc='upper right', fontsize=8)
-    axes[1].set_xlabel('iteration')
+    axes[1].set_xlabel('iteration' + (f' (faint: {faint}; bold: their moving median over {window})' if smooth else ''))
+    axes[1].xaxis.set_major_formatter(EngFormatter(sep=''))
     title = ('no swaps' if not swaps else f'{len(swaps)} swaps of discriminators'
              + (' (grey lines)' if len(swaps) <= 100 else ', too dense to draw'))
     axes[0].set_title(title)
@@ -1455,7 +1545,8 @@ def save_losses(path, history, n_pairs, swaps):
 
 def save_metrics_plot(path, rows):
     """Modes covered, KL to uniform and Frechet distance over the run, a line per generator; and each
-    discriminator's mean D(x) on real training (solid) and held-out (dashed) examples."""
+    discriminator's mean D(x) on real training (solid line, filled markers) and held-out (dashed, open) examples.
+    Every evaluation is a marker, large while there are few (a single one is a point, with no line to show it)."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
     panels = (('modes', 'modes covered'), ('kl', 'KL(histogram || uniform)'), ('fd', 'Frechet distance'))
@@ -1463,13 +1554,15 @@ def save_metrics_plot(path, rows):
     for g in ids:
         mine = [r for r in rows if int(r['generator']) == g]
         its = [int(r['iteration']) for r in mine]
+        ms = 7 if len(its) <= 30 else 3
         for ax, (key, name) in zip(axes, panels):
-            ax.plot(its, [float(r[key]) for r in mine], marker='o', ms=3, label=f'G{g}')
+            ax.plot(its, [float(r[key]) for r in mine], marker='o', ms=ms, label=f'G{g}')
             ax.set(title=name, xlabel='iteration')
         for key, style in (('d_train', '-'), ('d_heldout', '--')):
-            axes[3].plot(its, [float(r[key] or 'nan') for r in mine], style, color=f'C{g - 1}', marker='o', ms=3,
+            axes[3].plot(its, [float(r[key] or 'nan') for r in mine], style, color=f'C{g - 1}', marker='o', ms=ms,
+                         fillstyle='full' if key == 'd_train' else 'none',
                          label=f'D{g} {"train" if key == "d_train" else "held-out"}')
-    axes[3].set(title='mean D(x): train (solid), held-out (dashed)', xlabel='iteration')
+    axes[3].set(title='mean D(x): train (filled), held-out (open)', xlabel='iteration')
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
@@ -1626,40 +1719,64 @@ class LossLog:
         self.add(state['recent'][:, self.slots].to(self.recent))
 
 
+RUN_FILES = ('checkpoint.pt', 'NNN.png', 'losses.png', 'metrics.csv', 'metrics.png')  # all a run writes in out_dir
+# but .lock, which goes with it (out_dir may also hold the caches of data_root and classifier_dir: never the run's)
+
+
+@contextmanager
 def claim_out_dir(cfg):
-    """Make out_dir and lock it for this process's lifetime; refuse one that a live run is using, and, for a fresh
-    run, one that holds another run's checkpoint. The lock is the kernel's (flock): a run that dies in any way,
-    kill -9 or power loss, leaves nothing that blocks the next one. Returns the open lock file."""
+    """Make out_dir and lock it while the run lives; refuse one that a live run is using, and, for a fresh run, one
+    that holds another run's checkpoint. The lock is the kernel's (flock): a run that dies in any way, kill -9 or
+    power loss, leaves nothing that blocks the next one; and a run that ends in any other way (done, an error,
+    Ctrl-C, sys.exit, SIGTERM) removes .lock as it goes. Yields the open lock file."""
     out = cfg['out_dir']
+    path = os.path.join(out, '.lock')
+    while True:
+        try:
+            os.makedirs(out, exist_ok=True)
+            lock = open(path, 'a+')
+        except OSError as error:
+            raise WriteFailed(f'cannot use --out_dir={out} ({error.strerror or error})') from error
+        if not fcntl:
+            break
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or 'unknown'
+            lock.close()
+            refuse(f'--out_dir={out} is in use by another run (process {holder}); '
+                   f'let it finish, stop it, or choose another --out_dir')
+        with suppress(OSError):
+            if os.path.samestat(os.fstat(lock.fileno()), os.stat(path)):
+                break
+        lock.close()  # the run before removed this .lock as it ended, after we opened it: lock the next one
+
+    def terminated(signum, frame):  # a plain kill (SIGTERM) ends the run as an exception would, so .lock goes too
+        raise SystemExit(128 + signum)
+    before = signal.getsignal(signal.SIGTERM)
+    if before == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, terminated)
     try:
-        os.makedirs(out, exist_ok=True)
-        lock = open(os.path.join(out, '.lock'), 'a+')
-    except OSError as error:
-        raise WriteFailed(f'cannot use --out_dir={out} ({error.strerror or error})') from error
-    try:
-        if fcntl:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                lock.seek(0)
-                refuse(f'--out_dir={out} is in use by another run (process {lock.read().strip() or "unknown"}); '
-                       f'let it finish, stop it, or choose another --out_dir')
         lock.seek(0)
         lock.truncate()
         lock.write(f'{os.getpid()}\n')
         lock.flush()
-        path = checkpoint_path(cfg)
-        if not cfg['resume'] and os.path.exists(path):
+        checkpoint = checkpoint_path(cfg)
+        if not cfg['resume'] and os.path.exists(checkpoint):
             try:
-                where = f'stopped after iteration {torch.load(path, map_location="cpu", weights_only=True)["iteration"]}'
+                where = f'stopped after iteration {torch.load(checkpoint, map_location="cpu", weights_only=True)["iteration"]}'
             except Exception:
                 where = 'left an unreadable checkpoint.pt'
-            refuse(f'--out_dir={out} holds another run, which {where}: continue it with --resume=True, '
-                   f'or start afresh with another --out_dir (or delete that one)')
-    except BaseException:
+            refuse(f'--out_dir={out} holds another run, which {where}: continue it with --resume=True, start afresh '
+                   f'with another --out_dir, or remove that run\'s own files from it ({", ".join(RUN_FILES)})')
+        yield lock
+    finally:
+        if signal.getsignal(signal.SIGTERM) is terminated:  # not when the run set its own since
+            signal.signal(signal.SIGTERM, before)
+        with suppress(OSError):
+            os.remove(path)  # while still locked: once unlocked, it may be the next run's
         lock.close()  # releases the lock at once, also where train() was called from Python and goes on
-        raise
-    return lock
 
 
 class Training:
@@ -1708,7 +1825,8 @@ class Outputs:
         self.real = images[:2000] if cfg['dataset'] in MIXTURES else None  # drawn under 2-D samples
         n_fixed = 16 if self.real is None else 1000  # the same latent points in every sample dump
         self.fixed_z = draw_noise(cfg, n_fixed, torch.Generator().manual_seed(cfg['seed'] + 3), torch.float32).to(dev, dtype)
-        self.evaluator = Evaluator(cfg, dev, dtype, images, labels) if cfg['eval_every'] and self.leader else None
+        evaluating = evaluates_at(cfg['iterations'] - 1, cfg)  # the last iteration is, when any is
+        self.evaluator = Evaluator(cfg, dev, dtype, images, labels) if evaluating and self.leader else None
         if self.evaluator:  # a fresh run starts a fresh file; a resumed one redoes the evaluations after its checkpoint
             write_metrics(self.path('metrics.csv'), [], keep_until=training.iteration)
 
@@ -1733,8 +1851,9 @@ class Outputs:
             self.stop(f'a weight of {" and ".join(bad)} became non-finite by iteration {it}')
         number = it // self.cfg['sample_every'] + (it % self.cfg['sample_every'] != 0)
         save_samples(self.path(f'{number:03d}.png'), generate(G, self.fixed_z), it, self.training.pairing, self.real)
-        save_checkpoint(checkpoint_path(self.cfg), {'hyperparameters': self.cfg, 'device': self.fixed_z.device.type,
-                                               **self.training.state_dict(unlogged)})
+        save_checkpoint(checkpoint_path(self.cfg), {'hyperparameters': self.cfg, 'block': block_values,
+                                                    'device': self.fixed_z.device.type,
+                                                    **self.training.state_dict(unlogged)})
 
     def losses(self):
         if self.leader:
@@ -1821,22 +1940,38 @@ def run(cfg, procs):
     if cfg['threads']:
         torch.set_num_threads(cfg['threads'])
     state = load_checkpoint(checkpoint_path(cfg), cfg, dev) if cfg['resume'] else None
+    if state and state['iteration'] + 1 >= cfg['iterations']:
+        say(f'nothing to train: the run in {cfg["out_dir"]} stopped after iteration {state["iteration"]}, and it already '
+            f'reached --iterations={cfg["iterations"]}; raise it to go on')
+        return 0
     say(f'loading the {cfg["dataset"]} training set' + (f' from {cfg["data_root"]}' if cfg['dataset'] in IMAGE_DATASETS else ''))
     images, labels = training_data(cfg)
     training = Training(cfg, procs, images, dev, dtype)
     if state:
         training.load_state_dict(state, checkpoint_path(cfg))
-        say(f'resumed from {checkpoint_path(cfg)} after iteration {state["iteration"]}')
-        if state['iteration'] + 1 >= cfg['iterations']:
-            say(f'nothing to train: the run already reached --iterations={cfg["iterations"]}; raise it to go on')
+        saved = state['hyperparameters']
+        changes = '; '.join(f'{k}={saved[k]!r} there, {cfg[k]!r} now' for k in RESUMABLE
+                            if k != 'resume' and k in saved and saved[k] != cfg[k])
+        say(f'resumed from {checkpoint_path(cfg)} after iteration {state["iteration"]}'
+            + (f', with these changes: {changes}' if changes else ', with its own hyperparameters'))
     G, D = share_of_process(training, cfg, procs)
     with interrupts_caught(procs) as interrupted:  # from here on a Ctrl-C ends in a checkpoint
         outputs = Outputs(cfg, procs, training, images, labels)
         say(f'GAP: {cfg["n_pairs"]} pairs, K={cfg["K"]}, {len(training.batches.data)} {cfg["dataset"]} training points, '
             f'device {dev}, {cfg["dtype"]}, {procs.world} process(es) x {torch.get_num_threads()} threads, '
             f'iterations {training.iteration + 1}..{cfg["iterations"] - 1}')
+        if cfg['eval_every'] and not outputs.evaluator:
+            say(f'no evaluation: the run ends before eval_every={cfg["eval_every"]}; for metrics of a short run, '
+                f'add --eval_at_end=True (or a smaller --eval_every)')
         stopped = train_loop(cfg, procs, training, G, D, outputs, interrupted)
     return 130 if stopped else 0
+
+
+def evaluates_at(it, cfg):
+    """Whether iteration it is evaluated: every eval_every iterations, and the last one when the run reached one of
+    those or eval_at_end asks (so a try-run shorter than eval_every never trains the classifier that scores it)."""
+    every, last = cfg['eval_every'], cfg['iterations'] - 1
+    return bool(every and it % every == 0 and it > 0 or it == last and (cfg['eval_at_end'] or every and last >= every))
 
 
 # ------------------------------------------------------------------------------------

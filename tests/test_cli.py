@@ -40,7 +40,9 @@ def test_help_lists_every_hyperparameter_with_default_and_meaning(capsys):
     (['--nope=1'], 'unknown argument'),
     (['K=3'], 'unknown argument'),
     (['--K'], 'unknown argument'),
-    (['--K=ten'], 'expected an integer'),
+    (['--K=ten'], 'expected a whole number'),
+    (['--iterations=2.5'], 'expected a whole number'),
+    (['--iterations=1e400'], 'expected a whole number'),
     (['--lr=fast'], 'expected a number'),
     (['--resume=maybe'], 'expected True or False'),
     (['--K=-1'], 'K must be'),
@@ -100,6 +102,7 @@ def test_the_hyperparameter_block_takes_any_ordinary_assignment(tmp_path, capsys
     text = capsys.readouterr().out
     assert re.search(r'--lr\s+0\.0003\s+Adam learning rate of every network', text)
     assert re.search(r'--h_dim\s+128\s*$', text, re.M)  # listed, with no meaning to show
+    assert re.search(r'--iterations\s+200000\s+training iterations', text)  # a count, shown as one
     assert re.search(r'--out_dir\s+\'out\'\s+where samples go', text)
     assert 'my notes' not in text
 
@@ -119,7 +122,41 @@ def test_a_line_the_block_cannot_hold_is_reported_with_its_number(tmp_path, line
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_a_count_must_be_a_whole_number(capsys):
+def test_the_command_line_takes_the_number_forms_of_the_block():
+    cfg = pg.parse_args(['--iterations=1e3', '--K=1_0', '--seed=3.0', '--lr=1', '--eval_every=2E4'])
+    assert (cfg['iterations'], cfg['K'], cfg['seed'], cfg['eval_every']) == (1000, 10, 3, 20000)
+    assert all(type(cfg[name]) is int for name in pg.COUNTS) and type(cfg['lr']) is float
+
+
+def test_a_value_of_the_wrong_kind_in_the_block_is_refused_with_its_line_number(tmp_path):
+    """As the script runs: one line, exit status 2, no traceback, nothing made."""
+    line = "lr = 'fast'  # Adam learning rate of every network"
+    _, script = edited_copy(tmp_path, ('lr = 1e-3  # Adam learning rate of every network', line))
+    number = open(script).read().splitlines().index(line) + 1
+    result = subprocess.run([sys.executable, script, f'--out_dir={tmp_path / "out"}'], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert result.stderr.strip() == f"parallel_gan.py: error: parallel_gan.py line {number}: lr must be a number, not 'fast'"
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('old, line, words', [
+    ('n_pairs = 2  #', 'n_pairs = 2.5  #', 'n_pairs must be a whole number, not 2.5'),
+    ('seed = 0  #', "seed = '0'  #", "seed must be a whole number, not '0'"),
+    ('K = 100  #', 'K = True  #', 'K must be a whole number, not True'),
+    ('resume = False  #', 'resume = 0  #', 'resume must be True or False, not 0'),
+    ("device = 'auto'  #", 'device = 0  #', 'device must be a string, not 0'),
+    ('beta1 = 0.9  #', "beta1 = '0.9'  #", "beta1 must be a number, not '0.9'"),
+])
+def test_every_kind_of_value_is_checked_in_the_block(tmp_path, capsys, old, line, words):
+    edited, script = edited_copy(tmp_path, (old, line))
+    number = next(i for i, text in enumerate(open(script).read().splitlines(), 1) if text.startswith(line))
     with pytest.raises(SystemExit) as exit:
-        pg.parse_args(['--iterations=1e3'])
-    assert exit.value.code == 2
+        edited.parse_args([])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and f'line {number}: {words}' in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_number_written_as_an_integer_in_the_block_is_a_number(tmp_path):
+    edited, _ = edited_copy(tmp_path, ('lr = 1e-3  #', 'lr = 1  #'))
+    assert edited.parse_args([])['lr'] == 1.0 and type(edited.parse_args(['--lr=0.5'])['lr']) is float

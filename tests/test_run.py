@@ -28,7 +28,7 @@ def test_a_run_writes_samples_losses_and_a_checkpoint(tiny_mnist, tmp_path):
     out = tmp_path / 'out'
     result = run_ok(f'--data_root={tiny_mnist}', f'--out_dir={out}', '--iterations=250', '--sample_every=100',
                     '--log_every=50', '--eval_every=0')
-    assert sorted(os.listdir(out)) == ['.lock', '000.png', '001.png', '002.png', '003.png', 'checkpoint.pt', 'losses.png']
+    assert sorted(os.listdir(out)) == ['000.png', '001.png', '002.png', '003.png', 'checkpoint.pt', 'losses.png']
     logs = [line for line in result.stdout.splitlines() if line.startswith('it ')]
     assert [int(line.split()[1]) for line in logs] == [0, 50, 100, 150, 200, 249]
     assert all('it/s' in line and 'left' in line and line.count('/') >= 5 for line in logs[1:])
@@ -161,3 +161,74 @@ def test_a_short_run_on_real_mnist(tmp_path):
     assert {'000.png', '001.png', '002.png', '003.png', 'losses.png', 'checkpoint.pt'} <= set(os.listdir(out))
     state = load(out / 'checkpoint.pt')
     assert state['iteration'] == 300 and state['batches']['order'].shape == (60000,)
+
+
+def test_a_try_run_shorter_than_eval_every_skips_the_classifier_and_says_how_to_get_metrics(tiny_mnist, tmp_path,
+                                                                                            monkeypatch, capsys):
+    """The first run of a new user: only iterations changed (eval_every stays 10,000). No classifier, no metrics;
+    the log says how to get them. Asked for (eval_at_end), one evaluation at the end, even with eval_every=0."""
+    real_load = pg.load_classifier
+    monkeypatch.setattr(pg, 'load_classifier', lambda *args: pytest.fail('a try-run trained or loaded the classifier'))
+    common = [f'--data_root={tiny_mnist}', '--h_dim=16', '--iterations=30', '--sample_every=10', '--log_every=10']
+    assert train(*common, f'--out_dir={tmp_path / "try"}') == 0
+    assert sorted(os.listdir(tmp_path / 'try')) == ['000.png', '001.png', '002.png', '003.png', 'checkpoint.pt',
+                                                    'losses.png']
+    assert 'add --eval_at_end=True' in capsys.readouterr().out
+
+    monkeypatch.setattr(pg, 'load_classifier', real_load)
+    assert train(*common, f'--out_dir={tmp_path / "asked"}', '--eval_every=0', '--eval_at_end=True',
+                 '--eval_samples=100', f'--classifier_dir={tmp_path / "cls"}') == 0
+    assert [int(r['iteration']) for r in pg.read_metrics(tmp_path / 'asked' / 'metrics.csv')] == [29, 29]
+    assert 'eval_at_end' not in capsys.readouterr().out
+
+
+def test_resume_alone_continues_the_run_with_its_own_hyperparameters(tiny_mnist, tmp_path, monkeypatch, capsys):
+    """A run started with other settings than the block's (data, pairs, K, seed, length, ...), stopped by Ctrl-C,
+    goes on with --resume=True alone (and its out_dir) exactly as the uninterrupted run; once done, a resume says
+    there is nothing to train under the run's own length."""
+    settings = [f'--data_root={tiny_mnist}', '--n_pairs=4', '--K=5', '--seed=3', '--h_dim=16', '--iterations=40',
+                '--sample_every=10', '--log_every=4', '--eval_every=0']
+    train(*settings, f'--out_dir={tmp_path / "whole"}')
+    step = pg.gap_iteration
+
+    def ctrl_c_at_17(it, *args, **kwargs):
+        if it == 17:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(it, *args, **kwargs)
+    monkeypatch.setattr(pg, 'gap_iteration', ctrl_c_at_17)
+    assert train(*settings, f'--out_dir={tmp_path / "split"}') == 130
+    monkeypatch.setattr(pg, 'gap_iteration', step)
+    capsys.readouterr()
+    assert train(f'--out_dir={tmp_path / "split"}', '--resume=True') == 0
+    assert 'after iteration 17, with its own hyperparameters' in capsys.readouterr().out
+    whole, split = load(tmp_path / 'whole' / 'checkpoint.pt'), load(tmp_path / 'split' / 'checkpoint.pt')
+    assert torch.equal(whole['history'], split['history'])
+    for side in ('G', 'D'):
+        for name, value in whole[side]['model'].items():
+            assert torch.equal(value, split[side]['model'][name])
+    assert {k: v for k, v in split['hyperparameters'].items() if k not in ('out_dir', 'resume')} == \
+           {k: v for k, v in whole['hyperparameters'].items() if k not in ('out_dir', 'resume')}
+
+    assert train(f'--out_dir={tmp_path / "split"}', '--resume=True') == 0
+    out = capsys.readouterr().out
+    assert 'nothing to train' in out and 'already reached --iterations=40' in out and 'loading' not in out
+
+
+def test_an_edited_random_swap_schedule_resumes_exactly_and_is_what_losses_png_draws(tiny_mnist, tmp_path):
+    """swaps_at edited to swap at random (about one iteration in eight, drawn from random_stream): the loop follows
+    it, the checkpoint records the swaps it made, and a run stopped and resumed equals the uninterrupted one."""
+    from conftest import edited_copy
+    edited, script = edited_copy(tmp_path, (
+        "return cfg['K'] > 0 and it > 0 and it % cfg['K'] == 0",
+        "return it > 0 and bool(torch.rand(1, generator=random_stream(cfg, it, 'when')) < 0.125)"))
+    common = [f'--data_root={tiny_mnist}', '--n_pairs=3', '--sample_every=20', *SMALL]
+    for out, iterations, resume in (('whole', 70, False), ('split', 35, False), ('split', 70, True)):
+        result = subprocess.run([sys.executable, script, *common, f'--out_dir={tmp_path / out}',
+                                 f'--iterations={iterations}', f'--resume={resume}'], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr
+    whole, split = load(tmp_path / 'whole' / 'checkpoint.pt'), load(tmp_path / 'split' / 'checkpoint.pt')
+    cfg = edited.parse_args(['--n_pairs=3'])
+    assert whole['swaps'] == [it for it in range(70) if edited.swaps_at(it, cfg)] == split['swaps']
+    assert 4 <= len(whole['swaps']) and whole['swaps'] != list(range(8, 70, 8))
+    assert torch.equal(whole['history'], split['history']) and whole['pairing'] == split['pairing']

@@ -1,7 +1,10 @@
 """Never lose a run: a second run over a finished one, two live runs in one out_dir, changed resumes,
 non-finite weights, files that cannot be written, and what the user sees before the slow steps."""
 import errno
+import glob
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,19 +13,31 @@ import pytest
 import torch
 
 import parallel_gan as pg
-from conftest import SCRIPT, load, run_script, stopped, train
+from conftest import SCRIPT, edited_copy, load, run_script, stopped, train
 
 SMALL = ['--h_dim=16', '--eval_every=0']
 
 
-def test_a_second_fresh_run_is_refused_and_says_how_to_go_on(tiny_mnist, tmp_path, capsys):
-    common = [f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}', *SMALL]
+def test_a_second_fresh_run_is_refused_and_says_how_to_go_on_safely(tiny_mnist, tmp_path, capsys):
+    """The layout of the defaults: the data and the classifier cached inside out_dir. The refusal names the
+    run's own files, all of them and nothing else; removing them lets a fresh run start, with the caches kept."""
+    shutil.copytree(tiny_mnist, tmp_path / 'data')
+    common = [f'--data_root={tmp_path / "data"}', f'--out_dir={tmp_path}', f'--classifier_dir={tmp_path / "classifiers"}',
+              '--h_dim=16', '--eval_at_end=True', '--eval_samples=100', '--sample_every=5']
     train(*common, '--iterations=12')
     before = (tmp_path / 'checkpoint.pt').read_bytes()
     code, message = stopped(capsys, *common, '--iterations=30')
     assert code == 2 and 'stopped after iteration 11' in message
     assert '--resume=True' in message and 'another --out_dir' in message and len(message.splitlines()) == 1
     assert (tmp_path / 'checkpoint.pt').read_bytes() == before
+    written = {re.sub(r'^\d{3}\.png$', 'NNN.png', name) for name in os.listdir(tmp_path)} - {'data', 'classifiers'}
+    named = re.fullmatch(r".*remove that run's own files from it \((.*)\)", message).group(1).split(', ')
+    assert set(named) == written and len(named) == len(written)
+    for name in named:
+        for path in glob.glob(str(tmp_path / name.replace('NNN', '[0-9][0-9][0-9]'))):
+            os.remove(path)
+    assert train(*common, '--iterations=3') == 0
+    assert 'classifier (cached in' in capsys.readouterr().out
 
 
 def test_a_live_run_locks_its_out_dir_until_it_dies_even_by_sigkill(tiny_mnist, tmp_path, capsys):
@@ -157,3 +172,111 @@ def test_a_resume_may_change_lr_and_the_run_length(tiny_mnist, tmp_path):
     assert torch.equal(same['history'][:3], slower['history'][:3])  # the same run up to the resume
     assert not torch.allclose(same['history'][-1], slower['history'][-1])  # then a slower one
     assert (tmp_path / 'slower' / 'metrics.csv').exists()
+
+
+@pytest.mark.parametrize('ending', ['an error', 'sys.exit', 'Ctrl-C', 'Ctrl-C while loading', 'SIGTERM while loading'])
+def test_the_lock_file_goes_however_the_run_ends(tiny_mnist, tmp_path, monkeypatch, ending):
+    """Short of kill -9 (above): an exception, a sys.exit, a Ctrl-C in the loop (saved, status 130) or before it, a
+    plain kill. Afterwards out_dir can be claimed again, and SIGTERM has its default handler back."""
+    step, load_data = pg.gap_iteration, pg.training_data
+
+    def loading(*args):
+        if ending == 'an error':
+            raise RuntimeError('boom')
+        if ending == 'sys.exit':
+            sys.exit('stopped')
+        if ending == 'SIGTERM while loading':
+            assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL  # else the kill below would end pytest
+        os.kill(os.getpid(), signal.SIGINT if ending.startswith('Ctrl-C') else signal.SIGTERM)
+        return load_data(*args)
+
+    def ctrl_c_at_3(it, *args, **kwargs):
+        if it == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(it, *args, **kwargs)
+    if ending == 'Ctrl-C':
+        monkeypatch.setattr(pg, 'gap_iteration', ctrl_c_at_3)
+    else:
+        monkeypatch.setattr(pg, 'training_data', loading)
+    args = [f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}', *SMALL, '--iterations=10']
+    raised = {'an error': RuntimeError, 'Ctrl-C while loading': KeyboardInterrupt}.get(ending, SystemExit)
+    if ending == 'Ctrl-C':
+        assert train(*args) == 130
+    else:
+        with pytest.raises(raised) as stop:
+            train(*args)
+        if ending == 'SIGTERM while loading':
+            assert stop.value.code == 128 + signal.SIGTERM
+    assert not (tmp_path / '.lock').exists()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    with pg.claim_out_dir({'out_dir': str(tmp_path), 'resume': True}):
+        assert (tmp_path / '.lock').read_text() == f'{os.getpid()}\n'
+
+
+@pytest.mark.skipif(pg.fcntl is None, reason='no flock here')
+def test_a_lock_file_removed_as_it_was_opened_is_not_taken(tmp_path, monkeypatch, capsys):
+    """A run that opens .lock just before the run holding it removes it (as that run ends) must not lock the removed
+    file, which nobody else would see: it locks a new .lock, which a third run then finds in use."""
+    cfg = {'out_dir': str(tmp_path), 'resume': True}
+    with pg.claim_out_dir(cfg):
+        stale = open(tmp_path / '.lock', 'a+')
+    opened = []
+    monkeypatch.setattr(pg, 'open', lambda *args: opened.append(1) or (stale if len(opened) == 1 else open(*args)),
+                        raising=False)
+    with pg.claim_out_dir(cfg):
+        assert len(opened) == 2 and (tmp_path / '.lock').read_text() == f'{os.getpid()}\n'
+        monkeypatch.undo()
+        code, message = stopped(capsys, f'--out_dir={tmp_path}', '--resume=True', *SMALL)
+        assert code == 2 and f'in use by another run (process {os.getpid()})' in message
+
+
+def test_a_resume_applies_the_changes_given_and_says_them_in_one_line(tiny_mnist, tmp_path, capsys):
+    """Only what is given explicitly changes: a resumable change is applied and said; another is refused naming it
+    alone (not every setting the run was started with)."""
+    train(f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}', '--n_pairs=4', '--K=50', '--seed=3', *SMALL,
+          '--iterations=12')
+    code, message = stopped(capsys, f'--out_dir={tmp_path}', '--resume=True', '--seed=4')
+    assert code == 2 and 'with other settings, which would not continue it exactly (seed=3 there, 4 now)' in message
+    capsys.readouterr()
+    assert train(f'--out_dir={tmp_path}', '--resume=True', '--iterations=20', '--lr=5e-4') == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if 'resumed from' in line]
+    assert said == [f'resumed from {tmp_path / "checkpoint.pt"} after iteration 11, with these changes: '
+                    f'lr=0.001 there, 0.0005 now; iterations=12 there, 20 now']
+    state = load(tmp_path / 'checkpoint.pt')
+    assert state['iteration'] == 19 and [g['lr'] for g in state['G']['solver']['param_groups']] == [5e-4]
+    assert (state['hyperparameters']['n_pairs'], state['hyperparameters']['K'], state['hyperparameters']['seed']) == (4, 50, 3)
+
+
+def test_a_value_edited_in_the_block_since_the_run_counts_as_given(tiny_mnist, tmp_path, capsys):
+    """The block as it was is kept in the checkpoint: a value edited there since is a change (applied or refused),
+    an unedited one is the run's own, whatever the block says (here the run's n_pairs=3 from its command line)."""
+    edits = [('K = 100  #', 'K = 5  #'), ('h_dim = 128  #', 'h_dim = 16  #'), ('eval_every = 10_000  #', 'eval_every = 0  #')]
+    (tmp_path / 'a').mkdir(), (tmp_path / 'b').mkdir(), (tmp_path / 'c').mkdir()
+    first, _ = edited_copy(tmp_path / 'a', *edits)
+    out = f'--out_dir={tmp_path / "out"}'
+    first.train(first.parse_args([f'--data_root={tiny_mnist}', out, '--n_pairs=3', '--iterations=12']))
+    assert load(tmp_path / 'out' / 'checkpoint.pt')['block']['K'] == 5
+    slower, _ = edited_copy(tmp_path / 'b', *edits, ('lr = 1e-3  #', 'lr = 5e-4  #'))
+    cfg = slower.parse_args([out, '--resume=True', '--iterations=20'])
+    assert slower.explicit == {'out_dir', 'resume', 'iterations', 'lr'}
+    assert (cfg['lr'], cfg['n_pairs'], cfg['data_root']) == (5e-4, 3, tiny_mnist)
+    capsys.readouterr()
+    assert slower.train(cfg) == 0
+    assert 'with these changes: lr=0.001 there, 0.0005 now; iterations=12 there, 20 now' in capsys.readouterr().out
+    other_k, _ = edited_copy(tmp_path / 'c', *edits[1:], ('K = 100  #', 'K = 7  #'))
+    with pytest.raises(SystemExit) as stop:
+        other_k.train(other_k.parse_args([out, '--resume=True', '--iterations=30']))
+    message = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and '(K=5 there, 7 now)' in message and len(message.splitlines()) == 1
+
+
+def test_a_checkpoint_without_its_block_resumes_as_before(tiny_mnist, tmp_path, capsys):
+    """Written before checkpoints kept the block: the block and command line alone, compared with the checkpoint."""
+    common = [f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}', *SMALL]
+    train(*common, '--K=5', '--iterations=12')
+    state = load(tmp_path / 'checkpoint.pt')
+    del state['block']
+    torch.save(state, tmp_path / 'checkpoint.pt')
+    code, message = stopped(capsys, *common, '--resume=True', '--iterations=20')
+    assert code == 2 and '(K=5 there, 100 now)' in message
+    assert train(*common, '--resume=True', '--iterations=20', '--K=5') == 0

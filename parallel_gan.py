@@ -140,23 +140,21 @@ class Linear(nn.Module):
 
 
 class BatchNorm(nn.Module):
-    """n_pairs independent nn.BatchNorm1d(features): in training each pair normalises over its own batch and
-    updates its running statistics, which eval mode (sampling, evaluation) uses instead. Computed by torch's
-    batch_norm with every pair's features side by side, so that each pair's maths is nn.BatchNorm1d's."""
+    """n_pairs independent nn.BatchNorm1d(features, track_running_stats=False): each pair normalises over its own
+    batch, in training and evaluation alike. Running statistics would mix D's real and fake batches, which
+    training normalises apart, so they would judge neither. torch's batch_norm with every pair's features side by
+    side, so that each pair's maths is nn.BatchNorm1d's."""
 
-    def __init__(self, n, features, momentum=0.1, eps=1e-5):
+    def __init__(self, n, features, eps=1e-5):
         super().__init__()
-        self.momentum, self.eps = momentum, eps
+        self.eps = eps
         self.weight = nn.Parameter(torch.ones(n, 1, features))
         self.bias = nn.Parameter(torch.zeros(n, 1, features))
-        self.register_buffer('running_mean', torch.zeros(n, 1, features))
-        self.register_buffer('running_var', torch.ones(n, 1, features))
 
     def forward(self, x):
         n, batch, features = x.shape
         side_by_side = x.transpose(0, 1).reshape(batch, n * features)
-        out = F.batch_norm(side_by_side, self.running_mean.view(-1), self.running_var.view(-1), self.weight.view(-1),
-                           self.bias.view(-1), self.training, self.momentum, self.eps)
+        out = F.batch_norm(side_by_side, None, None, self.weight.view(-1), self.bias.view(-1), True, 0.0, self.eps)
         return out.reshape(batch, n, features).transpose(0, 1)
 
 

@@ -17,7 +17,7 @@ def mlp(n_in, n_hidden, n_out, layers=1, batch_norm=False):
     sizes = [n_in] + [n_hidden] * layers
     hidden = []
     for a, b in zip(sizes, sizes[1:]):
-        hidden += [nn.Linear(a, b), *([nn.BatchNorm1d(b)] if batch_norm else []), nn.ReLU()]
+        hidden += [nn.Linear(a, b), *([nn.BatchNorm1d(b, track_running_stats=False)] if batch_norm else []), nn.ReLU()]
     return nn.Sequential(*hidden, nn.Linear(n_hidden, n_out))
 
 
@@ -54,8 +54,6 @@ class ReferenceGAP:
                             mine.weight.copy_(layer.weight[i].T), mine.bias.copy_(layer.bias[i, 0])
                         else:
                             mine.weight.copy_(layer.weight[i, 0]), mine.bias.copy_(layer.bias[i, 0])
-                            mine.running_mean.copy_(layer.running_mean[i, 0])
-                            mine.running_var.copy_(layer.running_var[i, 0])
         return self
 
     def to(self, *args):

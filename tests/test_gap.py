@@ -227,15 +227,16 @@ def test_after_a_swap_each_generator_trains_against_the_other_discriminator_and_
     assert torch.allclose(pg.g_loss(D['model'](fake))[0], expected)
 
 
-def test_a_swap_moves_the_running_statistics_with_their_discriminator():
+def test_batch_norm_normalises_each_pairs_batch_in_training_and_evaluation_alike():
     G, D = pairs(n_pairs=3, batch_norm=True)
-    z, x = torch.randn(32, 10, dtype=F64), torch.rand(32, 784, dtype=F64)
-    pg.train_step(G, D, z, x)
-    before = {name: b.clone() for name, b in D['model'].named_buffers()}
-    partners = torch.tensor([2, 0, 1])
-    pg.swap_discriminators(D, partners)
-    for name, b in D['model'].named_buffers():
-        assert torch.equal(b, before[name][partners]) and not torch.equal(b, before[name])
+    x = torch.rand(3, 40, 784, dtype=F64)
+    hidden = D['model'][1](D['model'][0](x))  # Linear, then BatchNorm
+    assert torch.allclose(hidden.mean(1), torch.zeros(3, 128, dtype=F64), atol=1e-12)
+    assert torch.allclose(hidden.var(1, unbiased=False), torch.ones(3, 128, dtype=F64), atol=1e-3)
+    with pg.evaluating(D):
+        assert torch.equal(D['model'](x), D['model'].train(False)(x))
+    assert not torch.allclose(D["model"](x)[:, :20], D["model"](x[:, :20]))  # a batch's statistics are its own
+    assert list(D['model'].buffers()) == []
 
 
 def test_with_k_zero_the_script_never_swaps(monkeypatch, tiny_mnist, tmp_path):

@@ -28,21 +28,27 @@ def finish(proc, timeout=120):
     return proc.returncode, out, err
 
 
-def test_two_processes_with_a_resume_give_the_single_process_losses(tiny_mnist, tmp_path):
+@pytest.mark.parametrize('conditions, iterations, split', [
+    ([], 150, 80),
+    (['--paper=True', '--n_pairs=4', '--K=5', '--layers=2'], 70, 70),  # every condition, matching swaps over processes
+], ids=['blog', 'paper'])  # paper: no resume here, which would change its input noise's schedule (test_run's resumes it)
+def test_two_processes_with_a_resume_give_the_single_process_losses(tiny_mnist, tmp_path, conditions, iterations, split):
     data = f'--data_root={tiny_mnist}'
-    pg.train(pg.parse_args([data, *COMMON, f'--out_dir={tmp_path / "single"}', '--iterations=150']))
+    pg.train(pg.parse_args([data, *COMMON, *conditions, f'--out_dir={tmp_path / "single"}', f'--iterations={iterations}']))
 
     out = f'--out_dir={tmp_path / "two"}'
-    code, log, err = finish(torchrun(data, *COMMON, out, '--iterations=80'))
+    code, log, err = finish(torchrun(data, *COMMON, *conditions, out, f'--iterations={split}'))
     assert code == 0, err
-    assert log.count('GAP: 2 pairs') == 1 and '2 process(es)' in log  # one process writes
-    assert len([line for line in log.splitlines() if line.startswith('it ')]) == 80
-    code, log, err = finish(torchrun(data, *COMMON, out, '--iterations=150', '--resume=True'))
-    assert code == 0, err
-    assert 'resumed from' in log and 'after iteration 79' in log
+    assert log.count('GAP: ') == 1 and '2 process(es)' in log  # one process writes
+    assert len([line for line in log.splitlines() if line.startswith('it ')]) == split
+    if split < iterations:
+        code, log, err = finish(torchrun(data, *COMMON, *conditions, out, f'--iterations={iterations}', '--resume=True'))
+        assert code == 0, err
+        assert 'resumed from' in log and f'after iteration {split - 1}' in log
 
     single, two = load(tmp_path / 'single' / 'checkpoint.pt'), load(tmp_path / 'two' / 'checkpoint.pt')
-    assert two['history'].dtype == torch.float64 and len(two['history']) == 150  # a dozen swaps and more
+    assert two['history'].dtype == torch.float64 and len(two['history']) == iterations  # a dozen swaps and more
+    assert len(two['swaps']) >= 12 and two['swaps'] == single['swaps']
     assert torch.allclose(two['history'], single['history'], rtol=0, atol=1e-9)
     for side in ('G', 'D'):
         for name, value in single[side]['model'].items():

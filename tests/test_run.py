@@ -51,10 +51,20 @@ def test_the_same_seed_gives_the_same_losses_and_another_seed_does_not(tiny_mnis
     assert not torch.allclose(runs['a'], runs['c'])
 
 
-def test_resume_continues_exactly_as_the_uninterrupted_run(tiny_mnist, tmp_path, capsys):
-    common = [f'--data_root={tiny_mnist}', '--K=10', '--n_pairs=3', '--sample_every=20', *SMALL]
+@pytest.mark.parametrize('conditions', [[], ['--paper=True', '--K=5']], ids=['blog', 'paper'])
+def test_resume_continues_exactly_as_the_uninterrupted_run(tiny_mnist, tmp_path, capsys, monkeypatch, conditions):
+    """blog: stopped by reaching --iterations=35, resumed with 70. paper: stopped by a Ctrl-C after iteration 34 of 70
+    (a run with another length would decay its input noise on another schedule), resumed as it was."""
+    common = [f'--data_root={tiny_mnist}', '--K=10', '--n_pairs=3', '--sample_every=20', *SMALL, *conditions]
     train(*common, f'--out_dir={tmp_path / "whole"}', '--iterations=70')
-    train(*common, f'--out_dir={tmp_path / "split"}', '--iterations=35')
+    if conditions:
+        format_log = pg.format_log
+        monkeypatch.setattr(pg, 'format_log', lambda it, *rest: (it == 34 and os.kill(os.getpid(), signal.SIGINT),
+                                                                   format_log(it, *rest))[1])
+        assert train(*common, f'--out_dir={tmp_path / "split"}', '--iterations=70') == 130
+        monkeypatch.undo()
+    else:
+        train(*common, f'--out_dir={tmp_path / "split"}', '--iterations=35')
     train(*common, f'--out_dir={tmp_path / "split"}', '--iterations=70', '--resume=True')
     assert 'resumed from' in capsys.readouterr().out.split('after iteration 34')[0]
     whole, split = load(tmp_path / 'whole' / 'checkpoint.pt'), load(tmp_path / 'split' / 'checkpoint.pt')

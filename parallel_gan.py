@@ -1199,20 +1199,21 @@ class Evaluator:
         heldout = held_out_data(cfg, min(cfg['eval_samples'], len(seen)))
         self.real = {'train': as_inputs(seen[:len(heldout)].to(dev), dtype), 'heldout': as_inputs(heldout.to(dev), dtype)}
 
+    def generator_metrics(self, samples):
+        """Coverage and quality of one generator's samples (N, x_dim)."""
+        if self.classifier is None:
+            return mixture_metrics(samples.cpu(), self.cfg['dataset'], self.reference)
+        return image_metrics(*classify(self.classifier, as_unit_pixels(samples)), self.reference)
+
     def __call__(self, G, D, pairing, it):
         """One row per generator: its metrics, its mean and worst score over the pool of discriminators, and
         how the discriminator that started in its pair judges real training and held-out examples."""
         rng = torch.Generator(device=self.dev).manual_seed(self.cfg['seed'] * 1_000_003 + it + 7)  # training RNGs untouched
-        chunks, probs, features, samples = [], [], [], []
+        chunks, samples = [], []
         for n in torch.arange(self.cfg['eval_samples']).split(1000):
             fake = generate(G, draw_noise(self.cfg, len(n), rng, self.dtype))
             chunks.append(cross_scores(D, fake) * len(n))
-            if self.classifier is None:
-                samples.append(fake.cpu())
-            else:
-                p, f = zip(*(classify(self.classifier, g) for g in as_unit_pixels(fake)))
-                probs.append(torch.stack(p))
-                features.append(torch.stack(f))
+            samples.append(fake)
         by_slot = sum(chunks) / self.cfg['eval_samples']
         scores = torch.empty_like(by_slot)
         scores[pairing] = by_slot  # row d: the discriminator that started in pair d
@@ -1223,11 +1224,7 @@ class Evaluator:
                 judged[f'd_{split}{key}'][pairing] = in_slots  # by starting pair, as the scores
         rows = []
         for g in range(len(pairing)):
-            if self.classifier is None:
-                metrics = mixture_metrics(torch.cat([s[g] for s in samples]), self.cfg['dataset'], self.reference)
-            else:
-                metrics = image_metrics(torch.cat([p[g] for p in probs]), torch.cat([f[g] for f in features]),
-                                        self.reference)
+            metrics = self.generator_metrics(torch.cat([s[g] for s in samples]))
             d = {key: value[g].item() for key, value in judged.items()}
             rows.append({'iteration': it, 'generator': g + 1, **metrics, 'pool_mean': scores[:, g].mean().item(),
                          'pool_worst': scores[:, g].min().item(), **d, 'd_gap': d['d_train'] - d['d_heldout'],
@@ -1365,7 +1362,38 @@ def compare_runs(cfg):
              for i in range(len(pairing))]
     table = compare_table(errors, real_error, run_of, configs)
     write_comparison(folder, errors, names, run_of, configs, table)
+    best_of_runs(cfg, hp, errors, run_of, [G for G, _, _ in pairs], noises, names, configs)
     return 0
+
+
+def best_of_runs(cfg, hp, errors, run_of, Gs, noises, names, configs):
+    """Algorithm 1's last step, "select the best GAN": each run's best generator by the pool (the highest share of
+    its samples that the other runs' discriminators take for real; the whole pool's, for a lone run), with its own
+    coverage and quality. Prints the per-configuration table and writes compare_best.csv."""
+    fooled = torch.stack([errors[(run_of != run_of[g]) if len(set(run_of.tolist())) > 1 else slice(None), g].mean()
+                          for g in range(len(run_of))])
+    evaluator = Evaluator({**hp, **{k: cfg[k] for k in ('data_root', 'classifier_dir', 'eval_samples')}},
+                          noises[0].device, noises[0].dtype, *training_data({**hp, 'data_root': cfg['data_root']}))
+    rows = []
+    for r, (G, z) in enumerate(zip(Gs, noises)):
+        columns = (run_of == r).nonzero().flatten()
+        best = int(columns[fooled[columns].argmax()])
+        samples = generate(G, z)[best - int(columns[0])]
+        rows.append({'run': names[best][0], 'configuration': configs[r], 'pool_error': fooled[best].item(),
+                     **{k: v for k, v in evaluator.generator_metrics(samples).items() if k != 'histogram'}})
+    keys = [k for k in ('pool_error', 'modes', 'modes_captured', 'high_quality', 'score', 'fd')
+            if all(math.isfinite(row[k]) for row in rows)]
+    print('the best generator of each run (by the pool): its error rate over the other runs\' discriminators, '
+          'and its own metrics\n| configuration | runs | ' + ' | '.join(keys) + ' |\n' + '|---' * (2 + len(keys)) + '|')
+    for config in dict.fromkeys(configs):
+        mine = torch.tensor([[row[k] for k in keys] for row in rows if row['configuration'] == config], dtype=torch.float64)
+        spread = mine.std(0) if len(mine) > 1 else torch.zeros(len(keys))
+        print(f'| {config} | {len(mine)} | ' + ' | '.join(f'{m:.3f} ± {s:.3f}' for m, s in zip(mine.mean(0), spread)) + ' |')
+    with open(os.path.join(cfg['compare'], 'compare_best.csv'), 'w', newline='') as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f'wrote {cfg["compare"]}/compare_best.csv')
 
 
 def compare_table(errors, real_error, run_of, configs):

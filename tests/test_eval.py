@@ -1,4 +1,5 @@
 """The evaluation: metrics on data with known answers, cross-scoring, outputs, the 2-D data, the classifier cache."""
+import csv
 import math
 import os
 
@@ -184,3 +185,41 @@ def test_fashion_mnist_loads_from_its_own_folder(tmp_path):
     root = make_mnist(tmp_path, train=120, test=30, kind='FashionMNIST')
     images, labels = pg.load_images('fashion_mnist', root)
     assert images.shape == (120, 784) and images.dtype == torch.uint8 and len(labels) == 120
+
+
+R15_CSV = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared', 'r15', 'R15.csv')
+
+
+@pytest.mark.skipif(not os.path.exists(R15_CSV), reason='no ../shared/r15/R15.csv')
+def test_the_r15_mixture_has_the_real_r15_clusters_means():
+    """Each of r15's 15 means lies within 0.15 of the mean of one of the real data set's 15 clusters, one each."""
+    with open(R15_CSV) as f:
+        rows = list(csv.DictReader(f))
+    points = torch.tensor([[float(r['x']), float(r['y'])] for r in rows], dtype=torch.float64)
+    cluster = torch.tensor([int(r['cluster']) for r in rows])
+    real = torch.stack([points[cluster == c].mean(0) for c in range(1, 16)])
+    ours, std = pg.mixture('r15')
+    distance = torch.cdist(ours.double(), real)
+    assert distance.min(1).values.max() < 0.15
+    assert sorted(distance.argmin(1).tolist()) == list(range(15))  # every real cluster matched once
+    assert std == pytest.approx(0.3)
+    points, modes = pg.sample_mixture('r15', 15_000, seed=0)
+    assert torch.bincount(modes).min() > 800 and (points - ours[modes]).std().item() == pytest.approx(0.3, abs=0.01)
+
+
+def test_a_discriminators_accuracy_is_the_share_it_takes_for_real_at_one_half():
+    """judge_real: mean D(x) and the share with D(x) > 0.5; logits placed just either side of 0.5 and of 0.4."""
+    cfg = pg.parse_args(['--n_pairs=2', '--dataset=ring8'])
+    _, D = pg.make_pairs(cfg, 2, torch.device('cpu'), torch.float32)
+    logit = torch.logit(torch.tensor([0.45, 0.55, 0.35, 0.62]))
+    with torch.no_grad():  # D's output is its input's first coordinate: the points carry the logits
+        D['model'][0].weight.zero_()
+        D['model'][0].weight[:, 0, 0] = 1
+        D['model'][0].bias.fill_(10)  # through the ReLU unchanged, shifted by 10 ...
+        D['model'][2].weight.zero_()
+        D['model'][2].weight[:, 0, 0] = 1
+        D['model'][2].bias.fill_(-10)  # ... and back
+    points = torch.stack([logit, torch.zeros(4)], 1)
+    mean, accuracy = pg.judge_real(D, points)
+    assert accuracy.tolist() == [0.5, 0.5]  # 0.55 and 0.62 are taken for real; 0.45 (and 0.35) not
+    assert mean.tolist() == pytest.approx([float(torch.sigmoid(logit).mean())] * 2, abs=1e-6)

@@ -1,15 +1,12 @@
 """Researchers' edits of the networks, each made in a copy of the script as the README's "Editing the script" says,
 and each checked to train the right gradients: against autograd on the real networks, or against the reference
 loop with the same edit."""
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch import nn
 
 import parallel_gan as pg
-from conftest import edited_copy, run_script
+from conftest import edited_copy
 from test_gap import assert_matches_reference
 
 F64, CPU = torch.float64, torch.device('cpu')
@@ -63,12 +60,12 @@ def chosen(module, cfg, capsys):
                                         ('tanh_output', {'G': True, 'D': True})])
 def test_edits_with_a_written_out_backward_train_it_and_it_equals_autograd(tmp_path, capsys, name, fast):
     module = edited(tmp_path, name)
-    cfg = module.parse_args(['--h_dim=64'])
+    cfg = module.parse_args(['--h_dim=32'])
     confirmed, said = chosen(module, cfg, capsys)
     assert confirmed == fast and said == ''
-    written_out = losses(module, cfg, 40, confirmed)
-    assert torch.allclose(written_out, losses(module, cfg, 40, {}), rtol=0, atol=1e-9)
-    assert not torch.allclose(written_out, losses(pg, pg.parse_args(['--h_dim=64']), 40, fast), atol=1e-3)
+    written_out = losses(module, cfg, 30, confirmed)
+    assert torch.allclose(written_out, losses(module, cfg, 30, {}), rtol=0, atol=1e-9)
+    assert not torch.allclose(written_out, losses(pg, pg.parse_args(['--h_dim=32']), 30, fast), atol=1e-3)
 
 
 def test_a_tanh_generator_with_data_in_minus_one_one_equals_its_reference_and_its_pixels_map_back(tmp_path):
@@ -85,9 +82,9 @@ def test_layer_norm_in_D_trains_through_autograd_as_its_reference(tmp_path, caps
     assert confirmed == {'G': True} and said.startswith('D trains through autograd (LayerNorm has no written-out')
 
     def with_layer_norm(ref):
-        ref.D = [nn.Sequential(d[0], nn.LayerNorm(128, elementwise_affine=False), *d[1:]) for d in ref.D]
+        ref.D = [nn.Sequential(d[0], nn.LayerNorm(32, elementwise_affine=False), *d[1:]) for d in ref.D]
         ref.D_solver = [torch.optim.Adam(d.parameters(), lr=1e-3) for d in ref.D]
-    assert_matches_reference(2, module=module, iterations=60, edit_reference=with_layer_norm)
+    assert_matches_reference(2, module=module, iterations=60, edit_reference=with_layer_norm, h_dim=32)
 
 
 def test_dropout_in_D_trains_the_gradient_of_its_own_masks_and_is_off_when_sampling(tmp_path, capsys):
@@ -125,19 +122,19 @@ def test_per_pair_runs_each_copy_of_a_torch_module_on_its_own_slice():
     assert all(p.shape[0] == 3 for p in conv.parameters())
 
 
-def test_a_convolutional_D_trains_through_autograd_and_compare_works_on_its_runs(tmp_path, tiny_mnist):
-    _, script = edited_copy(tmp_path, EDITS['conv_D'])
-    common = [f'--data_root={tiny_mnist}', '--iterations=30', '--log_every=10', '--eval_every=0', '--h_dim=32',
-              '--threads=1']
+def test_a_convolutional_D_trains_through_autograd_and_compare_works_on_its_runs(tmp_path, tiny_mnist, capsys):
+    module = edited(tmp_path, 'conv_D')
+    common = [f'--data_root={tiny_mnist}', '--iterations=20', '--log_every=10', '--eval_every=0', '--h_dim=32']
     for seed, K in ((0, 0), (1, 10)):
-        result = subprocess.run([sys.executable, script, *common, f'--out_dir={tmp_path}/runs/{seed}', f'--seed={seed}',
-                                 f'--K={K}'], capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stderr
-        assert 'D trains through autograd (PerPair has no written-out backward)' in result.stdout
-    result = subprocess.run([sys.executable, script, f'--compare={tmp_path}/runs', '--eval_samples=200'],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and '| K=0 | 1 |' in result.stdout, result.stderr
+        assert module.train(module.parse_args([*common, f'--out_dir={tmp_path}/runs/{seed}', f'--seed={seed}',
+                                               f'--K={K}'])) == 0
+        assert 'D trains through autograd (PerPair has no written-out backward)' in capsys.readouterr().out
+    assert module.compare_runs(module.parse_args([f'--compare={tmp_path}/runs', '--eval_samples=200',
+                                                  f'--data_root={tiny_mnist}', f'--classifier_dir={tmp_path}/cls'])) == 0
+    assert '| K=0 | 1 |' in capsys.readouterr().out
     # the shipped script refuses these runs in one line: its D has other weights
-    result = run_script(f'--compare={tmp_path}/runs', '--eval_samples=200')
-    assert result.returncode == 2 and 'holds other networks than this script builds' in result.stderr
-    assert 'Traceback' not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as stop:
+        pg.compare_runs(pg.parse_args([f'--compare={tmp_path}/runs', '--eval_samples=200']))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and 'holds other networks than this script builds' in err
+    assert len(err.strip().splitlines()) == 1

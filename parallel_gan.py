@@ -186,18 +186,15 @@ class Networks(nn.Sequential):
     def __init__(self, *layers):
         super().__init__(*layers)
         self.n_pairs = next(self.parameters()).shape[0]
+        # whether each example's output depends on that example alone (no batch statistics), so that real and fake
+        # batches may share one forward pass
+        self.per_example = not any(isinstance(m, (BatchNorm, nn.modules.batchnorm._BatchNorm)) for m in self.modules())
 
     def forward(self, x):
         x = x.expand(self.n_pairs, *x.shape[-2:])
         for layer in self:
             x = layer(x)
         return x
-
-    @property
-    def per_example(self):
-        """Whether each example's output depends on that example alone (no batch statistics), so that real and fake
-        batches may share one forward pass."""
-        return not any(isinstance(m, (BatchNorm, nn.modules.batchnorm._BatchNorm)) for m in self.modules())
 
 
 def generator(n, cfg, x_dim):

@@ -228,15 +228,13 @@ def test_an_edited_random_swap_schedule_resumes_exactly_and_is_what_losses_png_d
     """swaps_at edited to swap at random (about one iteration in eight, drawn from random_stream): the loop follows
     it, the checkpoint records the swaps it made, and a run stopped and resumed equals the uninterrupted one."""
     from conftest import edited_copy
-    edited, script = edited_copy(tmp_path, (
+    edited, _ = edited_copy(tmp_path, (
         "return cfg['K'] > 0 and it > 0 and it % cfg['K'] == 0",
         "return it > 0 and bool(torch.rand(1, generator=random_stream(cfg, it, 'when')) < 0.125)"))
     common = [f'--data_root={tiny_mnist}', '--n_pairs=3', '--sample_every=20', *SMALL]
     for out, iterations, resume in (('whole', 70, False), ('split', 35, False), ('split', 70, True)):
-        result = subprocess.run([sys.executable, script, *common, f'--out_dir={tmp_path / out}',
-                                 f'--iterations={iterations}', f'--resume={resume}'], capture_output=True, text=True,
-                                timeout=120)
-        assert result.returncode == 0, result.stderr
+        assert edited.train(edited.parse_args([*common, f'--out_dir={tmp_path / out}', f'--iterations={iterations}',
+                                               f'--resume={resume}'])) == 0
     whole, split = load(tmp_path / 'whole' / 'checkpoint.pt'), load(tmp_path / 'split' / 'checkpoint.pt')
     cfg = edited.parse_args(['--n_pairs=3'])
     assert whole['swaps'] == [it for it in range(70) if edited.swaps_at(it, cfg)] == split['swaps']

@@ -74,17 +74,10 @@ def parallel_gan_loop(n_pairs, images, dev, module=pg, options=()):
 
 def version(revision):
     """parallel_gan.py as it was at a git revision, imported as a module of its own."""
-    import importlib.util
+    from conftest import script_module
     source = subprocess.run(['git', 'show', f'{revision}:parallel_gan.py'], capture_output=True, text=True, check=True,
                             cwd=os.path.dirname(HERE)).stdout
-    folder = tempfile.mkdtemp()
-    path = os.path.join(folder, 'parallel_gan.py')
-    with open(path, 'w') as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location(f'parallel_gan_at_{revision}', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module(source, tempfile.mkdtemp(), f'parallel_gan_at_{revision}')[0]
 
 
 def graphed_loop(n_pairs, images, dev):

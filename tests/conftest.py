@@ -1,6 +1,7 @@
 """Shared test helpers: a tiny MNIST in torchvision's raw IDX layout, running the script, and edited copies of it."""
 import importlib.util
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -82,10 +83,27 @@ def edited_copy(folder, *edits):
     for old, new in edits:
         assert old in text, f'edit does not apply: {old!r}'
         text = text.replace(old, new)
+    return script_module(text, folder, f'edited_parallel_gan_{abs(hash(text))}')
+
+
+def script_module(text, folder, name):
+    """text written to folder/parallel_gan.py and imported as a module called name. Returns (module, path)."""
     path = os.path.join(folder, 'parallel_gan.py')
     with open(path, 'w') as f:
         f.write(text)
-    spec = importlib.util.spec_from_file_location(f'edited_parallel_gan_{abs(hash(text))}', path)
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module, path
+
+
+def ctrl_c_at(monkeypatch, at):
+    """Make parallel_gan.py send itself a Ctrl-C as its iteration `at` starts (monkeypatch.undo() ends it)."""
+    import parallel_gan as pg
+    step = pg.gap_iteration
+
+    def interrupted(it, *args, **kwargs):
+        if it == at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(it, *args, **kwargs)
+    monkeypatch.setattr(pg, 'gap_iteration', interrupted)

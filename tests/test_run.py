@@ -1,5 +1,6 @@
 """The script run as a user runs it: outputs, repeatability, checkpoints, resume, and clear failures."""
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import parallel_gan as pg
-from conftest import SCRIPT, SHARED_MNIST, load, run_script, stopped, train
+from conftest import SCRIPT, SHARED_MNIST, ctrl_c_at, load, run_script, stopped, train
 
 SMALL = ['--h_dim=32', '--log_every=1', '--eval_every=0']  # small networks; every iteration's losses logged
 
@@ -58,15 +59,13 @@ def test_resume_continues_exactly_as_the_uninterrupted_run(tiny_mnist, tmp_path,
     common = [f'--data_root={tiny_mnist}', '--K=10', '--n_pairs=3', '--sample_every=20', *SMALL, *conditions]
     train(*common, f'--out_dir={tmp_path / "whole"}', '--iterations=70')
     if conditions:
-        format_log = pg.format_log
-        monkeypatch.setattr(pg, 'format_log', lambda it, *rest: (it == 34 and os.kill(os.getpid(), signal.SIGINT),
-                                                                   format_log(it, *rest))[1])
+        ctrl_c_at(monkeypatch, 34)
         assert train(*common, f'--out_dir={tmp_path / "split"}', '--iterations=70') == 130
         monkeypatch.undo()
     else:
         train(*common, f'--out_dir={tmp_path / "split"}', '--iterations=35')
     train(*common, f'--out_dir={tmp_path / "split"}', '--iterations=70', '--resume=True')
-    assert 'resumed from' in capsys.readouterr().out.split('after iteration 34')[0]
+    assert re.search(r'resumed from \S+ after iteration 34\b', capsys.readouterr().out)
     whole, split = load(tmp_path / 'whole' / 'checkpoint.pt'), load(tmp_path / 'split' / 'checkpoint.pt')
     assert torch.equal(whole['history'], split['history'])
     assert len(whole['history']) == 70
@@ -199,15 +198,9 @@ def test_resume_alone_continues_the_run_with_its_own_hyperparameters(tiny_mnist,
     settings = [f'--data_root={tiny_mnist}', '--n_pairs=4', '--K=5', '--seed=3', '--h_dim=16', '--iterations=40',
                 '--sample_every=10', '--log_every=4', '--eval_every=0']
     train(*settings, f'--out_dir={tmp_path / "whole"}')
-    step = pg.gap_iteration
-
-    def ctrl_c_at_17(it, *args, **kwargs):
-        if it == 17:
-            os.kill(os.getpid(), signal.SIGINT)
-        return step(it, *args, **kwargs)
-    monkeypatch.setattr(pg, 'gap_iteration', ctrl_c_at_17)
+    ctrl_c_at(monkeypatch, 17)
     assert train(*settings, f'--out_dir={tmp_path / "split"}') == 130
-    monkeypatch.setattr(pg, 'gap_iteration', step)
+    monkeypatch.undo()
     capsys.readouterr()
     assert train(f'--out_dir={tmp_path / "split"}', '--resume=True') == 0
     assert 'after iteration 17, with its own hyperparameters' in capsys.readouterr().out

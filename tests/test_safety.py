@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import parallel_gan as pg
-from conftest import SCRIPT, edited_copy, load, run_script, stopped, train
+from conftest import SCRIPT, ctrl_c_at, edited_copy, load, run_script, stopped, train
 
 SMALL = ['--h_dim=16', '--eval_every=0']
 
@@ -62,15 +62,9 @@ def test_a_resume_may_change_the_log_cadence_and_goes_on_exactly(tiny_mnist, tmp
     common = [f'--data_root={tiny_mnist}', '--K=5', '--n_pairs=3', '--sample_every=20', '--iterations=60', *SMALL]
     train(*common, '--log_every=7', f'--out_dir={tmp_path / "whole"}')
     train(*common, '--log_every=1', f'--out_dir={tmp_path / "every"}')
-    step = pg.gap_iteration
-
-    def ctrl_c_at_31(it, *args, **kwargs):
-        if it == 31:
-            os.kill(os.getpid(), signal.SIGINT)
-        return step(it, *args, **kwargs)
-    monkeypatch.setattr(pg, 'gap_iteration', ctrl_c_at_31)
+    ctrl_c_at(monkeypatch, 31)
     assert train(*common, '--log_every=7', f'--out_dir={tmp_path / "split"}') == 130
-    monkeypatch.setattr(pg, 'gap_iteration', step)
+    monkeypatch.undo()
     assert len(load(tmp_path / 'split' / 'checkpoint.pt')['recent']) == 3
     train(*common, '--log_every=2', '--sample_every=9', '--lr=0.001', f'--out_dir={tmp_path / "split"}', '--resume=True')
     whole, split = load(tmp_path / 'whole' / 'checkpoint.pt'), load(tmp_path / 'split' / 'checkpoint.pt')
@@ -190,12 +184,8 @@ def test_the_lock_file_goes_however_the_run_ends(tiny_mnist, tmp_path, monkeypat
         os.kill(os.getpid(), signal.SIGINT if ending.startswith('Ctrl-C') else signal.SIGTERM)
         return load_data(*args)
 
-    def ctrl_c_at_3(it, *args, **kwargs):
-        if it == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return step(it, *args, **kwargs)
     if ending == 'Ctrl-C':
-        monkeypatch.setattr(pg, 'gap_iteration', ctrl_c_at_3)
+        ctrl_c_at(monkeypatch, 3)
     else:
         monkeypatch.setattr(pg, 'training_data', loading)
     args = [f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}', *SMALL, '--iterations=10']

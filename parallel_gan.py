@@ -96,23 +96,6 @@ threads = 0  # CPU threads torch may use (0: torch's default)
 PAPER = {'own_noise': True, 'prior': 'mixed', 'input_noise': 0.1, 'clip': 1.0, 'swap': 'matching',
          'batch_norm': True}  # what paper=True sets (clip 1: the authors' code, hma02/GAN-evaluation)
 
-CLASSIFIER_VERSION = 1  # bump when Classifier or its training changes, so caches are rebuilt
-CLASSIFIER_EPOCHS = {'mnist': 3, 'fashion_mnist': 6}
-COLLECTIVE_TIMEOUT = 300  # seconds a process waits for the others before it gives up
-COUNTS = ('z_dim', 'h_dim', 'layers', 'n_pairs', 'K', 'mb_size', 'iterations', 'seed', 'log_every', 'sample_every',
-          'train_size', 'eval_every', 'eval_samples', 'threads')  # hyperparameters that must be whole numbers
-KINDS = {**dict.fromkeys(COUNTS, int), **dict.fromkeys(('lr', 'beta1'), float),
-         **dict.fromkeys(('resume', 'cuda_graphs', 'eval_at_end'), bool),
-         **dict.fromkeys(('out_dir', 'dataset', 'data_root', 'classifier_dir', 'compare', 'device', 'dtype'), str)
-         }  # what each hyperparameter must be, in the block or on the command line (a name not here: its block value's kind)
-RESUMABLE = ('lr', 'iterations', 'log_every', 'sample_every', 'eval_every', 'eval_at_end', 'eval_samples', 'out_dir', 'resume',
-             'data_root', 'classifier_dir', 'compare', 'device', 'threads', 'cuda_graphs')  # may change when a run is resumed
-SHAPE_KEYS = ('z_dim', 'h_dim', 'layers', 'n_pairs', 'dtype', 'dataset', 'batch_norm')  # a checkpoint only fits networks of its own shape
-IMAGE_DATASETS = {'mnist': 'MNIST', 'fashion_mnist': 'FashionMNIST'}  # torchvision's class and folder names
-MIXTURES = ('ring8', 'grid25', 'r15')
-MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
-               't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')  # the same four names for Fashion-MNIST
-
 
 # ------------------------------------------------------------------------------------
 # the networks. All pairs' networks of one side are one module whose every weight has a leading pairs
@@ -494,6 +477,24 @@ def train_loop(cfg, procs, training, G, D, outputs, interrupted):
 # Support code: the command line, the data, the written-out backward and its start-up check, files and
 # checkpoints, the evaluation, comparing runs, pictures, torchrun's processes, the run, CUDA graphs.
 # ====================================================================================
+
+CLASSIFIER_VERSION = 1  # bump when Classifier or its training changes, so caches are rebuilt
+CLASSIFIER_EPOCHS = {'mnist': 3, 'fashion_mnist': 6}
+COLLECTIVE_TIMEOUT = 300  # seconds a process waits for the others before it gives up
+COUNTS = ('z_dim', 'h_dim', 'layers', 'n_pairs', 'K', 'mb_size', 'iterations', 'seed', 'log_every', 'sample_every',
+          'train_size', 'eval_every', 'eval_samples', 'threads')  # hyperparameters that must be whole numbers
+KINDS = {**dict.fromkeys(COUNTS, int), **dict.fromkeys(('lr', 'beta1', 'input_noise', 'clip'), float),
+         **dict.fromkeys(('resume', 'cuda_graphs', 'eval_at_end', 'paper', 'own_noise', 'batch_norm'), bool),
+         **dict.fromkeys(('out_dir', 'dataset', 'data_root', 'classifier_dir', 'compare', 'device', 'dtype', 'prior',
+                          'swap'), str)
+         }  # what each hyperparameter must be, in the block or on the command line (a name not here: its block value's kind)
+RESUMABLE = ('lr', 'iterations', 'log_every', 'sample_every', 'eval_every', 'eval_at_end', 'eval_samples', 'out_dir', 'resume',
+             'data_root', 'classifier_dir', 'compare', 'device', 'threads', 'cuda_graphs')  # may change when a run is resumed
+SHAPE_KEYS = ('z_dim', 'h_dim', 'layers', 'n_pairs', 'dtype', 'dataset', 'batch_norm')  # a checkpoint only fits networks of its own shape
+IMAGE_DATASETS = {'mnist': 'MNIST', 'fashion_mnist': 'FashionMNIST'}  # torchvision's class and folder names
+MIXTURES = ('ring8', 'grid25', 'r15')
+MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
+               't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')  # the same four names for Fashion-MNIST
 
 # ------------------------------------------------------------------------------------
 # command line: --name=value, checked against the kind of value each name takes

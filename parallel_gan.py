@@ -993,11 +993,11 @@ def weights(side):
     return next(side['model'].parameters())
 
 
-def load_networks(side, saved, where):
+def load_networks(side, saved, where, name):
     """Load a side's networks from a checkpoint's weights, or refuse in one line when the script builds networks of
     other names or shapes than those the checkpoint holds (an edited network, other hyperparameters)."""
     mine = side['model'].state_dict()
-    differ = [f'{k} {tuple(saved[k].shape) if k in saved else "absent"} there, '
+    differ = [f'{name}.{k} {tuple(saved[k].shape) if k in saved else "absent"} there, '
               f'{tuple(mine[k].shape) if k in mine else "absent"} here'
               for k in sorted(set(mine) | set(saved)) if k not in mine or k not in saved or mine[k].shape != saved[k].shape]
     if differ:
@@ -1316,8 +1316,8 @@ def restore_pairs(state, dev, where):
     """A run's generators and discriminators from its checkpoint, and each discriminator slot's starting pair."""
     hp = state['hyperparameters']
     G, D = make_pairs(hp, data_dim(hp['dataset']), dev, getattr(torch, hp['dtype']))
-    load_networks(G, state['G']['model'], where)
-    load_networks(D, state['D']['model'], where)
+    load_networks(G, state['G']['model'], where, 'G')
+    load_networks(D, state['D']['model'], where, 'D')
     return G, D, list(state['pairing'])
 
 
@@ -1830,9 +1830,9 @@ class Training:
                 'noise_rng': self.noise.get_state(), 'batches': self.batches.state_dict()}
 
     def load_state_dict(self, state, where):
-        for side, saved in ((self.G, state['G']), (self.D, state['D'])):
-            load_networks(side, saved['model'], where)
-            side['solver'].load_state_dict(saved['solver'])
+        for name, side in (('G', self.G), ('D', self.D)):
+            load_networks(side, state[name]['model'], where, name)
+            side['solver'].load_state_dict(state[name]['solver'])
         self.noise.set_state(state['noise_rng'])
         self.batches.load_state_dict(state['batches'])
         self.log.load_state_dict(state)

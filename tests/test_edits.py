@@ -138,3 +138,16 @@ def test_a_convolutional_D_trains_through_autograd_and_compare_works_on_its_runs
     err = capsys.readouterr().err
     assert stop.value.code == 2 and 'holds other networks than this script builds' in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_resume_by_a_script_whose_networks_differ_from_the_checkpoints_is_refused_in_one_line(tmp_path, tiny_mnist,
+                                                                                                 capsys):
+    args = [f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}/run', '--h_dim=16', '--eval_every=0']
+    assert pg.train(pg.parse_args([*args, '--iterations=5'])) == 0
+    module = edited(tmp_path, 'second_G_layer_of_256')
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        module.train(module.parse_args([*args, '--iterations=9', '--resume=True']))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert 'holds other networks than this script builds (G.2.weight (2, 16, 784) there, (2, 16, 256) here' in err

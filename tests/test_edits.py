@@ -150,4 +150,4 @@ def test_a_resume_by_a_script_whose_networks_differ_from_the_checkpoints_is_refu
         module.train(module.parse_args([*args, '--iterations=9', '--resume=True']))
     err = capsys.readouterr().err
     assert stop.value.code == 2 and len(err.strip().splitlines()) == 1
-    assert 'holds other networks than this script builds (G.2.weight (2, 16, 784) there, (2, 16, 256) here' in err
+    assert 'holds other networks than this script builds (' in err and 'G.2.weight (2, 16, 784) there, (2, 16, 256) here' in err

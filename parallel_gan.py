@@ -979,8 +979,8 @@ def save_checkpoint(path, state):
 
 
 def side_state(side):
-    """What a checkpoint keeps of a side: its networks and their Adam state."""
-    return {'model': side['model'].state_dict(), 'solver': side['solver'].state_dict()}
+    """What a checkpoint keeps of a side: its networks' weights, their layers as text, and their Adam state."""
+    return {'model': side['model'].state_dict(), 'layers': repr(side['model']), 'solver': side['solver'].state_dict()}
 
 
 def weights(side):
@@ -988,10 +988,17 @@ def weights(side):
     return next(side['model'].parameters())
 
 
-def load_networks(side, saved, where, name):
-    """Load a side's networks from a checkpoint's weights, or refuse in one line when the script builds networks of
-    other names or shapes than those the checkpoint holds (an edited network, other hyperparameters)."""
-    mine = side['model'].state_dict()
+def load_networks(side, saved_side, where, name):
+    """Load a side's networks from a checkpoint's, or refuse in one line when the script builds other networks than
+    those the checkpoint holds (an edited network, other hyperparameters): other layers, or weights of other names
+    or shapes."""
+    layers = [line.strip() for line in repr(side['model']).splitlines()]
+    then = [line.strip() for line in saved_side.get('layers', repr(side['model'])).splitlines()]  # older: unrecorded
+    if then != layers:
+        there, here = next((a, b) for a, b in zip(then + [''], layers + ['']) if a != b)
+        refuse(f'{where} holds other networks than this script builds ({name}: {there or "nothing"} there, '
+               f'{here or "nothing"} here)')
+    saved, mine = saved_side['model'], side['model'].state_dict()
     differ = [f'{name}.{k} {tuple(saved[k].shape) if k in saved else "absent"} there, '
               f'{tuple(mine[k].shape) if k in mine else "absent"} here'
               for k in sorted(set(mine) | set(saved)) if k not in mine or k not in saved or mine[k].shape != saved[k].shape]
@@ -1311,8 +1318,8 @@ def restore_pairs(state, dev, where):
     """A run's generators and discriminators from its checkpoint, and each discriminator slot's starting pair."""
     hp = state['hyperparameters']
     G, D = make_pairs(hp, data_dim(hp['dataset']), dev, getattr(torch, hp['dtype']))
-    load_networks(G, state['G']['model'], where, 'G')
-    load_networks(D, state['D']['model'], where, 'D')
+    load_networks(G, state['G'], where, 'G')
+    load_networks(D, state['D'], where, 'D')
     return G, D, list(state['pairing'])
 
 
@@ -1826,7 +1833,7 @@ class Training:
 
     def load_state_dict(self, state, where):
         for name, side in (('G', self.G), ('D', self.D)):
-            load_networks(side, state[name]['model'], where, name)
+            load_networks(side, state[name], where, name)
             side['solver'].load_state_dict(state[name]['solver'])
         self.noise.set_state(state['noise_rng'])
         self.batches.load_state_dict(state['batches'])

@@ -146,8 +146,20 @@ def test_a_resume_by_a_script_whose_networks_differ_from_the_checkpoints_is_refu
     assert pg.train(pg.parse_args([*args, '--iterations=5'])) == 0
     module = edited(tmp_path, 'second_G_layer_of_256')
     capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
+    with pytest.raises(SystemExit) as stop:  # a run of the shipped networks, resumed by a script with another G
         module.train(module.parse_args([*args, '--iterations=9', '--resume=True']))
     err = capsys.readouterr().err
     assert stop.value.code == 2 and len(err.strip().splitlines()) == 1
-    assert 'holds other networks than this script builds (' in err and 'G.2.weight (2, 16, 784) there, (2, 16, 256) here' in err
+    assert 'holds other networks than this script builds (G: (3): Sigmoid() there, (3): ReLU(inplace=True) here)' in err
+
+
+def test_a_resume_by_a_script_with_another_activation_is_refused_though_no_weight_differs(tmp_path, tiny_mnist, capsys):
+    args = [f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}/run', '--h_dim=16', '--eval_every=0']
+    module = edited(tmp_path, 'leaky_relu_in_D')
+    assert module.train(module.parse_args([*args, '--iterations=5'])) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        pg.train(pg.parse_args([*args, '--iterations=9', '--resume=True']))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert '(D: (1): LeakyReLU(negative_slope=0.2, inplace=True) there, (1): ReLU(inplace=True) here)' in err

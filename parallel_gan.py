@@ -69,7 +69,7 @@ own_noise = False  # each pair draws its own noise and its own minibatch order (
 prior = 'gaussian'  # the generators' noise: 'gaussian', 'uniform' (on [-1, 1]) or 'mixed' (first half of the pairs Gaussian, the rest uniform)
 input_noise = 0.0  # std of Gaussian noise added to every discriminator input, real and fake, in training; decays linearly to 0 at the last iteration
 clip = 0.0  # clip each network's gradient (each G and each D on its own) to this norm before its step (0: never)
-swap = 'derangement'  # 'derangement' (every discriminator moves, to a random other generator) or 'matching' (Algorithm 1: n_pairs/2 random pairs exchange theirs)
+swap = 'derangement'  # 'derangement' (every discriminator moves, to a random other generator) or 'matching' (Algorithm 1: n_pairs/2 random pairs exchange theirs; odd n_pairs: one sits out)
 batch_norm = False  # batch normalisation after every hidden linear layer of G and D (the paper's toy networks)
 # output
 log_every = 1000  # print a log line (means since the previous one) every this many iterations
@@ -82,7 +82,7 @@ data_root = 'out/data'  # MNIST lives in data_root/MNIST/raw, Fashion-MNIST in d
 train_size = 0  # train on only the first this many training examples (0: all of them)
 # evaluation: mode coverage and sample quality, GAP against no-swap
 eval_every = 10_000  # evaluate every this many iterations, and at the end of a run that reached one (0: never)
-eval_at_end = False  # evaluate at the end of any run, also one shorter than eval_every (a try-run skips the classifier)
+eval_at_end = False  # evaluate at the end also a run shorter than eval_every (images: trains the scoring classifier once, then cached)
 eval_samples = 10_000  # samples per generator in each evaluation
 classifier_dir = 'out/classifiers'  # where the classifier that scores image samples is cached
 compare = ''  # a folder of runs: score every generator with every run's discriminators, train nothing

@@ -417,16 +417,22 @@ def input_noise_of(cfg, it, x_dim, rng, dtype):
                                    dtype=dtype) for _ in range(3))
 
 
+def own_share(t, procs):
+    """This process's pairs' part of a tensor that holds every pair's (n_pairs, batch, ...); one shared by every pair,
+    (1 or batch, ...), as it is."""
+    if procs is None or procs.world == 1 or t is None or t.dim() < 3 or len(t) == 1:
+        return t
+    return t[procs.slots.to(t.device)]
+
+
 def gap_iteration(it, G, D, batches, noise, cfg, procs=None):
     """Iteration it of the training loop: fresh noise and a batch, every pair's step, and a swap where swaps_at
     says. Returns train_step's stats and the swap's partners (None without a swap). Every process draws every
     pair's noise and batches, and keeps its own pairs'."""
-    dtype = next(G['model'].parameters()).dtype
-    mine = (lambda t: t) if procs is None or procs.world == 1 else (
-        lambda t: t[procs.slots.to(t.device)] if torch.is_tensor(t) and len(t) == cfg['n_pairs'] else t)
-    z = mine(draw_noise(cfg, cfg['mb_size'], noise, dtype))
-    x = mine(as_inputs(batches.next(), dtype))
-    extra = tuple(mine(t) for t in input_noise_of(cfg, it, x.shape[-1], noise, dtype))
+    dtype = getattr(torch, cfg['dtype'])
+    z = own_share(draw_noise(cfg, cfg['mb_size'], noise, dtype), procs)
+    x = own_share(as_inputs(batches.next(), dtype), procs)
+    extra = tuple(own_share(t, procs) for t in input_noise_of(cfg, it, x.shape[-1], noise, dtype))
     stats = train_step(G, D, z, x, extra, cfg['clip'])
     if not swaps_at(it, cfg):
         return stats, None

@@ -1401,7 +1401,7 @@ def best_of_runs(cfg, hp, errors, run_of, Gs, noises, names, configs):
     with open(os.path.join(cfg['compare'], 'compare_best.csv'), 'w', newline='') as f:
         writer = csv.DictWriter(f, list(rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows([{k: f'{v:.6g}' if isinstance(v, float) else v for k, v in row.items()} for row in rows])
     print(f'wrote {cfg["compare"]}/compare_best.csv')
 
 

@@ -68,6 +68,28 @@ def test_compare_pools_every_discriminator_and_matches_a_direct_computation(two_
     assert (two_runs / 'compare.png').stat().st_size > 1000
 
 
+def test_compare_names_each_runs_best_generator_by_the_other_runs_discriminators(two_runs, capsys):
+    """Algorithm 1's "select the best GAN": per run, the generator whose samples the other runs' discriminators
+    take for real most often, with its own metrics (here 2-D: modes captured, high quality)."""
+    assert compare(two_runs) == 0
+    out = capsys.readouterr().out
+    assert 'the best generator of each run' in out and '| K=10 | 1 |' in out.split('the best generator')[1]
+    rows = [row.split(',') for row in open(two_runs / 'compare_matrix.csv').read().splitlines()]
+    generators, matrix = rows[0][1:], torch.tensor([[float(v) for v in row[1:]] for row in rows[1:]])
+    run_of = [name.split(':')[0] for name in generators]
+    expected = {}
+    for run in ('a', 'nested/b'):
+        others = [d for d, r in enumerate(run_of) if r != run]
+        mine = [g for g, r in enumerate(run_of) if r == run]
+        best = max(mine, key=lambda g: matrix[others, g].mean().item())
+        expected[run] = (generators[best], matrix[others, best].mean().item())
+    best = list(csv.DictReader(open(two_runs / 'compare_best.csv')))
+    assert [row['run'] for row in best] == [expected['a'][0], expected['nested/b'][0]]
+    for row, (_, error) in zip(best, expected.values()):
+        assert float(row['pool_error']) == pytest.approx(error, abs=1e-3)
+        assert 0 <= float(row['modes_captured']) <= 8 and 0 <= float(row['high_quality']) <= 1
+
+
 def test_compare_refuses_runs_of_other_shapes_an_empty_folder_and_skips_a_damaged_checkpoint(two_runs, tmp_path, capsys):
     assert 'no checkpoint.pt' in refused(capsys, tmp_path / 'empty')
     mixed = tmp_path / 'mixed'
@@ -137,24 +159,3 @@ def test_the_loop_knows_which_discriminator_each_generator_faces(monkeypatch, tm
     assert marks == state['pairing']
     assert len({tuple(pg.new_partners(pg.parse_args(['--n_pairs=4']), it).tolist()) for it in range(3, 40, 3)}) > 1
 
-
-def test_compare_names_each_runs_best_generator_by_the_other_runs_discriminators(two_runs, capsys):
-    """Algorithm 1's "select the best GAN": per run, the generator whose samples the other runs' discriminators
-    take for real most often, with its own metrics (here 2-D: modes captured, high quality)."""
-    assert compare(two_runs) == 0
-    out = capsys.readouterr().out
-    assert 'the best generator of each run' in out and '| K=10 | 1 |' in out.split('the best generator')[1]
-    rows = [row.split(',') for row in open(two_runs / 'compare_matrix.csv').read().splitlines()]
-    generators, matrix = rows[0][1:], torch.tensor([[float(v) for v in row[1:]] for row in rows[1:]])
-    run_of = [name.split(':')[0] for name in generators]
-    expected = {}
-    for run in ('a', 'nested/b'):
-        others = [d for d, r in enumerate(run_of) if r != run]
-        mine = [g for g, r in enumerate(run_of) if r == run]
-        best = max(mine, key=lambda g: matrix[others, g].mean().item())
-        expected[run] = (generators[best], matrix[others, best].mean().item())
-    best = list(csv.DictReader(open(two_runs / 'compare_best.csv')))
-    assert [row['run'] for row in best] == [expected['a'][0], expected['nested/b'][0]]
-    for row, (_, error) in zip(best, expected.values()):
-        assert float(row['pool_error']) == pytest.approx(error, abs=1e-3)
-        assert 0 <= float(row['modes_captured']) <= 8 and 0 <= float(row['high_quality']) <= 1

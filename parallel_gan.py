@@ -340,7 +340,7 @@ def train_step(G, D, z, x, noise=(None, None, None), clip=0.0):
 def swaps_at(it, cfg):
     """Whether the discriminators change partners after iteration it: every K iterations (K=0: never). The one
     place that says so: the loop, the CUDA-graph planner and losses.png ask it. A random schedule stays
-    resumable when it draws from random_stream(cfg, it, 'swap')."""
+    resumable when it draws from a purpose of its own, random_stream(cfg, it, 'when')."""
     return cfg['K'] > 0 and it > 0 and it % cfg['K'] == 0
 
 

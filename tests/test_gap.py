@@ -1,8 +1,4 @@
 """The GAP maths: losses, gradients, one iteration against the plain reference loop, and the swap."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch import nn

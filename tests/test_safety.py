@@ -172,7 +172,7 @@ def test_a_resume_may_change_lr_and_the_run_length(tiny_mnist, tmp_path):
 def test_the_lock_file_goes_however_the_run_ends(tiny_mnist, tmp_path, monkeypatch, ending):
     """Short of kill -9 (above): an exception, a sys.exit, a Ctrl-C in the loop (saved, status 130) or before it, a
     plain kill. Afterwards out_dir can be claimed again, and SIGTERM has its default handler back."""
-    step, load_data = pg.gap_iteration, pg.training_data
+    load_data = pg.training_data
 
     def loading(*args):
         if ending == 'an error':

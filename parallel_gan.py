@@ -909,7 +909,8 @@ def check_backward(cfg, x_dim, say=print):
     """Decide which side trains by its written-out backward: a side whose every layer has one, and whose gradients,
     trained so, equal autograd's on small float64 copies of this run's networks (both steps, each side alone).
     Every other side trains through autograd, and one line says so. Refuses weights without a pairs dimension."""
-    sides = dict(zip('GD', make_pairs(cfg, x_dim, torch.device('cpu'), torch.float64, n=2, written_out={})))
+    sides = dict(zip('GD', make_pairs({**cfg, 'h_dim': min(cfg['h_dim'], 6)}, x_dim, torch.device('cpu'),
+                                      torch.float64, n=2, written_out={})))
     flat = [f'{name}.{k}' for name, side in sides.items()
             for k, t in (*side['model'].named_parameters(), *side['model'].named_buffers()) if t.shape[:1] != (2,)]
     if flat:
@@ -954,6 +955,7 @@ def generate(G, z):
     """Each generator's samples of the noise z, (n_pairs, batch, x_dim), in eval mode."""
     with evaluating(G):
         return G['model'](z)
+
 
 # ------------------------------------------------------------------------------------
 # files: each written whole or not at all; checkpoints loaded with weights_only=True

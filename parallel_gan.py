@@ -668,6 +668,7 @@ def load_images(dataset, root, train=True):
     import torchvision
     folder = IMAGE_DATASETS[dataset]
     raw = os.path.join(root, folder, 'raw')
+    made = [d for d in (raw, os.path.join(root, folder), root) if not os.path.exists(d)]  # by torchvision, below
     try:
         quiet = StringIO()  # torchvision narrates every failed mirror; the message below says what matters
         with redirect_stdout(quiet), redirect_stderr(quiet):
@@ -675,6 +676,9 @@ def load_images(dataset, root, train=True):
         images, labels = data.data, data.targets
     except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        for folder_made in made:  # leave no empty folders behind, which would look like a half-done download
+            if os.path.isdir(folder_made) and not os.listdir(folder_made):
+                os.rmdir(folder_made)
         sys.exit(f'parallel_gan.py: could not load {folder} from {raw}/ ({reason}).\n'
                  f'To run offline, put the four uncompressed files {", ".join(MNIST_FILES)}\n'
                  f'in {raw}/ (torchvision\'s raw layout), or point --data_root at a folder that has them.')
@@ -1959,15 +1963,26 @@ def train(cfg):
             status = run(cfg, procs)
         procs.close(finished=True)
     except WriteFailed as failure:
-        sys.exit(f'parallel_gan.py: {failure}; stopped. The last checkpoint in {cfg["out_dir"]} is intact.')
+        sys.exit(f'parallel_gan.py: {failure}; stopped. {what_is_left(cfg)}')
     except RuntimeError as error:  # a collective failed: another process died or hung
         if procs.world == 1:
             raise
         print(f'parallel_gan.py: process {procs.rank} lost the other processes ({str(error).splitlines()[0]}); '
-              f'stopped. The last checkpoint in {cfg["out_dir"]} is intact.', file=sys.stderr, flush=True)
+              f'stopped. {what_is_left(cfg)}', file=sys.stderr, flush=True)
         procs.close(finished=False)  # said first: tearing down after a loss can take a while
         sys.exit(1)
     return status
+
+
+def count(n, noun):
+    """'1 process', '2 processes', '4 threads'."""
+    return f'{n} {noun}' + ('' if n == 1 else 'es' if noun.endswith('s') else 's')
+
+
+def what_is_left(cfg):
+    path = checkpoint_path(cfg)
+    return (f'The last checkpoint, {path}, is intact.' if os.path.exists(path)
+            else f'No checkpoint had been written to {cfg["out_dir"]} yet.')
 
 
 def run(cfg, procs):
@@ -1995,7 +2010,7 @@ def run(cfg, procs):
     with interrupts_caught(procs) as interrupted:  # from here on a Ctrl-C ends in a checkpoint
         outputs = Outputs(cfg, procs, training, images, labels)
         say(f'GAP: {cfg["n_pairs"]} pairs, K={cfg["K"]}, {len(training.batches.data)} {cfg["dataset"]} training points, '
-            f'device {dev}, {cfg["dtype"]}, {procs.world} process(es) x {torch.get_num_threads()} threads, '
+            f'device {dev}, {cfg["dtype"]}, {count(procs.world, "process")} x {count(torch.get_num_threads(), "thread")}, '
             f'iterations {training.iteration + 1}..{cfg["iterations"] - 1}')
         if cfg['eval_every'] and not outputs.evaluator:
             say(f'no evaluation: the run ends before eval_every={cfg["eval_every"]}; for metrics of a short run, '

@@ -39,7 +39,7 @@ def test_two_processes_with_a_resume_give_the_single_process_losses(tiny_mnist, 
     out = f'--out_dir={tmp_path / "two"}'
     code, log, err = finish(torchrun(data, *COMMON, *conditions, out, f'--iterations={split}'))
     assert code == 0, err
-    assert log.count('GAP: ') == 1 and '2 process(es)' in log  # one process writes
+    assert log.count('GAP: ') == 1 and '2 processes x 1 thread,' in log  # one process writes
     assert len([line for line in log.splitlines() if line.startswith('it ')]) == split
     if split < iterations:
         code, log, err = finish(torchrun(data, *COMMON, *conditions, out, f'--iterations={iterations}', '--resume=True'))

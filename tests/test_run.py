@@ -150,6 +150,7 @@ def test_missing_data_offline_gives_one_clear_message(tmp_path):
     assert str(tmp_path / 'nothing' / 'MNIST' / 'raw') in result.stderr
     for name in pg.MNIST_FILES:
         assert name in result.stderr
+    assert not (tmp_path / 'nothing').exists()  # no empty folders left behind to look like a half-done download
 
 
 def test_a_truncated_data_file_gives_the_same_message(tiny_mnist, tmp_path):

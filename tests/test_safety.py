@@ -114,6 +114,7 @@ def test_an_out_dir_that_cannot_be_made_stops_at_once_in_one_line(tmp_path):
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     assert f'cannot use --out_dir={blocker / "out"} (Not a directory)' in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and 'loading' not in result.stdout  # before the data
+    assert "No checkpoint had been written" in result.stderr and "intact" not in result.stderr
 
 
 @pytest.mark.parametrize('which', ['checkpoint', 'sample image'])

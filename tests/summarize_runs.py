@@ -3,6 +3,9 @@
     python tests/summarize_runs.py out/study/full                 # folders named DATASET-P<n_pairs>-K<K>-s<seed>
     python tests/summarize_runs.py out/study/full --plot=full.png # and metrics against iterations, K as colour
 
+After `parallel_gan.py --compare=FOLDER`, it also averages FOLDER/compare_best.csv: the best generator of each
+run (by the other runs' discriminators), mean and standard deviation over seeds per configuration.
+
 For each run, the metrics of its last evaluation are averaged over its generators (the d_*
 columns over its discriminators); the table shows the mean and standard deviation of those
 run averages over seeds. The plot shows, per K, the mean over seeds of the run averages at
@@ -71,6 +74,25 @@ def table(groups):
             print(f'| {k[1]} | {k[2]} | {len(finals[k])} | {max(groups[k][0])} | ' + ' | '.join(cells) + ' |')
 
 
+def best_of_runs(path):
+    """The table of compare_best.csv: per configuration, mean ± std over runs of each best generator's metrics."""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    columns = [c for c in ('pool_error', 'modes', 'modes_captured', 'high_quality', 'score', 'fd')
+               if any(not math.isnan(number(r[c])) for r in rows)]
+    print(f'\nbest generator of each run ({path})\n')
+    print('| configuration | runs | ' + ' | '.join(columns) + ' |')
+    print('|---' * (2 + len(columns)) + '|')
+    for configuration in dict.fromkeys(r['configuration'] for r in rows):
+        mine = [r for r in rows if r['configuration'] == configuration]
+        cells = []
+        for c in columns:
+            values = [number(r[c]) for r in mine]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f'{statistics.mean(values):.4g} ± {spread:.2g}')
+        print(f'| {configuration} | {len(mine)} | ' + ' | '.join(cells) + ' |')
+
+
 def plot(groups, path, keys=('modes', 'fd', 'd_gap')):
     import matplotlib
     matplotlib.use('Agg')
@@ -98,5 +120,7 @@ if __name__ == '__main__':
     args = parser.parse_args()
     groups = load(args.folder)
     table(groups)
+    if os.path.exists(os.path.join(args.folder, 'compare_best.csv')):
+        best_of_runs(os.path.join(args.folder, 'compare_best.csv'))
     if args.plot:
         plot(groups, args.plot)

@@ -629,10 +629,7 @@ def parse_args(argv):
     block_values, explicit = dict(cfg), set()
     for arg in argv:
         if arg in ('-h', '--help'):
-            print(__doc__.strip() + '\n\nhyperparameters (--name=value):')
-            for name, default, meaning in table:
-                print(f'  --{name:<15} {default!r:<18} {meaning}')
-            sys.exit(0)
+            show_help(table)
         name, eq, text = arg[2:].partition('=')
         if not (arg.startswith('--') and eq and name in cfg):
             refuse(f'unknown argument {arg!r}: use --name=value with a name from: {", ".join(cfg)}')
@@ -644,6 +641,16 @@ def parse_args(argv):
         cfg, explicit = continued(cfg, explicit)
     check(cfg)
     return cfg
+
+
+def show_help(table):
+    lines = [__doc__.strip(), '', 'hyperparameters (--name=value):']
+    lines += [f'  --{name:<15} {default!r:<18} {meaning}' for name, default, meaning in table]
+    try:
+        print('\n'.join(lines), flush=True)
+    except BrokenPipeError:  # `--help | head`: the reader stopped early, which is no error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(0)
 
 
 def continued(cfg, named):

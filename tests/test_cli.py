@@ -1,5 +1,6 @@
 """The command line: --name=value overrides, --help, the hyperparameter block as users edit it, and refusals
 before any work starts."""
+import os
 import re
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import sys
 import pytest
 
 import parallel_gan as pg
-from conftest import edited_copy, run_script
+from conftest import SCRIPT, edited_copy, run_script
 
 
 def test_defaults_are_the_reference_hyperparameters():
@@ -105,6 +106,18 @@ def test_the_hyperparameter_block_takes_any_ordinary_assignment(tmp_path, capsys
     assert re.search(r'--iterations\s+200000\s+training iterations', text)  # a count, shown as one
     assert re.search(r'--out_dir\s+\'out\'\s+where samples go', text)
     assert 'my notes' not in text
+
+
+def test_help_into_a_reader_that_stopped_early_is_no_error():
+    """`--help | head`: a pipe whose reading end is already closed, so that the first write fails, every time."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, SCRIPT, '--help'], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                                timeout=60)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 0 and result.stderr == ''
 
 
 @pytest.mark.parametrize('line, words', [

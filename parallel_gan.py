@@ -64,7 +64,7 @@ beta1 = 0.9  # Adam's first-moment decay (torch's default, the reference's; GAN 
 iterations = 1_000_000  # training iterations
 seed = 0  # seeds the weights, the noise, the data order and the pairings
 # the paper's training conditions (section 4.1 and Algorithm 1); off, every pair sees the same noise and batch
-paper = False  # set all six below as the paper does: own_noise, prior mixed, input_noise 0.1, clip 1, swap matching, batch_norm (values given on the command line win)
+paper = False  # set all six below as the paper does: own_noise, prior mixed, input_noise 0.1 (our amount: the paper gives none), clip 1, swap matching, batch_norm (values given on the command line win)
 own_noise = False  # each pair draws its own noise and its own minibatch order (each example still once per epoch)
 prior = 'gaussian'  # the generators' noise: 'gaussian', 'uniform' (on [-1, 1]) or 'mixed' (first half of the pairs Gaussian, the rest uniform)
 input_noise = 0.0  # std of Gaussian noise added to every discriminator input, real and fake, in training; decays linearly to 0 at the last iteration

@@ -43,6 +43,12 @@ def by_iteration(path):
     return result
 
 
+def mean_and_spread(values, fmt, spread_fmt=None):
+    """'mean ± std' of values (std 0 for one value)."""
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f'{statistics.mean(values):{fmt}} ± {spread:{spread_fmt or fmt}}'
+
+
 def load(folder):
     """{(dataset, P, K): [per-seed {iteration: metrics}]} of every run folder under folder."""
     groups = defaultdict(list)
@@ -66,11 +72,7 @@ def table(groups):
         print('| n_pairs | K | seeds | iterations | ' + ' | '.join(name for _, name, _ in shown) + ' |')
         print('|---' * (4 + len(shown)) + '|')
         for k in keys:
-            cells = []
-            for metric, _, fmt in shown:
-                values = [run[metric] for run in finals[k]]
-                spread = statistics.stdev(values) if len(values) > 1 else 0.0
-                cells.append(f'{statistics.mean(values):{fmt}} ± {spread:{fmt}}')
+            cells = [mean_and_spread([run[metric] for run in finals[k]], fmt) for metric, _, fmt in shown]
             print(f'| {k[1]} | {k[2]} | {len(finals[k])} | {max(groups[k][0])} | ' + ' | '.join(cells) + ' |')
 
 
@@ -85,11 +87,7 @@ def best_of_runs(path):
     print('|---' * (2 + len(columns)) + '|')
     for configuration in dict.fromkeys(r['configuration'] for r in rows):
         mine = [r for r in rows if r['configuration'] == configuration]
-        cells = []
-        for c in columns:
-            values = [number(r[c]) for r in mine]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f'{statistics.mean(values):.4g} ± {spread:.2g}')
+        cells = [mean_and_spread([number(r[c]) for r in mine], '.4g', '.2g') for c in columns]
         print(f'| {configuration} | {len(mine)} | ' + ' | '.join(cells) + ' |')
 
 

@@ -1384,6 +1384,7 @@ def compare_runs(cfg):
              for i in range(len(pairing))]
     table = compare_table(errors, real_error, run_of, configs)
     write_comparison(folder, errors, names, run_of, configs, table)
+    write_per_generator(os.path.join(folder, 'compare_generators.csv'), errors, real_error, names, run_of)
     best_of_runs(cfg, hp, errors, run_of, [G for G, _, _ in pairs], noises, names, configs)
     return 0
 
@@ -1438,6 +1439,23 @@ def compare_table(errors, real_error, run_of, configs):
             row[key], row[f'{key}_std'] = values.mean().item(), (values.std().item() if len(values) > 1 else 0.0)
         table.append(row)
     return table
+
+
+def write_per_generator(path, errors, real_error, names, run_of):
+    """compare_generators.csv: a row per generator, its error rate over the whole pool and over other runs'
+    discriminators, and how the discriminator that started in its pair judges every generator's samples (its mean
+    error on fakes) and held-out real data (the share it takes for fake): the raw numbers of compare.csv."""
+    started_in = {d: slot for slot, (_, d) in enumerate(names)}  # 'run:Dk' -> its row (slot) in errors
+    with replacing(path) as tmp, open(tmp, 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['run', 'generator', 'pool_error', 'pool_error_others', 'd_fake_error', 'd_real_error'])
+        for g, (name, _) in enumerate(names):
+            run, k = name.rsplit(':G', 1)
+            others = run_of != run_of[g]
+            d = started_in[f'{run}:D{k}']
+            writer.writerow([run, k, *(f'{v:.6g}' for v in (
+                errors[:, g].mean().item(), errors[others, g].mean().item() if others.any() else math.nan,
+                errors[d].mean().item(), real_error[d].item()))])
 
 
 def write_comparison(folder, errors, names, run_of, configs, table):

@@ -1,0 +1,231 @@
+"""The study's sweeps, part by part: runs what is missing (a finished run is skipped, an interrupted one resumed),
+one thread per run, N at a time; then pools the part's runs with --compare and writes their rows into the
+study's CSV (.assets/study_runs.csv), from which tests/summarize_runs.py rebuilds the README's tables and figures.
+
+    python tests/sweep.py --list                      # every part: its runs, how many are done, what it is
+    python tests/sweep.py r15_script                  # run one part, two runs at a time
+    python tests/sweep.py r15_script r15_paper --jobs=1
+
+Ctrl-C stops the runs at their next iteration with a checkpoint each; the same command continues them. Each run
+writes out/study/PART/RUN/ (its log in log.txt there). The protocol (seeds, lengths, K) is the README's.
+"""
+import argparse
+import csv
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, 'parallel_gan.py')
+STUDY_CSV = os.path.join(ROOT, '.assets', 'study_runs.csv')
+SHARED_MNIST = os.path.join(ROOT, '..', 'shared', 'mnist')
+
+# the settings of each kind of part, fixed before any run (the README's protocol)
+FULL = dict(n_pairs=4, iterations=100_001, eval_every=10_000, log_every=5000, sample_every=5000)  # 53 epochs
+SCARCE = dict(n_pairs=4, train_size=1000, iterations=20_001, eval_every=2500, log_every=2500, sample_every=2500)
+TWO_D = dict(n_pairs=4, layers=3, h_dim=64, mb_size=100, lr=1e-3, beta1=0.5, iterations=20_001, eval_every=5000,
+             log_every=5000, sample_every=5000)  # the 2-D mixtures under the script's conditions
+TOY = dict(n_pairs=4, layers=4, h_dim=64, mb_size=50, lr=1e-3, beta1=0.5, iterations=10_001, eval_every=2500,
+           log_every=2500, sample_every=2500)  # the paper's 4-layer toy networks
+CONDITIONS = {'script': False, 'paper': True}  # the value of --paper
+
+
+def cell(settings, condition, Ks, seeds, **data):
+    """A part's runs: K=0 and every K of Ks (the first is the verdict's; the rest secondary), for every seed.
+    Returns [(run name, hyperparameters, arm)], the baseline and the verdict's K first, seed by seed."""
+    arms = {0: 'baseline', Ks[0]: 'primary', **{K: 'secondary' for K in Ks[1:]}}
+    runs = [(f'K{K}-s{s}', {**settings, **data, 'paper': CONDITIONS[condition], 'K': K, 'seed': s}, arm)
+            for s in seeds for K, arm in arms.items() if arm != 'secondary']
+    return runs + [(f'K{K}-s{s}', {**settings, **data, 'paper': CONDITIONS[condition], 'K': K, 'seed': s}, arm)
+                   for K, arm in arms.items() if arm == 'secondary' for s in seeds]
+
+
+def robustness():
+    """R15 with 100 points, K=0 against a swap every epoch (K=2), both conditions, over lr x h_dim at z_dim 10 and
+    at z_dim 2 with lr 2e-4, h_dim 128; 5 seeds each. lr 1e-3, h_dim 64, z_dim 10 is the study's own setting:
+    its runs are the r15 parts' seeds 0 to 4, not run again."""
+    grid = [(lr, h, 10) for lr in (2e-4, 1e-3) for h in (64, 128) if (lr, h) != (1e-3, 64)] + [(2e-4, 128, 2)]
+    runs = []
+    for condition in CONDITIONS:
+        for lr, h, z in grid:
+            for name, hp, arm in cell({**TOY, 'lr': lr, 'h_dim': h, 'z_dim': z}, condition, (2,), range(5),
+                                      dataset='r15', train_size=100):
+                runs.append((f'{condition}-lr{lr:g}-h{h}-z{z}-{name}', hp, arm))
+    return runs
+
+
+TEN, FIVE = range(10), range(5)
+INTERRUPTED = []  # set by Ctrl-C: start no more runs
+PARTS = {  # name: (what it is, its runs, whether its runs share one pool of discriminators in --compare)
+    'r15_script': ('R15, 100 points, the script\'s conditions', cell(TOY, 'script', (2, 1), TEN, dataset='r15', train_size=100), True),
+    'r15_paper': ('R15, 100 points, the paper\'s conditions', cell(TOY, 'paper', (2, 1), TEN, dataset='r15', train_size=100), True),
+    'grid25x2500_script': ('grid25, 2,500 points, the script\'s conditions', cell(TWO_D, 'script', (25,), TEN, dataset='grid25', train_size=2500), True),
+    'grid25x2500_paper': ('grid25, 2,500 points, the paper\'s conditions', cell(TOY, 'paper', (25,), TEN, dataset='grid25', train_size=2500), True),
+    'grid25_script': ('grid25, 60,000 points, the script\'s conditions', cell(TWO_D, 'script', (600,), TEN, dataset='grid25'), True),
+    'ring8_script': ('ring8, 60,000 points, the script\'s conditions', cell(TWO_D, 'script', (600,), TEN, dataset='ring8'), True),
+    'robust_r15': ('R15 robustness: lr x h_dim x z_dim, both conditions', robustness(), False),
+    'mnist1000_script': ('MNIST, 1,000 images, the script\'s conditions', cell(SCARCE, 'script', (16, 100), TEN, dataset='mnist'), True),
+    'mnist1000_paper': ('MNIST, 1,000 images, the paper\'s conditions', cell(SCARCE, 'paper', (16,), TEN, dataset='mnist'), True),
+    'mnist_script': ('MNIST, 60,000 images, the script\'s conditions', cell(FULL, 'script', (937, 100), FIVE, dataset='mnist'), True),
+    'mnist_paper': ('MNIST, 60,000 images, the paper\'s conditions', cell(FULL, 'paper', (937,), FIVE, dataset='mnist'), True),
+}
+CONFIG_COLUMNS = ('dataset', 'train_size', 'paper', 'K', 'seed', 'n_pairs', 'layers', 'h_dim', 'z_dim', 'lr', 'beta1',
+                  'mb_size', 'iterations')
+METRIC_COLUMNS = ('modes', 'modes_captured', 'kl', 'score', 'confidence', 'fd', 'high_quality', 'pool_mean', 'pool_worst',
+                  'd_train', 'd_heldout', 'd_gap', 'd_train_acc', 'd_heldout_acc', 'd_acc_gap')
+POOL_COLUMNS = ('pool_error', 'pool_error_others', 'd_fake_error', 'd_real_error', 'best_by_pool')
+COLUMNS = ('part', 'condition', 'arm', *CONFIG_COLUMNS, 'run', 'generator', 'iteration', *METRIC_COLUMNS, *POOL_COLUMNS)
+
+
+def defaults():
+    """parallel_gan.py's hyperparameter block: name -> default."""
+    sys.path.insert(0, ROOT)
+    import parallel_gan
+    return {name: default for name, default, _ in parallel_gan.hyperparameters()}
+
+
+def checkpoint_iteration(folder):
+    """The iteration a run's checkpoint stopped after, or None without one."""
+    import torch
+    path = os.path.join(folder, 'checkpoint.pt')
+    if not os.path.exists(path):
+        return None
+    return torch.load(path, map_location='cpu', weights_only=True)['iteration']
+
+
+def command(hp, folder, args, resume):
+    flags = [f'--{k}={v}' for k, v in hp.items()]
+    data_root = [f'--data_root={args.data_root}'] if hp['dataset'] == 'mnist' else []
+    return [sys.executable, SCRIPT, *flags, *data_root, '--threads=1', f'--out_dir={folder}',
+            f'--classifier_dir={args.classifier_dir}', *(['--resume=True'] if resume else [])]
+
+
+def minutes(seconds):
+    return f'{seconds / 60:.0f} min' if seconds >= 90 else f'{seconds:.0f} s'
+
+
+def run_part(part, args):
+    """Run what is missing of a part, args.jobs at a time. Returns the names of the runs that failed."""
+    _, runs, _ = PARTS[part]
+    todo = []
+    for name, hp, _ in runs:
+        folder = os.path.join(args.study, part, name)
+        at = checkpoint_iteration(folder)
+        if at != hp['iterations'] - 1:
+            todo.append((name, command(hp, folder, args, resume=at is not None), folder))
+    print(f'{part}: {len(runs) - len(todo)} of {len(runs)} runs done, {len(todo)} to run, {args.jobs} at a time', flush=True)
+    going, failed, took, start = {}, [], [], time.time()
+    while (todo and not INTERRUPTED) or going:
+        while todo and len(going) < args.jobs and not INTERRUPTED:
+            name, cmd, folder = todo.pop(0)
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, 'log.txt'), 'a') as log:
+                going[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), time.time())
+        time.sleep(0.5)
+        for name, (proc, began) in list(going.items()):
+            if proc.poll() is None:
+                continue
+            del going[name]
+            took.append(time.time() - began)
+            if proc.returncode:
+                failed.append(name)
+            left = sum(took) / len(took) * (len(todo) + len(going)) / args.jobs
+            status = 'done' if not proc.returncode else f'FAILED (exit status {proc.returncode}; see its log.txt)'
+            print(f'  [{len(took)}/{len(took) + len(todo) + len(going)}] {name} {status} in {minutes(took[-1])}; '
+                  f'about {minutes(left)} left ({minutes(time.time() - start)} so far)', flush=True)
+    return failed + [name for name, _, _ in todo]
+
+
+def compare_part(part, args):
+    """--compare over the part's runs, unless its compare_generators.csv is newer than every checkpoint."""
+    folder = os.path.join(args.study, part)
+    written = os.path.join(folder, 'compare_generators.csv')
+    newest = max(os.path.getmtime(p) for p in glob.glob(os.path.join(folder, '*', 'checkpoint.pt')))
+    if os.path.exists(written) and os.path.getmtime(written) > newest:
+        return
+    start = time.time()
+    subprocess.run([sys.executable, SCRIPT, f'--compare={folder}', f'--data_root={args.data_root}',
+                    f'--classifier_dir={args.classifier_dir}', f'--threads={args.jobs}'],
+                   cwd=ROOT, check=True, stdout=open(os.path.join(folder, 'compare.log'), 'w'), stderr=subprocess.STDOUT)
+    print(f'{part}: pooled with --compare in {minutes(time.time() - start)}', flush=True)
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def part_rows(part, args):
+    """The CSV's rows of a part: one per run and generator, its last evaluation and its pool numbers."""
+    _, runs, pooled = PARTS[part]
+    folder = os.path.join(args.study, part)
+    pool = {(r['run'], r['generator']): r for r in read_csv(os.path.join(folder, 'compare_generators.csv'))} if pooled else {}
+    best = {r['run'] for r in read_csv(os.path.join(folder, 'compare_best.csv'))} if pooled else set()
+    rows = []
+    for name, hp, arm in runs:
+        metrics = read_csv(os.path.join(folder, name, 'metrics.csv'))
+        last = max(int(r['iteration']) for r in metrics)
+        for r in (r for r in metrics if int(r['iteration']) == last):
+            g = r['generator']
+            mine = pool.get((name, g), {})
+            rows.append({'part': part, 'condition': 'paper' if hp['paper'] else 'script', 'arm': arm,
+                         **{k: hp.get(k, defaults()[k]) for k in CONFIG_COLUMNS}, 'run': name, 'generator': g,
+                         'iteration': last, **{k: r[k] for k in METRIC_COLUMNS},
+                         **{k: mine.get(k, '') for k in POOL_COLUMNS[:-1]},
+                         'best_by_pool': int(f'{name}:G{g}' in best) if pooled else ''})
+    return rows
+
+
+def publish(part, args):
+    """Replace the part's rows in the study's CSV with those of its runs now."""
+    kept = [r for r in read_csv(args.csv) if r['part'] != part] if os.path.exists(args.csv) else []
+    rows = kept + part_rows(part, args)
+    order = list(PARTS)
+    rows.sort(key=lambda r: order.index(r['part']) if r['part'] in order else len(order))
+    tmp = args.csv + '.tmp'
+    with open(tmp, 'w', newline='') as f:
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, args.csv)
+    print(f'{part}: its {sum(r["part"] == part for r in rows)} rows written to {os.path.relpath(args.csv, ROOT)}', flush=True)
+
+
+def show_parts(args):
+    for part, (what, runs, _) in PARTS.items():
+        done = sum(checkpoint_iteration(os.path.join(args.study, part, name)) == hp['iterations'] - 1
+                   for name, hp, _ in runs)
+        print(f'{part:20} {done:3}/{len(runs):<3} runs done   {what}')
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('parts', nargs='*', help=f'any of: {", ".join(PARTS)}')
+    parser.add_argument('--list', action='store_true', help='show the parts and what is done')
+    parser.add_argument('--jobs', type=int, default=2, help='runs at a time, one thread each (default 2)')
+    parser.add_argument('--study', default=os.path.join(ROOT, 'out', 'study'), help='where the runs go')
+    parser.add_argument('--data_root', default=SHARED_MNIST if os.path.isdir(SHARED_MNIST) else 'out/data')
+    parser.add_argument('--classifier_dir', default=os.path.join(ROOT, 'out', 'study', 'classifiers'))
+    parser.add_argument('--csv', default=STUDY_CSV, help='the study\'s CSV, a row per run and generator')
+    args = parser.parse_args()
+    unknown = [p for p in args.parts if p not in PARTS]
+    if unknown or args.jobs < 1 or not (args.parts or args.list):
+        parser.error(f'unknown part {", ".join(unknown)}; the parts: {", ".join(PARTS)}' if unknown else
+                     '--jobs must be at least 1' if args.jobs < 1 else 'name a part, or --list')
+    if args.list:
+        show_parts(args)
+    signal.signal(signal.SIGINT, lambda *_: INTERRUPTED.append(1))  # the runs get it too: they checkpoint and stop
+    failed = []
+    for part in args.parts:
+        failed += [f'{part}/{name}' for name in run_part(part, args)]
+        if failed:
+            break
+        if PARTS[part][2]:
+            compare_part(part, args)
+        publish(part, args)
+    if failed:
+        sys.exit(f'sweep.py: {len(failed)} run(s) stopped before their end: {", ".join(failed)}; '
+                 f'the same command continues them')

@@ -589,6 +589,8 @@ def check(cfg):
         (cfg['K'] >= 0, 'K must be 0 (never swap) or a positive number of iterations'),
         (cfg['K'] == 0 or cfg['n_pairs'] >= 2, 'K>0 swaps discriminators between pairs: it needs n_pairs >= 2 (or K=0)'),
         (cfg['mb_size'] >= 1, 'mb_size must be at least 1'),
+        (cfg['mb_size'] >= 2 or not cfg['batch_norm'], 'batch_norm needs mb_size of at least 2 (one example has no '
+                                                       'batch statistics to normalise by)'),
         (cfg['lr'] > 0 and math.isfinite(cfg['lr']), 'lr must be a positive number'),
         (0 <= cfg['beta1'] < 1, 'beta1 must be at least 0 and below 1'),
         (0 <= cfg['seed'] < 2 ** 32, 'seed must be a whole number from 0 to 2**32 - 1 (4294967295)'),

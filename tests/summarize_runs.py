@@ -1,124 +1,293 @@
-"""Summarise sweeps written by parallel_gan.py into the README's tables and plots.
+"""Rebuild the README's study tables, intervals and figures from the study's CSV alone (a row per run and generator,
+as tests/sweep.py writes it).
 
-    python tests/summarize_runs.py out/study/full                 # folders named DATASET-P<n_pairs>-K<K>-s<seed>
-    python tests/summarize_runs.py out/study/full --plot=full.png # and metrics against iterations, K as colour
+    python tests/summarize_runs.py                                   # .assets/study_runs.csv: every table, as markdown
+    python tests/summarize_runs.py FILE.csv --figures=.assets        # and the forest plot and the per-seed figures
 
-After `parallel_gan.py --compare=FOLDER`, it also averages FOLDER/compare_best.csv: the best generator of each
-run (by the other runs' discriminators), mean and standard deviation over seeds per configuration.
-
-For each run, the metrics of its last evaluation are averaged over its generators (the d_*
-columns over its discriminators); the table shows the mean and standard deviation of those
-run averages over seeds. The plot shows, per K, the mean over seeds of the run averages at
-every evaluation, with a band from the lowest to the highest seed.
+The README's protocol: a run's value is its generators' (or discriminators') mean in the claim's metric; the
+effect is mean(K>0) - mean(K=0) over seeds; its 95% interval a percentile bootstrap over seeds (each arm resampled
+with replacement, 10,000 times, numpy's default_rng(0)); the verdict says which way where the interval excludes 0,
+else "no difference detected".
 """
 import argparse
 import csv
-import glob
 import math
 import os
-import re
-import statistics
 from collections import defaultdict
 
-METRICS = [('modes', 'modes covered', '.2f'), ('modes_captured', 'modes captured', '.2f'), ('kl', 'KL to uniform', '.3f'),
-           ('high_quality', 'high quality', '.3f'), ('score', 'classifier score', '.2f'),
-           ('confidence', 'confidence', '.3f'), ('fd', 'Frechet distance', '.4g'),
-           ('d_train', 'D(x) train', '.3f'), ('d_heldout', 'D(x) held-out', '.3f'), ('d_gap', 'D(x) gap', '.3f'),
-           ('d_acc_gap', 'accuracy gap', '.3f')]
-NAME = re.compile(r'(\w+)-P(\d+)-K(\d+)-s(\d+)')
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STUDY_CSV = os.path.join(ROOT, '.assets', 'study_runs.csv')
+RESAMPLES = 10_000
+# claim: (its name, the metric on images, on 2-D points, +1 where higher is better for GAP, what better/worse say)
+CLAIMS = {
+    'coverage': ('mode coverage', 'modes', 'modes_captured', +1, ('more modes', 'fewer modes')),
+    'gam2': ('GAM-II (one pool judges every generator)', 'pool_error', 'pool_error', +1,
+             ('fools the pool more', 'fools the pool less')),
+    'generalisation': ('generalisation (D(x) gap, train - held-out)', 'd_gap', 'd_gap', -1,
+                       ('smaller gap', 'larger gap')),
+}
+DATA_NAMES = {('mnist', 0): 'MNIST, 60,000', ('mnist', 1000): 'MNIST, 1,000', ('r15', 100): 'R15, 100 points',
+              ('grid25', 0): 'grid25, 60,000', ('grid25', 2500): 'grid25, 2,500', ('ring8', 0): 'ring8, 60,000'}
+CONDITION_NAMES = {'script': "script's conditions", 'paper': "paper's conditions"}
+SETTING = ('lr', 'h_dim', 'z_dim')  # what the robustness check varies
 
 
 def number(text):
     return float(text) if text not in ('', None) else math.nan
 
 
-def by_iteration(path):
-    """{iteration: {metric: average over the run's generators}} of one run's metrics.csv."""
+def read_runs(path):
+    """{(part, run): {'rows': its generator rows, plus its configuration}} of the CSV, in file order."""
+    runs = {}
     with open(path) as f:
-        rows = list(csv.DictReader(f))
-    result = {}
-    for it in sorted({int(r['iteration']) for r in rows}):
-        mine = [r for r in rows if int(r['iteration']) == it]
-        result[it] = {key: statistics.mean(number(r.get(key)) for r in mine) for key, _, _ in METRICS}
+        for row in csv.DictReader(f):
+            run = runs.setdefault((row['part'], row['run']), {**row, 'rows': []})
+            run['rows'].append(row)
+    for run in runs.values():
+        run['K'], run['seed'], run['train_size'] = int(run['K']), int(run['seed']), int(run['train_size'])
+    return list(runs.values())
+
+
+def value(run, metric):
+    """A run's value in a metric: the mean over its generators' rows (nan where the metric is missing)."""
+    values = [number(r[metric]) for r in run['rows']]
+    return math.nan if any(math.isnan(v) for v in values) else float(np.mean(values))
+
+
+def metric_of(claim, dataset):
+    _, images, points, _, _ = CLAIMS[claim]
+    return images if dataset in ('mnist', 'fashion_mnist') else points
+
+
+def bootstrap(treated, baseline, resamples=RESAMPLES):
+    """(effect, low, high): mean(treated) - mean(baseline) and its 95% percentile interval, resampling each arm's
+    seeds with replacement."""
+    a, b = np.asarray(treated, float), np.asarray(baseline, float)
+    rng = np.random.default_rng(0)
+    diffs = (a[rng.integers(0, len(a), (resamples, len(a)))].mean(1)
+             - b[rng.integers(0, len(b), (resamples, len(b)))].mean(1))
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return float(a.mean() - b.mean()), float(low), float(high)
+
+
+def verdict(claim, effect, low, high):
+    """'yes: ...' / 'no: ...' where the interval excludes 0, else 'no difference detected'."""
+    better, worse = CLAIMS[claim][4]
+    if low <= 0 <= high:
+        return 'no difference detected'
+    return f'yes: {better}' if effect * CLAIMS[claim][3] > 0 else f'no: {worse}'
+
+
+def cells(runs):
+    """Every comparison of the study: a dict per (part, condition, data, setting, K>0) with each arm's runs."""
+    groups = defaultdict(list)
+    for run in runs:
+        groups[run['part'], run['condition'], run['dataset'], run['train_size'], *(run[k] for k in SETTING)].append(run)
+    found = []
+    for key, members in groups.items():
+        baseline = [r for r in members if r['arm'] == 'baseline']
+        for K in sorted({r['K'] for r in members if r['K'] > 0}, key=lambda K: (members[0]['arm'] != 'primary', K)):
+            arm = [r for r in members if r['K'] == K]
+            if baseline and arm:
+                found.append({'part': key[0], 'condition': key[1], 'dataset': key[2], 'train_size': key[3],
+                              'setting': dict(zip(SETTING, key[4:])), 'K': K, 'arm': arm[0]['arm'],
+                              'baseline': baseline, 'treated': arm})
+    return found
+
+
+def judge(cell, claim):
+    """The cell's effect, interval and verdict for a claim; None where its runs lack the metric."""
+    metric = metric_of(claim, cell['dataset'])
+    treated, baseline = ([value(r, metric) for r in cell[arm]] for arm in ('treated', 'baseline'))
+    if any(math.isnan(v) for v in treated + baseline):
+        return None
+    effect, low, high = bootstrap(treated, baseline)
+    result = {'effect': effect, 'low': low, 'high': high, 'verdict': verdict(claim, effect, low, high),
+              'treated': treated, 'baseline': baseline}
+    if claim == 'gam2':  # the paper's condition for GAM: judges equally strict on held-out real data
+        real = [[value(r, 'd_real_error') for r in cell[arm]] for arm in ('treated', 'baseline')]
+        difference, lo, hi = bootstrap(*real)
+        result['judges'] = (float(np.mean(real[1])), float(np.mean(real[0])), lo, hi)
+        if not lo <= 0 <= hi:
+            result['verdict'] = (f'no verdict: the judges differ (held-out real error {np.mean(real[1]):.2f} for K=0 '
+                                 f'against {np.mean(real[0]):.2f})')
     return result
 
 
-def mean_and_spread(values, fmt, spread_fmt=None):
-    """'mean ± std' of values (std 0 for one value)."""
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f'{statistics.mean(values):{fmt}} ± {spread:{spread_fmt or fmt}}'
+def data_name(cell):
+    return DATA_NAMES.get((cell['dataset'], cell['train_size']), f'{cell["dataset"]}, {cell["train_size"]}')
 
 
-def load(folder):
-    """{(dataset, P, K): [per-seed {iteration: metrics}]} of every run folder under folder."""
-    groups = defaultdict(list)
-    for path in sorted(glob.glob(os.path.join(folder, '*', 'metrics.csv'))):
-        match = NAME.fullmatch(os.path.basename(os.path.dirname(path)))
-        run = by_iteration(path) if match else {}
-        if run:
-            groups[match[1], int(match[2]), int(match[3])].append(run)
-    for key, runs in groups.items():  # a run still going (fewer evaluations than the others) is left out
-        groups[key] = [run for run in runs if max(run) == max(max(r) for r in runs)]
-    return groups
+def interval(r, fmt='.3g'):
+    return f'{r["effect"]:+{fmt}} [{r["low"]:+{fmt}}, {r["high"]:+{fmt}}]'
 
 
-def table(groups):
-    for dataset in sorted({key[0] for key in groups}):
-        keys = sorted((k for k in groups if k[0] == dataset), key=lambda k: (k[1], k[2] != 0, k[2]))
-        finals = {k: [run[max(run)] for run in groups[k]] for k in keys}
-        shown = [(key, name, fmt) for key, name, fmt in METRICS
-                 if any(all(not math.isnan(run[key]) for run in finals[k]) for k in keys)]  # drop all-nan columns
-        print(f'\n{dataset}\n')
-        print('| n_pairs | K | seeds | iterations | ' + ' | '.join(name for _, name, _ in shown) + ' |')
-        print('|---' * (4 + len(shown)) + '|')
-        for k in keys:
-            cells = [mean_and_spread([run[metric] for run in finals[k]], fmt) for metric, _, fmt in shown]
-            print(f'| {k[1]} | {k[2]} | {len(finals[k])} | {max(groups[k][0])} | ' + ' | '.join(cells) + ' |')
+def study_cells(runs):
+    """The main study's comparisons (the robustness part aside), primary K first."""
+    return [c for c in cells(runs) if c['part'] != 'robust_r15']
 
 
-def best_of_runs(path):
-    """The table of compare_best.csv: per configuration, mean ± std over runs of each best generator's metrics."""
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    columns = [c for c in ('pool_error', 'modes', 'modes_captured', 'high_quality', 'score', 'fd')
-               if any(not math.isnan(number(r[c])) for r in rows)]
-    print(f'\nbest generator of each run ({path})\n')
-    print('| configuration | runs | ' + ' | '.join(columns) + ' |')
-    print('|---' * (2 + len(columns)) + '|')
-    for configuration in dict.fromkeys(r['configuration'] for r in rows):
-        mine = [r for r in rows if r['configuration'] == configuration]
-        cells = [mean_and_spread([number(r[c]) for r in mine], '.4g', '.2g') for c in columns]
-        print(f'| {configuration} | {len(mine)} | ' + ' | '.join(cells) + ' |')
+def answer_table(runs, headline=('mnist', 1000)):
+    """The first screen's table: per claim and condition, how many data sets say what, and one data set's effect."""
+    lines = ['| claim | ' + ' | '.join(CONDITION_NAMES[c] for c in CONDITION_NAMES) + ' |', '|---|---|---|']
+    found = [c for c in study_cells(runs) if c['arm'] == 'primary']
+    for claim, (name, *_) in CLAIMS.items():
+        row = []
+        for condition in CONDITION_NAMES:
+            mine = [(c, judge(c, claim)) for c in found if c['condition'] == condition]
+            mine = [(c, r) for c, r in mine if r]
+            if not mine:
+                row.append('not yet run')
+                continue
+            counts = defaultdict(int)
+            for _, r in mine:
+                counts[r['verdict'].split(' (')[0].replace('no verdict: the judges differ', 'no verdict')] += 1
+            summary = ', '.join(f'**{word}** on {n}' for word, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+            shown = next(((c, r) for c, r in mine if (c['dataset'], c['train_size']) == headline), mine[0])
+            row.append(f'{summary} of {len(mine)}; {data_name(shown[0])}: {interval(shown[1])}')
+        lines.append(f'| {name.split(" (")[0]} | ' + ' | '.join(row) + ' |')
+    return '\n'.join(lines)
 
 
-def plot(groups, path, keys=('modes', 'fd', 'd_gap')):
+def verdict_table(runs):
+    """Every claim x data set x condition x K: seeds, K=0's mean, the effect, its interval and the verdict."""
+    lines = ['| claim | condition | data | K | seeds (K=0 / K) | K=0 mean | effect [95% interval] | verdict |',
+             '|---|---|---|---|---|---|---|---|']
+    for claim, (name, *_) in CLAIMS.items():
+        for c in study_cells(runs):
+            r = judge(c, claim)
+            if r:
+                label = f'{c["K"]}' + (' (secondary)' if c['arm'] == 'secondary' else '')
+                lines.append(f'| {name.split(" (")[0]} | {c["condition"]} | {data_name(c)} | {label} | '
+                             f'{len(r["baseline"])} / {len(r["treated"])} | {np.mean(r["baseline"]):.3g} | '
+                             f'{interval(r)} | {r["verdict"]} |')
+    return '\n'.join(lines)
+
+
+def detail_table(runs, metrics=('modes', 'modes_captured', 'high_quality', 'score', 'fd', 'pool_error', 'd_real_error',
+                                'd_gap', 'd_acc_gap')):
+    """Per part and K: seeds and mean ± std over seeds of every metric its runs have."""
+    lines = []
+    for part in dict.fromkeys(r['part'] for r in runs if r['part'] != 'robust_r15'):
+        mine = [r for r in runs if r['part'] == part]
+        shown = [m for m in metrics if not any(math.isnan(value(r, m)) for r in mine)]
+        lines += [f'\n{part}\n', '| K | seeds | ' + ' | '.join(shown) + ' |', '|---' * (2 + len(shown)) + '|']
+        for K in sorted({r['K'] for r in mine}):
+            arm = [r for r in mine if r['K'] == K]
+            cells_ = [f'{np.mean(v):.3g} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.2g}'
+                      for v in ([value(r, m) for r in arm] for m in shown)]
+            lines.append(f'| {K} | {len(arm)} | ' + ' | '.join(cells_) + ' |')
+    return '\n'.join(lines)
+
+
+def robustness_cells(runs):
+    """R15's coverage comparisons at every setting of the robustness check: its own runs, and the study's setting
+    from the r15 parts' seeds 0 to 4."""
+    study = [r for r in runs if r['part'] in ('r15_script', 'r15_paper') and r['seed'] < 5 and r['K'] in (0, 2)]
+    found = [c for c in cells(study + [r for r in runs if r['part'] == 'robust_r15']) if c['K'] == 2]
+    return sorted(found, key=lambda c: (c['condition'] != 'script', [float(c['setting'][k]) for k in SETTING]))
+
+
+def robustness_table(runs):
+    lines = ['| condition | lr | h_dim | z_dim | seeds | modes captured, K=0 | effect of K=2 [95% interval] | verdict |',
+             '|---|---|---|---|---|---|---|---|']
+    for c in robustness_cells(runs):
+        r = judge(c, 'coverage')
+        s = c['setting']
+        lines.append(f'| {c["condition"]} | {float(s["lr"]):g} | {s["h_dim"]} | {s["z_dim"]} | {len(r["treated"])} | '
+                     f'{np.mean(r["baseline"]):.2f} | {interval(r)} | {r["verdict"]} |')
+    return '\n'.join(lines)
+
+
+def pyplot():
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    names = dict((key, name) for key, name, _ in METRICS)
-    datasets = sorted({k[0] for k in groups})
-    fig, axes = plt.subplots(len(datasets), len(keys), figsize=(4.6 * len(keys), 3.4 * len(datasets)), squeeze=False)
-    for row, dataset in zip(axes, datasets):
-        for ax, key in zip(row, keys):
-            for colour, k in enumerate(sorted((k for k in groups if k[0] == dataset), key=lambda k: (k[1], k[2]))):
-                its = sorted(set.intersection(*(set(run) for run in groups[k])))
-                values = [[run[it][key] for run in groups[k]] for it in its]
-                ax.plot(its, [statistics.mean(v) for v in values], color=f'C{colour}', label=f'K={k[2]} (P={k[1]})')
-                ax.fill_between(its, [min(v) for v in values], [max(v) for v in values], color=f'C{colour}', alpha=0.2)
-            ax.set(title=f'{dataset}: {names[key]}', xlabel='iteration')
-        row[0].legend(fontsize=8)
+    return plt
+
+
+def forest_plot(runs, path):
+    """Every claim x data set x condition (primary K): the effect and its interval, the zero line marked."""
+    plt = pyplot()
+    found = [c for c in study_cells(runs) if c['arm'] == 'primary']
+    fig, axes = plt.subplots(1, len(CLAIMS), figsize=(4.2 * len(CLAIMS), 0.42 * max(len(found), 4) + 1.2), sharey=True)
+    labels = [f'{data_name(c)}, {c["condition"]} (K={c["K"]})' for c in found]
+    for ax, (claim, (name, _, _, better, words)) in zip(axes, CLAIMS.items()):
+        for y, c in enumerate(found):
+            r = judge(c, claim)
+            if r is None:
+                continue
+            decided = not r['low'] <= 0 <= r['high'] and not r['verdict'].startswith('no verdict')
+            colour = ('tab:green' if r['effect'] * better > 0 else 'tab:red') if decided else 'grey'
+            ax.errorbar(r['effect'], y, xerr=[[r['effect'] - r['low']], [r['high'] - r['effect']]], fmt='o',
+                        color=colour, capsize=3)
+        ax.axvline(0, color='black', lw=0.8)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(f'K>0 minus K=0 (GAP better: {"right" if better > 0 else "left"})', fontsize=8)
+    axes[0].set_yticks(range(len(found)), labels, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle('Effect of swapping, 95% bootstrap interval over seeds (green: GAP better, red: worse, grey: no '
+                 'difference detected or no verdict)', fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def seeds_plot(runs, claim, path):
+    """Every seed's value as a dot, K=0 beside each K>0, per data set and condition."""
+    plt = pyplot()
+    found = study_cells(runs)
+    parts = list(dict.fromkeys((c['part'], data_name(c), c['condition']) for c in found))
+    fig, axes = plt.subplots(1, len(parts), figsize=(2.1 * len(parts) + 0.6, 3.3), squeeze=False)
+    jitter = np.random.default_rng(0)
+    for ax, (part, data, condition) in zip(axes[0], parts):
+        mine = [c for c in found if c['part'] == part]
+        arms = [('K=0', mine[0]['baseline'])] + [(f'K={c["K"]}', c['treated']) for c in mine]
+        metric = metric_of(claim, mine[0]['dataset'])
+        for x, (label, arm) in enumerate(arms):
+            values = [value(r, metric) for r in arm]
+            ax.scatter(x + jitter.uniform(-0.12, 0.12, len(values)), values, s=14, color=f'C{x}', alpha=0.8)
+            ax.hlines(np.mean(values), x - 0.3, x + 0.3, color='black', lw=1.2)
+        ax.set_xticks(range(len(arms)), [label for label, _ in arms], fontsize=8)
+        ax.set_xlim(-0.6, len(arms) - 0.4)
+        ax.set_title(f'{data}\n{CONDITION_NAMES[condition]}', fontsize=8)
+        ax.set_ylabel(metric, fontsize=8)
+    fig.suptitle(f'{CLAIMS[claim][0]}: every seed (dots) and the mean (bar)', fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def figures(runs, folder):
+    """The forest plot and one per-seed figure per claim, as PNGs in folder. Returns their paths."""
+    os.makedirs(folder, exist_ok=True)
+    paths = [os.path.join(folder, 'study_forest.png')]
+    forest_plot(runs, paths[0])
+    for claim in CLAIMS:
+        paths.append(os.path.join(folder, f'study_seeds_{claim}.png'))
+        seeds_plot(runs, claim, paths[-1])
+    return paths
+
+
+def report(runs):
+    """Every table of the README's study, as markdown."""
+    return '\n\n'.join([
+        '## the answer (primary K per cell)', answer_table(runs),
+        '## every claim, data set, condition and K', verdict_table(runs),
+        '## robustness of the coverage verdicts: R15, K=0 against K=2', robustness_table(runs)
+        if any(r['part'] == 'robust_r15' for r in runs) else '(robustness check not run yet)',
+        '## each part: mean ± std over seeds', detail_table(runs)])
 
 
 if __name__ == '__main__':
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('folder', nargs='?', default='out/runs')
-    parser.add_argument('--plot', help='also draw the metrics against iterations into this PNG file')
+    parser.add_argument('csv', nargs='?', default=STUDY_CSV)
+    parser.add_argument('--figures', help='also write the forest plot and per-seed figures into this folder')
     args = parser.parse_args()
-    groups = load(args.folder)
-    table(groups)
-    if os.path.exists(os.path.join(args.folder, 'compare_best.csv')):
-        best_of_runs(os.path.join(args.folder, 'compare_best.csv'))
-    if args.plot:
-        plot(groups, args.plot)
+    runs = read_runs(args.csv)
+    print(report(runs))
+    if args.figures:
+        for path in figures(runs, args.figures):
+            print(f'wrote {path}')

@@ -65,6 +65,8 @@ def test_help_lists_every_hyperparameter_with_default_and_meaning(capsys):
     (['--layers=0'], 'layers must be'),
     (['--beta1=1'], 'beta1 must be'),
     (['--train_size=-3'], 'train_size must be'),
+    (['--batch_norm=True', '--mb_size=1'], 'batch_norm needs mb_size'),
+    (['--paper=True', '--mb_size=1'], 'batch_norm needs mb_size'),
 ])
 def test_bad_input_is_refused_with_one_line_and_status_2(args, words, capsys):
     with pytest.raises(SystemExit) as exit:

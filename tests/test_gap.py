@@ -363,3 +363,14 @@ def test_the_graphed_loop_schedule_repeats_the_eager_loop(monkeypatch, tmp_path)
     for side in ('G', 'D'):
         for name, value in eager[side]['model'].items():
             assert torch.equal(value, graphed[side]['model'][name])
+
+
+def test_input_noise_decays_linearly_to_zero_at_the_last_iteration():
+    """std input_noise at iteration 0, half of it half-way, 0 at the last, each draw standard normal times std."""
+    cfg = pg.parse_args(['--input_noise=0.3', '--iterations=101', '--n_pairs=3', '--mb_size=64'])
+    for it, std in ((0, 0.3), (50, 0.15), (100, 0.0)):
+        drawn = pg.input_noise_of(cfg, it, 5, torch.Generator().manual_seed(it), torch.float64)
+        g = torch.Generator().manual_seed(it)
+        expected = [std * torch.randn(3, 64, 5, generator=g, dtype=torch.float64) for _ in range(3)]
+        assert len(drawn) == 3 and all(torch.allclose(d, e, rtol=0, atol=1e-15) for d, e in zip(drawn, expected))
+    assert pg.input_noise_of(pg.parse_args([]), 0, 5, torch.Generator(), torch.float64) == (None, None, None)

@@ -23,7 +23,7 @@ step (train_step); the swap (swaps_at, new_partners, swap_discriminators); one i
 and the training loop (train_loop). Then, below one divider, the support: the command line; the data;
 the fast written-out backward and the start-up check that decides whether it or autograd trains
 (check_backward); files and checkpoints; the evaluation (Evaluator); comparing runs (compare_runs);
-pictures; the processes of a torchrun launch (Processes); the run (train, run, Training, Outputs);
+pictures; the processes of a torchrun launch (Processes); the run (train, run, Training, Recorder);
 and CUDA graphs of the quiet iterations on a GPU (GraphedIterations).
 """
 import ast
@@ -188,7 +188,7 @@ def generator(n, cfg, x_dim):
         if cfg['batch_norm']:
             layers.append(BatchNorm(n, h))
         layers.append(nn.ReLU(inplace=True))
-    output = [] if cfg['dataset'] in MIXTURES else [IMAGE_OUTPUT()]  # 2-D points: a linear output
+    output = [] if cfg['dataset'] in MIXTURES else [IMAGE_OUTPUT()]  # 2-D points (MIXTURES): a linear output
     return Networks(*layers, Linear(n, h, x_dim), *output)
 
 
@@ -208,6 +208,7 @@ def make_pairs(cfg, x_dim, dev, dtype, n=None, written_out=None):
     'written_out': whether the written-out backward trains it, else autograd; what check_backward confirmed,
     unless written_out ({'G': ..., 'D': ...}) says}. One Adam over a side is one Adam per network: Adam's update
     is elementwise."""
+    # written_out_confirmed: the sides whose written-out backward check_backward confirmed at start-up (support part)
     n, chosen = n or cfg['n_pairs'], written_out_confirmed if written_out is None else written_out
     sides = []
     for name, model in (('G', generator(n, cfg, x_dim)), ('D', discriminator(n, cfg, x_dim))):
@@ -216,6 +217,7 @@ def make_pairs(cfg, x_dim, dev, dtype, n=None, written_out=None):
         for p in model.parameters():
             p.requires_grad_(not written_out)
             p.grad = torch.zeros_like(p)
+        # Adam: torch's Adam (betas beta1, 0.999), one fused call per side (support part)
         sides.append({'model': model, 'solver': Adam(model.parameters(), lr=cfg['lr'], beta1=cfg['beta1']),
                       'written_out': written_out})
     return sides
@@ -239,7 +241,7 @@ def loss_and_logit_grads(loss, *logits):
     """A loss (one value per pair) and its gradients with respect to the logits, by autograd on those small
     tensors (or the closed form that check_losses verified for it): whatever d_loss and g_loss say is what
     trains. Each pair's loss depends on its own logits only, so the gradient of the sum is every pair's own."""
-    if loss in verified_closed_forms:
+    if loss in verified_closed_forms:  # {loss: its gradient in closed form}, each confirmed by check_losses
         logits = [logit.detach() for logit in logits]
         return loss(*logits), verified_closed_forms[loss](*logits)
     leaves = [logit.detach().requires_grad_() for logit in logits]
@@ -255,7 +257,7 @@ def loss_and_logit_grads(loss, *logits):
 def forward(side, x, inputs=False):
     """(output, tape) of side's networks on x; the tape is what backward needs: every layer's output for the
     written-out backward, else x as a leaf of autograd's graph (requiring grad if inputs)."""
-    if side['written_out']:
+    if side['written_out']:  # the same layers, keeping each one's output (support part: the written-out backward)
         return forward_saving(side['model'], x)
     x = x.detach().requires_grad_(inputs)
     with torch.enable_grad():
@@ -265,7 +267,7 @@ def forward(side, x, inputs=False):
 def backward(side, outputs, tape, grads, weights=True, inputs=False):
     """Given d(loss)/d(output) for each output of forward, set d(loss)/d(weight) as each weight's .grad (if
     weights) and return d(loss)/d(input) (if inputs)."""
-    if side['written_out']:
+    if side['written_out']:  # each layer's gradient by hand, layer by layer back (the support part)
         return backward_written_out(side['model'], tape, grads[0], weights, inputs)
     params = list(side['model'].parameters()) if weights else []
     found = torch.autograd.grad(outputs, params + ([tape] if inputs else []), grads, allow_unused=True)
@@ -274,15 +276,15 @@ def backward(side, outputs, tape, grads, weights=True, inputs=False):
     return found[-1] if inputs else None
 
 
-def plus(t, noise):
-    return t if noise is None else t + noise
+def with_noise(t, added):
+    return t if added is None else t + added
 
 
-def d_step(D, x, fake, noise):
+def d_step(D, x, fake, input_noise):
     """D's gradients of d_loss on the real batch x and the fakes, each plus its input noise. Returns D_loss and
     D's probabilities (n_pairs, 2 * batch, 1), real ones first. Real and fake run as one pass where D has no
     batch statistics, else as two."""
-    real_in, fake_in = plus(x, noise[0]).expand(len(fake), -1, -1), plus(fake, noise[1])
+    real_in, fake_in = with_noise(x, input_noise[0]).expand(len(fake), -1, -1), with_noise(fake, input_noise[1])
     if D['model'].per_example:
         logit, tape = forward(D, torch.cat([real_in, fake_in], 1))
         D_loss, grads = loss_and_logit_grads(d_loss, logit[:, :fake.shape[1]], logit[:, fake.shape[1]:])
@@ -295,10 +297,10 @@ def d_step(D, x, fake, noise):
     return D_loss, torch.sigmoid(logit.detach())
 
 
-def g_step(G, D, fake, G_tape, noise):
+def g_step(G, D, fake, G_tape, input_noise):
     """G's gradients of g_loss, D scoring G's samples fake (G's output, with G's tape) plus their input noise;
     D's weights are left alone."""
-    logit, D_tape = forward(D, plus(fake.detach(), noise), inputs=True)
+    logit, D_tape = forward(D, with_noise(fake.detach(), input_noise), inputs=True)
     G_loss, (grad_logit,) = loss_and_logit_grads(g_loss, logit)
     grad_fake = backward(D, [logit], D_tape, [grad_logit], weights=False, inputs=True)
     backward(G, [fake], G_tape, [grad_fake])
@@ -315,18 +317,18 @@ def clip_gradients(side, max_norm):
         g.mul_(scale.view(-1, *[1] * (g.dim() - 1)))
 
 
-def train_step(G, D, z, x, noise=(None, None, None), clip=0.0):
+def train_step(G, D, z, x, input_noise=(None, None, None), clip=0.0):
     """One GAP iteration for every pair at once: a D step, then a G step against the just-updated D. z and x:
-    (batch, dim) shared by every pair, or (n_pairs, batch, dim) each pair its own; noise: what is added to D's
+    (batch, dim) shared by every pair, or (n_pairs, batch, dim) each pair its own; input_noise: what is added to D's
     real, fake and G-step inputs. Pair i's losses reach only pair i's networks.
 
     Returns (n_pairs, 4): D_loss, G_loss, mean D(x), mean D(G(z)) of the D step."""
     fake, G_tape = forward(G, z)  # each G runs once; the G step below reuses it
-    D_loss, D_prob = d_step(D, x, fake.detach(), noise)
+    D_loss, D_prob = d_step(D, x, fake.detach(), input_noise)
     if clip:
         clip_gradients(D, clip)
     D['solver'].step()
-    G_loss = g_step(G, D, fake, G_tape, noise[2])
+    G_loss = g_step(G, D, fake, G_tape, input_noise[2])
     if clip:
         clip_gradients(G, clip)
     G['solver'].step()
@@ -425,15 +427,15 @@ def own_share(t, procs):
     return t[procs.slots.to(t.device)]
 
 
-def gap_iteration(it, G, D, batches, noise, cfg, procs=None):
+def gap_iteration(it, G, D, batches, noise_rng, cfg, procs=None):
     """Iteration it of the training loop: fresh noise and a batch, every pair's step, and a swap where swaps_at
     says. Returns train_step's stats and the swap's partners (None without a swap). Every process draws every
     pair's noise and batches, and keeps its own pairs'."""
     dtype = getattr(torch, cfg['dtype'])
-    z = own_share(draw_noise(cfg, cfg['mb_size'], noise, dtype), procs)
-    x = own_share(as_inputs(batches.next(), dtype), procs)
-    extra = tuple(own_share(t, procs) for t in input_noise_of(cfg, it, x.shape[-1], noise, dtype))
-    stats = train_step(G, D, z, x, extra, cfg['clip'])
+    z = own_share(draw_noise(cfg, cfg['mb_size'], noise_rng, dtype), procs)
+    x = own_share(as_inputs(batches.next(), dtype), procs)  # as_inputs: stored data (uint8 pixels) as D's inputs
+    input_noise = tuple(own_share(t, procs) for t in input_noise_of(cfg, it, x.shape[-1], noise_rng, dtype))
+    stats = train_step(G, D, z, x, input_noise, cfg['clip'])
     if not swaps_at(it, cfg):
         return stats, None
     partners = new_partners(cfg, it)
@@ -441,12 +443,20 @@ def gap_iteration(it, G, D, batches, noise, cfg, procs=None):
     return stats, partners
 
 
-def train_loop(cfg, procs, training, G, D, outputs, interrupted):
+def evaluates_at(it, cfg):
+    """Whether iteration it is evaluated: every eval_every iterations, and the last one when the run reached one of
+    those or eval_at_end asks (so a try-run shorter than eval_every never trains the classifier that scores it)."""
+    every, last = cfg['eval_every'], cfg['iterations'] - 1
+    return bool(every and it % every == 0 and it > 0 or it == last and (cfg['eval_at_end'] or every and last >= every))
+
+
+def train_loop(cfg, procs, training, G, D, recorder, interrupted):
     """Train G and D (this process's pairs) from training's next iteration to the last, logging, evaluating
     and saving on schedule. Returns whether an interrupt stopped it (after a checkpoint)."""
     log, last, it = training.log, cfg['iterations'] - 1, training.iteration
-    speed, stopping = Speed(it + 1), False
-    advance = iteration_runner(G, D, training.batches, training.noise, cfg, procs)
+    speed, stopping = Speed(it + 1), False  # Speed: iterations per second, saving and evaluating not counted
+    # iteration_runner: gap_iteration, one iteration per call (on a GPU, replays of captured CUDA graphs of it)
+    advance = iteration_runner(G, D, training.batches, training.noise_rng, cfg, procs)
     while it < last:
         stats, partners = advance(it + 1)  # one or more iterations, all but the last quiet
         log.add(stats)
@@ -459,24 +469,24 @@ def train_loop(cfg, procs, training, G, D, outputs, interrupted):
         stopping = procs.anyone(interrupted) if logging or procs.world == 1 else False  # all processes agree
         if logging:
             stats = log.unlogged(procs)
-            outputs.stop_if_nonfinite(stats, it - log.n + 1)
+            recorder.stop_if_nonfinite(stats, it - log.n + 1)
             rate = speed.rate(it)
-            outputs.say(format_log(it, log.close(it, stats), rate, (last - it) / max(rate or 1, 1e-9)))
-        evaluating = evaluates_at(it, cfg)
+            recorder.say(format_log(it, log.close(it, stats), rate, (last - it) / max(rate or 1, 1e-9)))  # one line
+        evaluate_now = evaluates_at(it, cfg)
         saving = it % cfg['sample_every'] == 0 or it == last or stopping
-        if evaluating or saving:
+        if evaluate_now or saving:
             with speed.paused():
                 unlogged = log.unlogged(procs)
-                outputs.stop_if_nonfinite(unlogged, it - log.n + 1)
-                collect_pairs(training, G, D, procs)
-                if evaluating:  # before the checkpoint: a resume from an earlier one redoes it
-                    outputs.evaluate(it)
+                recorder.stop_if_nonfinite(unlogged, it - log.n + 1)
+                collect_pairs(training, G, D, procs)  # under torchrun: every process's pairs to the one that writes
+                if evaluate_now:  # before the checkpoint: a resume from an earlier one redoes it
+                    recorder.evaluate(it)
                 if saving:
-                    outputs.save(it, unlogged)
+                    recorder.save(it, unlogged)
         if stopping:
-            outputs.say(f'interrupted: checkpoint saved after iteration {it}; continue with --resume=True')
+            recorder.say(f'interrupted: checkpoint saved after iteration {it}; continue with --resume=True')
             break
-    outputs.losses()
+    recorder.losses()
     return stopping
 
 
@@ -488,16 +498,30 @@ def train_loop(cfg, procs, training, G, D, outputs, interrupted):
 CLASSIFIER_VERSION = 1  # bump when Classifier or its training changes, so caches are rebuilt
 CLASSIFIER_EPOCHS = {'mnist': 3, 'fashion_mnist': 6}
 COLLECTIVE_TIMEOUT = 300  # seconds a process waits for the others before it gives up
-COUNTS = ('z_dim', 'h_dim', 'layers', 'n_pairs', 'K', 'mb_size', 'iterations', 'seed', 'log_every', 'sample_every',
-          'train_size', 'eval_every', 'eval_samples', 'threads')  # hyperparameters that must be whole numbers
-KINDS = {**dict.fromkeys(COUNTS, int), **dict.fromkeys(('lr', 'beta1', 'input_noise', 'clip'), float),
-         **dict.fromkeys(('resume', 'cuda_graphs', 'eval_at_end', 'paper', 'own_noise', 'batch_norm'), bool),
-         **dict.fromkeys(('out_dir', 'dataset', 'data_root', 'classifier_dir', 'compare', 'device', 'dtype', 'prior',
-                          'swap'), str)
-         }  # what each hyperparameter must be, in the block or on the command line (a name not here: its block value's kind)
-RESUMABLE = ('lr', 'iterations', 'log_every', 'sample_every', 'eval_every', 'eval_at_end', 'eval_samples', 'out_dir', 'resume',
-             'data_root', 'classifier_dir', 'compare', 'device', 'threads', 'cuda_graphs')  # may change when a run is resumed
-SHAPE_KEYS = ('z_dim', 'h_dim', 'layers', 'n_pairs', 'dtype', 'dataset', 'batch_norm')  # a checkpoint only fits networks of its own shape
+# Every hyperparameter's rules, in one table that every check reads (a test fails when the block has a name
+# that is not here; one added without a row takes its default's kind, is never resumable and separates
+# configurations). kind: the value it takes, in the block or on the command line. Flags:
+#   R  a resume may change it (the run continues exactly, only its schedule or its files change)
+#   S  it fixes the networks' shape: a checkpoint fits only networks of its own
+#   P  runs that differ in it cannot share one pool of discriminators in --compare
+#   C  runs that differ in it are different configurations in --compare (the others' runs are seeds of one)
+RULES = {
+    'z_dim': (int, 'SPC'), 'h_dim': (int, 'SPC'), 'layers': (int, 'SPC'),
+    'n_pairs': (int, 'SC'), 'K': (int, 'C'),
+    'mb_size': (int, 'C'), 'lr': (float, 'RC'), 'beta1': (float, 'C'), 'iterations': (int, 'RC'), 'seed': (int, ''),
+    'paper': (bool, 'C'), 'own_noise': (bool, 'C'), 'prior': (str, 'C'), 'input_noise': (float, 'C'),
+    'clip': (float, 'C'), 'swap': (str, 'C'), 'batch_norm': (bool, 'SC'),
+    'log_every': (int, 'R'), 'sample_every': (int, 'R'), 'out_dir': (str, 'R'), 'resume': (bool, 'R'),
+    'dataset': (str, 'SPC'), 'data_root': (str, 'R'), 'train_size': (int, 'C'),
+    'eval_every': (int, 'R'), 'eval_at_end': (bool, 'R'), 'eval_samples': (int, 'R'), 'classifier_dir': (str, 'R'),
+    'compare': (str, 'R'),
+    'device': (str, 'R'), 'dtype': (str, 'SC'), 'cuda_graphs': (bool, 'R'), 'threads': (int, 'R'),
+}
+KINDS = {name: kind for name, (kind, _) in RULES.items()}
+RESUMABLE = tuple(name for name, (_, flags) in RULES.items() if 'R' in flags)
+SHAPE_KEYS = tuple(name for name, (_, flags) in RULES.items() if 'S' in flags)
+POOL_KEYS = tuple(name for name, (_, flags) in RULES.items() if 'P' in flags)
+NOT_CONFIGURATION = tuple(name for name, (_, flags) in RULES.items() if 'C' not in flags)
 IMAGE_DATASETS = {'mnist': 'MNIST', 'fashion_mnist': 'FashionMNIST'}  # torchvision's class and folder names
 MIXTURES = ('ring8', 'grid25', 'r15')
 R15_CENTRE = (10.0, 9.96)  # where R15's own coordinates put the centre of the mixture that mixture('r15') centres
@@ -528,7 +552,7 @@ def hyperparameters():
         name = node.targets[0].id
         if type(globals()[name]) not in (bool, int, float, str):
             refuse(f'{where}: {name} must be a number, True/False or a string, not {type(globals()[name]).__name__}')
-        value = of_kind(name, globals()[name])
+        value = of_kind(KINDS.get(name, type(globals()[name])), globals()[name])
         if value is None:
             refuse(f'{where}: {name} must be {ACCEPTED[KINDS[name]]}, not {globals()[name]!r}')
         table.append((name, value, comments.get(node.end_lineno, '')))
@@ -538,11 +562,10 @@ def hyperparameters():
 ACCEPTED = {bool: 'True or False', int: 'a whole number', float: 'a number', str: 'a string'}
 
 
-def of_kind(name, value):
-    """value as the kind of value name takes (KINDS): a count written as a whole float (2e5) as an integer, a
-    number written as an integer as a float; None when it is of another kind (a string for a number, 2.5 for a
-    count, 1 for True)."""
-    kind = KINDS.get(name, type(value))
+def of_kind(kind, value):
+    """value as a value of kind, the one place that coerces: a count written as a whole float (2e5 in the block,
+    1e3 on the command line) as an integer, a number written as an integer as a float; None when it is of another
+    kind (a string for a number, 2.5 for a count, 1 for True)."""
     if kind is int and type(value) is float and value.is_integer():
         return int(value)
     if kind is float and type(value) is int:
@@ -560,27 +583,23 @@ def convert(name, text, default):
     """The text of --name=text as a value of name's kind (KINDS, else the default's), or a refusal saying what is
     accepted. Numbers take the forms the block takes: 1000, 1_000, 1e3 (a count too, when it is whole)."""
     kind = KINDS.get(name, type(default))
-    try:
-        if kind is bool:
-            return {'true': True, '1': True, 'false': False, '0': False}[text.lower()]
-        if kind is int:
-            with suppress(ValueError):
-                return int(text)
-            if not float(text).is_integer():
-                raise ValueError(text)
-            return int(float(text))
-        return kind(text)
-    except (KeyError, ValueError):
+    if kind is bool:
+        value = {'true': True, '1': True, 'false': False, '0': False}.get(text.lower())
+    elif kind is str:
+        value = text
+    else:
+        try:
+            number = int(text) if re.fullmatch(r'[-+]?\d[\d_]*', text) else float(text)
+        except ValueError:
+            number = None
+        value = None if number is None else of_kind(kind, number)
+    if value is None:
         refuse(f'--{name}={text}: expected {ACCEPTED[kind]} (default {default!r})')
+    return value
 
 
 def check(cfg):
     """Refuse values that make no sense, before any work starts."""
-    for name in COUNTS:  # a count written as 1e6 in the block is still a count
-        if isinstance(cfg[name], float) and cfg[name].is_integer():
-            cfg[name] = int(cfg[name])
-        if type(cfg[name]) is not int:
-            refuse(f'{name}={cfg[name]!r}: expected a whole number')
     rules = [
         (cfg['z_dim'] >= 1, 'z_dim must be at least 1'),
         (cfg['h_dim'] >= 1, 'h_dim must be at least 1'),
@@ -1007,7 +1026,7 @@ def side_state(side):
     return {'model': side['model'].state_dict(), 'layers': repr(side['model']), 'solver': side['solver'].state_dict()}
 
 
-def weights(side):
+def first_weight(side):
     """A side's first weight: its device and dtype are the side's."""
     return next(side['model'].parameters())
 
@@ -1295,9 +1314,6 @@ def format_eval(rows, n_modes):
 # ------------------------------------------------------------------------------------
 # comparing runs: every generator judged by one pool of discriminators from every run (the paper's GAM-II)
 
-POOL_KEYS = ('dataset', 'z_dim', 'h_dim', 'layers')  # runs that differ in these cannot share a pool
-NOT_CONFIGURATION = ('seed', 'out_dir', 'resume', 'data_root', 'classifier_dir', 'compare', 'device', 'threads',
-                     'cuda_graphs', 'log_every', 'sample_every', 'eval_every', 'eval_at_end', 'eval_samples')  # runs differing only here are seeds of one
 
 
 def find_runs(folder):
@@ -1358,7 +1374,7 @@ def pool_errors(pairs, noises, chunk=1000):
         for part in z.split(chunk, dim=1):
             fake = generate(G, part)  # (generators, chunk, x_dim)
             with evaluating(*Ds):
-                fooled = fooled + torch.stack([torch.cat([(torch.sigmoid(D['model'](sample.to(weights(D)))) > 0.5)
+                fooled = fooled + torch.stack([torch.cat([(torch.sigmoid(D['model'](sample.to(first_weight(D)))) > 0.5)
                                                           .sum((1, 2)) for D in Ds]) for sample in fake], 1)
         columns.append(fooled)
     return torch.cat(columns, 1).double().cpu() / noises[0].shape[1]
@@ -1377,10 +1393,10 @@ def compare_runs(cfg):
     print(f'comparing {len(runs)} runs ({sum(len(p) for _, _, p in pairs)} generators, as many discriminators) '
           f'on {cfg["eval_samples"]} samples per generator', flush=True)
     noises = [draw_noise(state['hyperparameters'], cfg['eval_samples'], torch.Generator().manual_seed(cfg['seed']),
-                         weights(G).dtype).to(dev) for (_, state), (G, _, _) in zip(runs, pairs)]  # each run's prior
+                         first_weight(G).dtype).to(dev) for (_, state), (G, _, _) in zip(runs, pairs)]  # each run's prior
     errors = pool_errors(pairs, noises)
     real = held_out_data(hp, cfg['eval_samples'])
-    real_error = torch.cat([1 - judge_real(D, as_inputs(real.to(dev), weights(D).dtype))[1] for _, D, _ in pairs])
+    real_error = torch.cat([1 - judge_real(D, as_inputs(real.to(dev), first_weight(D).dtype))[1] for _, D, _ in pairs])
     run_of = torch.tensor([r for r, (_, _, pairing) in enumerate(pairs) for _ in pairing])
     names = [(f'{runs[r][0]}:G{i + 1}', f'{runs[r][0]}:D{pairing[i] + 1}') for r, (_, _, pairing) in enumerate(pairs)
              for i in range(len(pairing))]
@@ -1706,7 +1722,7 @@ def share_of_process(training, cfg, procs):
     its slots' slices, which collect_pairs gathers back. Every side takes today's --lr (a resume may change it)."""
     G, D = training.G, training.D
     if procs.world > 1:
-        G, D = make_pairs(cfg, data_dim(cfg['dataset']), procs.device, weights(G).dtype, n=len(procs.slots))
+        G, D = make_pairs(cfg, data_dim(cfg['dataset']), procs.device, first_weight(G).dtype, n=len(procs.slots))
         mine = lambda t: t[procs.slots.to(t.device)]
         copy_side(training.G, G, mine)
         copy_side(training.D, D, mine)
@@ -1855,13 +1871,13 @@ class Training:
     def __init__(self, cfg, procs, images, dev, dtype):
         # seeding: one seed, one stream per purpose, the same in every process: the weights from torch's global
         # generator, the data order seed + 1 (each pair's own, with own_noise, in make_batches), the noise and the
-        # input noise seed + 2 (the fixed noise of the samples seed + 3, in Outputs; each swap's pairing the seed
+        # input noise seed + 2 (the fixed noise of the samples seed + 3, in Recorder; each swap's pairing the seed
         # and its iteration, in random_stream)
         seed = cfg['seed']
         torch.manual_seed(seed)
         self.batches = make_batches(used_for_training(images, cfg).to(dev), cfg, seed + 1)
         self.G, self.D = make_pairs(cfg, images.shape[1], dev, dtype)
-        self.noise = torch.Generator(device=dev).manual_seed(seed + 2)
+        self.noise_rng = torch.Generator(device=dev).manual_seed(seed + 2)
         self.pairing = list(range(cfg['n_pairs']))  # pairing[i]: which discriminator generator i trains against now
         self.swaps = []  # the iterations after which the discriminators changed partners
         self.log = LossLog(cfg['log_every'], cfg['n_pairs'], procs.slots, dev, dtype)
@@ -1871,30 +1887,30 @@ class Training:
         """unlogged: every pair's stats since the last log line (LossLog.unlogged)."""
         return {'iteration': self.iteration, 'pairing': self.pairing, 'swaps': self.swaps,
                 **self.log.state_dict(unlogged), 'G': side_state(self.G), 'D': side_state(self.D),
-                'noise_rng': self.noise.get_state(), 'batches': self.batches.state_dict()}
+                'noise_rng': self.noise_rng.get_state(), 'batches': self.batches.state_dict()}
 
     def load_state_dict(self, state, where):
         for name, side in (('G', self.G), ('D', self.D)):
             load_networks(side, state[name], where, name)
             side['solver'].load_state_dict(state[name]['solver'])
-        self.noise.set_state(state['noise_rng'])
+        self.noise_rng.set_state(state['noise_rng'])
         self.batches.load_state_dict(state['batches'])
         self.log.load_state_dict(state)
         self.pairing, self.iteration, self.swaps = state['pairing'], state['iteration'], state.get('swaps', [])
 
 
-class Outputs:
+class Recorder:
     """What a run shows and writes to out_dir (only the leader process writes): log lines, sample grids of the
     fixed noise, evaluations (metrics.csv, metrics.png), the checkpoint and losses.png."""
 
     def __init__(self, cfg, procs, training, images, labels):
-        dev, dtype = training.noise.device, weights(training.G).dtype
+        dev, dtype = training.noise_rng.device, first_weight(training.G).dtype
         self.cfg, self.leader, self.say, self.training = cfg, procs.leader, procs.say, training
         self.real = images[:2000] if cfg['dataset'] in MIXTURES else None  # drawn under 2-D samples
         n_fixed = 16 if self.real is None else 1000  # the same latent points in every sample dump
         self.fixed_z = draw_noise(cfg, n_fixed, torch.Generator().manual_seed(cfg['seed'] + 3), torch.float32).to(dev, dtype)
-        evaluating = evaluates_at(cfg['iterations'] - 1, cfg)  # the last iteration is, when any is
-        self.evaluator = Evaluator(cfg, dev, dtype, images, labels) if evaluating and self.leader else None
+        evaluates = evaluates_at(cfg['iterations'] - 1, cfg)  # the last iteration does, when any does
+        self.evaluator = Evaluator(cfg, dev, dtype, images, labels) if evaluates and self.leader else None
         if self.evaluator:  # a fresh run starts a fresh file; a resumed one redoes the evaluations after its checkpoint
             write_metrics(self.path('metrics.csv'), [], keep_until=training.iteration)
 
@@ -2035,22 +2051,15 @@ def run(cfg, procs):
             + (f', with these changes: {changes}' if changes else ', with its own hyperparameters'))
     G, D = share_of_process(training, cfg, procs)
     with interrupts_caught(procs) as interrupted:  # from here on a Ctrl-C ends in a checkpoint
-        outputs = Outputs(cfg, procs, training, images, labels)
+        recorder = Recorder(cfg, procs, training, images, labels)
         say(f'GAP: {cfg["n_pairs"]} pairs, K={cfg["K"]}, {len(training.batches.data)} {cfg["dataset"]} training points, '
             f'device {dev}, {cfg["dtype"]}, {count(procs.world, "process")} x {count(torch.get_num_threads(), "thread")}, '
             f'iterations {training.iteration + 1}..{cfg["iterations"] - 1}')
-        if cfg['eval_every'] and not outputs.evaluator:
+        if cfg['eval_every'] and not recorder.evaluator:
             say(f'no evaluation: the run ends before eval_every={cfg["eval_every"]}; for metrics of a short run, '
                 f'add --eval_at_end=True (or a smaller --eval_every)')
-        stopped = train_loop(cfg, procs, training, G, D, outputs, interrupted)
+        stopped = train_loop(cfg, procs, training, G, D, recorder, interrupted)
     return 130 if stopped else 0
-
-
-def evaluates_at(it, cfg):
-    """Whether iteration it is evaluated: every eval_every iterations, and the last one when the run reached one of
-    those or eval_at_end asks (so a try-run shorter than eval_every never trains the classifier that scores it)."""
-    every, last = cfg['eval_every'], cfg['iterations'] - 1
-    return bool(every and it % every == 0 and it > 0 or it == last and (cfg['eval_at_end'] or every and last >= every))
 
 
 # ------------------------------------------------------------------------------------
@@ -2073,9 +2082,9 @@ class GraphedIterations:
     order at a device cursor; so the losses and weights are the eager loop's, bit for bit."""
     BLOCKS = (64, 16, 4, 1)
 
-    def __init__(self, G, D, batches, noise, cfg):
-        self.G, self.D, self.batches, self.noise, self.cfg = G, D, batches, noise, cfg
-        dev, self.dtype = noise.device, weights(G).dtype
+    def __init__(self, G, D, batches, noise_rng, cfg):
+        self.G, self.D, self.batches, self.noise_rng, self.cfg = G, D, batches, noise_rng, cfg
+        dev, self.dtype = noise_rng.device, first_weight(G).dtype
         self.order = batches.order.clone()  # the current epoch's order, where the graphs read it
         self.order_of = batches.order  # which of Batches' orders self.order holds
         self.cursor = torch.zeros((), dtype=torch.long, device=dev)  # batches.pos, on the device
@@ -2086,14 +2095,14 @@ class GraphedIterations:
     def iterations(self, length):
         """The work of `length` quiet iterations, all on the device: what a graph captures."""
         for k in range(length):
-            z = draw_noise(self.cfg, self.cfg['mb_size'], self.noise, self.dtype)
+            z = draw_noise(self.cfg, self.cfg['mb_size'], self.noise_rng, self.dtype)
             batch = self.batches.data.index_select(0, self.order.index_select(0, self.cursor + self.rows))
             self.stats[k] = train_step(self.G, self.D, z, as_inputs(batch, self.dtype), clip=self.cfg['clip'])
             self.cursor += self.cfg['mb_size']
 
     def capture(self, length):
         graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(self.noise)  # each replay draws the noise the eager calls would
+        graph.register_generator_state(self.noise_rng)  # each replay draws the noise the eager calls would
         self.pool = self.pool or torch.cuda.graph_pool_handle()  # one memory pool for all the graphs
         with torch.cuda.graph(graph, pool=self.pool):
             self.iterations(length)
@@ -2120,17 +2129,17 @@ def use_cuda_graphs(dev, cfg):
             and written_out_confirmed == {'G': True, 'D': True} and not cfg['own_noise'] and not cfg['input_noise'])
 
 
-def iteration_runner(G, D, batches, noise, cfg, procs):
+def iteration_runner(G, D, batches, noise_rng, cfg, procs):
     """advance(it) -> (stats of each iteration done, partners of a swap at its last one or None): one eager
     gap_iteration, or, on a GPU with cuda_graphs, as many quiet iterations as one graph replay does."""
-    graphs = GraphedIterations(G, D, batches, noise, cfg) if use_cuda_graphs(noise.device, cfg) else None
+    graphs = GraphedIterations(G, D, batches, noise_rng, cfg) if use_cuda_graphs(noise_rng.device, cfg) else None
     warmed_up = []  # capture only after an eager iteration in this process: Adam's state, cuBLAS's set-up
 
     def advance(it):
         quiet = quiet_stretch(it, cfg, batches) if graphs and warmed_up else 0
         if quiet:
             return graphs.run(quiet), None
-        stats, partners = gap_iteration(it, G, D, batches, noise, cfg, procs)
+        stats, partners = gap_iteration(it, G, D, batches, noise_rng, cfg, procs)
         warmed_up[:] = [True]
         return stats[None], partners
     return advance
@@ -2138,4 +2147,9 @@ def iteration_runner(G, D, batches, noise, cfg, procs):
 
 if __name__ == '__main__':
     cfg = parse_args(sys.argv[1:])
-    sys.exit(compare_runs(cfg) if cfg['compare'] else train(cfg))
+    status = compare_runs(cfg) if cfg['compare'] else train(cfg)
+    if int(os.environ.get('WORLD_SIZE', 1)) > 1:  # under torchrun, a finished process skips the interpreter's
+        sys.stdout.flush()  # teardown, where a gloo thread still running as C++ statics are destroyed can abort it
+        sys.stderr.flush()  # (std::terminate, exit status -6) after the run and its files are complete
+        os._exit(status)
+    sys.exit(status)

@@ -27,7 +27,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 import parallel_gan as pg  # noqa: E402
 from reference import ReferenceGAP  # noqa: E402
 
-SHARED_MNIST = os.path.join(os.path.dirname(HERE), '..', 'shared', 'mnist')
+SHARED_MNIST = os.environ.get('GAP_MNIST') or os.path.join(os.path.dirname(HERE), '..', 'shared', 'mnist')
 
 
 def training_images(dev):

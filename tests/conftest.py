@@ -11,7 +11,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'parallel_gan.py')
-SHARED_MNIST = os.path.join(ROOT, '..', 'shared', 'mnist')
+# real MNIST for the tests that need it: the data_root in $GAP_MNIST (DIR with DIR/MNIST/raw), else ../shared/mnist
+SHARED_MNIST = os.environ.get('GAP_MNIST') or os.path.join(ROOT, '..', 'shared', 'mnist')
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
 
 

@@ -63,7 +63,7 @@ PARTS = {  # name: (what it is, its runs, whether its runs share one pool of dis
     'r15_script': ('R15, 100 points, the script\'s conditions', cell(TOY, 'script', (2, 1), TEN, dataset='r15', train_size=100), True),
     'r15_paper': ('R15, 100 points, the paper\'s conditions', cell(TOY, 'paper', (2, 1), TEN, dataset='r15', train_size=100), True),
     'grid25x2500_script': ('grid25, 2,500 points, the script\'s conditions', cell(TWO_D, 'script', (25,), TEN, dataset='grid25', train_size=2500), True),
-    'grid25x2500_paper': ('grid25, 2,500 points, the paper\'s conditions', cell(TOY, 'paper', (25,), TEN, dataset='grid25', train_size=2500), True),
+    'grid25x2500_paper': ('grid25, 2,500 points, the paper\'s conditions', cell(TOY, 'paper', (50, 25), TEN, dataset='grid25', train_size=2500), True),
     'grid25_script': ('grid25, 60,000 points, the script\'s conditions', cell(TWO_D, 'script', (600,), TEN, dataset='grid25'), True),
     'ring8_script': ('ring8, 60,000 points, the script\'s conditions', cell(TWO_D, 'script', (600,), TEN, dataset='ring8'), True),
     'robust_r15': ('R15 robustness: lr x h_dim x z_dim, both conditions', robustness(), False),

@@ -140,7 +140,18 @@ def test_a_line_the_block_cannot_hold_is_reported_with_its_number(tmp_path, line
 def test_the_command_line_takes_the_number_forms_of_the_block():
     cfg = pg.parse_args(['--iterations=1e3', '--K=1_0', '--seed=3.0', '--lr=1', '--eval_every=2E4'])
     assert (cfg['iterations'], cfg['K'], cfg['seed'], cfg['eval_every']) == (1000, 10, 3, 20000)
-    assert all(type(cfg[name]) is int for name in pg.COUNTS) and type(cfg['lr']) is float
+    assert all(type(cfg[name]) is int for name, kind in pg.KINDS.items() if kind is int) and type(cfg['lr']) is float
+
+
+def test_every_hyperparameter_of_the_block_has_one_row_of_rules():
+    """RULES is the one table every check reads: a name of the block without a row (or a row without a name)
+    would take rules by accident."""
+    names = [name for name, _, _ in pg.hyperparameters()]
+    assert sorted(names) == sorted(pg.RULES)
+    for name, default, _ in pg.hyperparameters():
+        kind, flags = pg.RULES[name]
+        assert type(default) is kind and set(flags) <= set('RSPC'), name
+    assert set(pg.SHAPE_KEYS) >= set(pg.POOL_KEYS) and 'K' not in pg.RESUMABLE and 'seed' in pg.NOT_CONFIGURATION
 
 
 def test_a_value_of_the_wrong_kind_in_the_block_is_refused_with_its_line_number(tmp_path):

@@ -235,3 +235,14 @@ def test_an_edited_random_swap_schedule_resumes_exactly_and_is_what_losses_png_d
     assert whole['swaps'] == [it for it in range(70) if edited.swaps_at(it, cfg)] == split['swaps']
     assert 4 <= len(whole['swaps']) and whole['swaps'] != list(range(8, 70, 8))
     assert torch.equal(whole['history'], split['history']) and whole['pairing'] == split['pairing']
+
+
+def test_the_tests_find_real_mnist_through_gap_mnist(tmp_path):
+    """$GAP_MNIST points the tests that need real MNIST at your own copy; without it, ../shared/mnist."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    show = [sys.executable, '-c', 'import conftest; print(conftest.SHARED_MNIST)']
+    env = {k: v for k, v in os.environ.items() if k != 'GAP_MNIST'}
+    given = subprocess.run(show, cwd=here, env={**env, 'GAP_MNIST': str(tmp_path)}, capture_output=True, text=True)
+    default = subprocess.run(show, cwd=here, env=env, capture_output=True, text=True)
+    assert given.stdout.strip() == str(tmp_path)
+    assert os.path.normpath(default.stdout.strip()) == os.path.normpath(os.path.join(here, '..', '..', 'shared', 'mnist'))

@@ -237,12 +237,17 @@ def test_an_edited_random_swap_schedule_resumes_exactly_and_is_what_losses_png_d
     assert torch.equal(whole['history'], split['history']) and whole['pairing'] == split['pairing']
 
 
-def test_the_tests_find_real_mnist_through_gap_mnist(tmp_path):
+def test_the_tests_find_real_mnist_through_gap_mnist(tmp_path, monkeypatch):
     """$GAP_MNIST points the tests that need real MNIST at your own copy; without it, ../shared/mnist."""
+    import importlib.util
     here = os.path.dirname(os.path.abspath(__file__))
-    show = [sys.executable, '-c', 'import conftest; print(conftest.SHARED_MNIST)']
-    env = {k: v for k, v in os.environ.items() if k != 'GAP_MNIST'}
-    given = subprocess.run(show, cwd=here, env={**env, 'GAP_MNIST': str(tmp_path)}, capture_output=True, text=True)
-    default = subprocess.run(show, cwd=here, env=env, capture_output=True, text=True)
-    assert given.stdout.strip() == str(tmp_path)
-    assert os.path.normpath(default.stdout.strip()) == os.path.normpath(os.path.join(here, '..', '..', 'shared', 'mnist'))
+
+    def found():  # a fresh copy of conftest, as a new pytest session would import it
+        spec = importlib.util.spec_from_file_location('conftest_again', os.path.join(here, 'conftest.py'))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.SHARED_MNIST
+    monkeypatch.setenv('GAP_MNIST', str(tmp_path))
+    assert found() == str(tmp_path)
+    monkeypatch.delenv('GAP_MNIST')
+    assert os.path.normpath(found()) == os.path.normpath(os.path.join(here, '..', '..', 'shared', 'mnist'))

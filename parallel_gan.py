@@ -76,6 +76,7 @@ log_every = 1000  # print a log line (means since the previous one) every this m
 sample_every = 1000  # write out/NNN.png and the checkpoint every this many iterations
 out_dir = 'out'  # where samples, plots and the checkpoint go
 resume = False  # continue from out_dir/checkpoint.pt exactly where it stopped
+resume_edited = False  # resume also when the algorithm's code (networks, losses, step, swap, loop) differs from the run's
 # data
 dataset = 'mnist'  # 'mnist', 'fashion_mnist', or the 2-D Gaussian mixtures 'ring8', 'grid25' and 'r15'
 data_root = 'out/data'  # MNIST lives in data_root/MNIST/raw, Fashion-MNIST in data_root/FashionMNIST/raw
@@ -511,7 +512,7 @@ RULES = {
     'mb_size': (int, 'C'), 'lr': (float, 'RC'), 'beta1': (float, 'C'), 'iterations': (int, 'RC'), 'seed': (int, ''),
     'paper': (bool, 'C'), 'own_noise': (bool, 'C'), 'prior': (str, 'C'), 'input_noise': (float, 'C'),
     'clip': (float, 'C'), 'swap': (str, 'C'), 'batch_norm': (bool, 'SC'),
-    'log_every': (int, 'R'), 'sample_every': (int, 'R'), 'out_dir': (str, 'R'), 'resume': (bool, 'R'),
+    'log_every': (int, 'R'), 'sample_every': (int, 'R'), 'out_dir': (str, 'R'), 'resume': (bool, 'R'), 'resume_edited': (bool, 'R'),
     'dataset': (str, 'SPC'), 'data_root': (str, 'R'), 'train_size': (int, 'C'),
     'eval_every': (int, 'R'), 'eval_at_end': (bool, 'R'), 'eval_samples': (int, 'R'), 'classifier_dir': (str, 'R'),
     'compare': (str, 'R'),
@@ -1051,6 +1052,31 @@ def load_networks(side, saved_side, where, name):
     side['model'].load_state_dict(saved)
 
 
+def algorithm_code():
+    """{name: crc32 of its source} of every definition in the algorithm part of this file (from the end of the
+    hyperparameter block to the support part's divider): the networks, losses, step, swap and loop that train.
+    Checkpoints keep it, so that a resume and --compare can tell a run trained by other code."""
+    with open(__file__) as f:
+        source = f.read()
+    top = source[source.index('\n', source.index('# --- end of hyperparameters')):source.index('\n# ====')]
+    code = {}
+    for node in ast.parse(top).body:
+        targets = [e for t in getattr(node, 'targets', []) for e in getattr(t, 'elts', [t])]  # a, b = ...: both
+        names = [node.name] if hasattr(node, 'name') else [t.id for t in targets if hasattr(t, 'id')]
+        for name in names:
+            code[name] = zlib.crc32(ast.get_source_segment(top, node).encode())
+    return code
+
+
+def code_differences(then, now):
+    """'d_loss changed; hinge added' between two algorithm_code()s; '' where they agree or then is unknown."""
+    if then is None:
+        return ''
+    words = [(sorted(k for k in now if k in then and now[k] != then[k]), 'changed'),
+             (sorted(k for k in now if k not in then), 'added'), (sorted(k for k in then if k not in now), 'removed')]
+    return '; '.join(f'{", ".join(names)} {word}' for names, word in words if names)
+
+
 def load_checkpoint(path, cfg, dev):
     """The checkpoint's state, or a clear refusal when it is missing, damaged, of other networks, or asked to go
     on with hyperparameters that would not continue it exactly (all but RESUMABLE)."""
@@ -1068,6 +1094,10 @@ def load_checkpoint(path, cfg, dev):
     if changed(k for k in cfg if k not in RESUMABLE):
         refuse(f'cannot resume from {path} with other settings, which would not continue it exactly '
                f'({changed(k for k in cfg if k not in RESUMABLE)}); a resume may change only {", ".join(RESUMABLE)}')
+    differ = code_differences(state.get('code'), algorithm_code())
+    if differ and not cfg['resume_edited']:
+        refuse(f'cannot resume from {path}: the algorithm\'s code differs from the one that trained it ({differ}); '
+               f'--resume_edited=True continues it with the code as it is now')
     written_on = state.get('device', 'cpu')
     if written_on != dev.type:  # a CPU and a CUDA random stream cannot take each other's state
         refuse(f'cannot resume from {path} on the {dev.type}: it was written on the {written_on}, and its noise '
@@ -1351,7 +1381,15 @@ def configurations(runs):
     """Each run's configuration: the hyperparameters that differ between the runs, seeds and output settings aside."""
     keys = [k for k in runs[0][1]['hyperparameters'] if k not in NOT_CONFIGURATION
             and len({repr(state['hyperparameters'][k]) for _, state in runs}) > 1]
-    return [' '.join(f'{k}={state["hyperparameters"][k]}' for k in keys) or 'all runs' for _, state in runs]
+    configs = [' '.join(f'{k}={state["hyperparameters"][k]}' for k in keys) for _, state in runs]
+    codes = [state.get('code') for _, state in runs]
+    versions = list(dict.fromkeys(repr(sorted(code.items())) if code else 'unknown' for code in codes))
+    if len(versions) > 1:  # runs trained by different code are different configurations, whatever their settings
+        print(f'these runs were trained by {len(versions)} versions of the code; each is its own configuration '
+              f'(code=1 to {len(versions)}): {code_differences(codes[0], next(c for c in codes if c != codes[0]) or {})}')
+        configs = [f'{c} code={versions.index(repr(sorted(code.items())) if code else "unknown") + 1}'.strip()
+                   for c, code in zip(configs, codes)]
+    return [c or 'all runs' for c in configs]
 
 
 def restore_pairs(state, dev, where):
@@ -1936,6 +1974,7 @@ class Recorder:
         number = it // self.cfg['sample_every'] + (it % self.cfg['sample_every'] != 0)
         save_samples(self.path(f'{number:03d}.png'), generate(G, self.fixed_z), it, self.training.pairing, self.real)
         save_checkpoint(checkpoint_path(self.cfg), {'hyperparameters': self.cfg, 'block': block_values,
+                                                    'code': algorithm_code(),
                                                     'device': self.fixed_z.device.type,
                                                     **self.training.state_dict(unlogged)})
 

@@ -163,3 +163,36 @@ def test_a_resume_by_a_script_with_another_activation_is_refused_though_no_weigh
     err = capsys.readouterr().err
     assert stop.value.code == 2 and len(err.strip().splitlines()) == 1
     assert '(D: (1): LeakyReLU(negative_slope=0.2, inplace=True) there, (1): ReLU(inplace=True) here)' in err
+
+
+HINGE = ('return F.softplus(-real_logit).mean((1, 2)) + F.softplus(fake_logit).mean((1, 2))',
+         'return F.relu(1 - real_logit).mean((1, 2)) + F.relu(1 + fake_logit).mean((1, 2))')
+TINY = ['--dataset=ring8', '--h_dim=16', '--log_every=10', '--sample_every=1000', '--eval_every=0']
+
+
+def test_a_resume_by_other_code_stops_naming_what_differs_unless_asked(tmp_path, capsys):
+    """The checkpoint keeps a fingerprint of the algorithm part; the edited script refuses to continue the
+    unedited script's run in one line naming d_loss, and continues it with --resume_edited=True."""
+    out = f'--out_dir={tmp_path / "run"}'
+    assert pg.train(pg.parse_args([*TINY, '--iterations=20', out])) == 0
+    module, _ = edited_copy(tmp_path, HINGE)
+    with pytest.raises(SystemExit) as stop:
+        module.train(module.parse_args([*TINY, '--iterations=40', out, '--resume=True']))
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1
+    assert "the algorithm's code differs" in err and '(d_loss changed)' in err and '--resume_edited=True' in err
+    assert module.train(module.parse_args([*TINY, '--iterations=40', out, '--resume=True', '--resume_edited=True'])) == 0
+    assert torch.load(tmp_path / 'run' / 'checkpoint.pt', weights_only=True)['code'] == module.algorithm_code()
+
+
+def test_compare_separates_runs_of_different_code_and_says_so(tmp_path, capsys):
+    runs = tmp_path / 'runs'
+    for name, seed in (('a', 0), ('b', 1)):
+        assert pg.train(pg.parse_args([*TINY, '--iterations=20', f'--seed={seed}', f'--out_dir={runs / name}'])) == 0
+    module, _ = edited_copy(tmp_path, HINGE)
+    assert module.train(module.parse_args([*TINY, '--iterations=20', '--seed=2', f'--out_dir={runs / "hinge"}'])) == 0
+    capsys.readouterr()
+    assert pg.compare_runs(pg.parse_args([f'--compare={runs}', '--eval_samples=200'])) == 0
+    out = capsys.readouterr().out
+    assert 'trained by 2 versions of the code' in out and 'd_loss changed' in out
+    assert '| code=1 | 2 |' in out and '| code=2 | 1 |' in out

@@ -123,6 +123,28 @@ class Linear(nn.Module):
         return torch.baddbmm(self.bias, x, self.weight)
 
 
+class SpectralLinear(Linear):
+    """Linear with every pair's weight divided by its own largest singular value (spectral normalisation), estimated
+    as torch's spectral_norm does: one step of power iteration per forward pass in training. Its vectors u and v are
+    per pair (buffers), so each discriminator keeps its own estimate, takes it along at a swap and into the
+    checkpoint. Trains through autograd."""
+
+    def __init__(self, n, fan_in, fan_out, eps=1e-12):
+        super().__init__(n, fan_in, fan_out)
+        self.eps = eps
+        self.register_buffer('u', F.normalize(torch.randn(n, 1, fan_out), dim=-1, eps=eps))
+        self.register_buffer('v', F.normalize(self.u @ self.weight.detach().transpose(1, 2), dim=-1, eps=eps))
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():  # pair i computes x @ W[i]: W[i] maps u's space to v's by its transpose
+                self.v.copy_(F.normalize(self.u @ self.weight.transpose(1, 2), dim=-1, eps=self.eps))
+                self.u.copy_(F.normalize(self.v @ self.weight, dim=-1, eps=self.eps))
+        u, v = self.u.clone(), self.v.clone()  # as saved for backward: a later pass updates the buffers
+        sigma = v @ self.weight @ u.transpose(1, 2)  # (n_pairs, 1, 1)
+        return torch.baddbmm(self.bias, x, self.weight / sigma)
+
+
 class BatchNorm(nn.Module):
     """n_pairs independent nn.BatchNorm1d(features, track_running_stats=False): each pair normalises over its own
     batch, in training and evaluation alike. Running statistics would mix D's real and fake batches, which
@@ -149,6 +171,10 @@ class PerPair(nn.Module):
     def __init__(self, n, make):
         super().__init__()
         copies = [make() for _ in range(n)]
+        if any(parametrised(m) for copy in copies for m in copy.modules()):
+            refuse('PerPair cannot stack parametrised modules (spectral_norm, weight_norm, ...): their copies are '
+                   'of different classes; for spectral norm per pair, use SpectralLinear(n, fan_in, fan_out) in place '
+                   'of Linear (README: Editing the script)')
         params, buffers = torch.func.stack_module_state(copies)
         self.names = {name.replace('.', '__'): name for name in (*params, *buffers)}
         for name, value in params.items():
@@ -161,6 +187,12 @@ class PerPair(nn.Module):
         tensors = {self.names[name]: t for name, t in (*self.named_parameters(), *self.named_buffers())}
         call = lambda state, each: torch.func.functional_call(self.template[0].train(self.training), state, (each,))
         return torch.func.vmap(call)(tensors, x)
+
+
+def parametrised(module):
+    """Whether a module's weights are made by torch.nn.utils.parametrize or the older weight hooks (spectral_norm)."""
+    hooks = [type(hook).__name__ for hook in module._forward_pre_hooks.values()]
+    return nn.utils.parametrize.is_parametrized(module) or any(name in ('SpectralNorm', 'WeightNorm') for name in hooks)
 
 
 class Networks(nn.Sequential):
@@ -932,9 +964,10 @@ def step_gradients(cfg, x_dim, written_out):
         z = torch.randn(2 if cfg['own_noise'] else 1, 4, cfg['z_dim'], dtype=torch.float64)
         low, high = PIXELS if cfg['dataset'] in IMAGE_DATASETS else (-1, 1)
         x = low + (high - low) * torch.rand(2 if cfg['own_noise'] else 1, 4, x_dim, dtype=torch.float64)
-        noise = [0.1 * torch.randn(2, 4, x_dim, dtype=torch.float64) if cfg['input_noise'] else None for _ in range(3)]
+        input_noise = [0.1 * torch.randn(2, 4, x_dim, dtype=torch.float64) if cfg['input_noise'] else None
+                       for _ in range(3)]
         torch.manual_seed(1)  # the draws of random layers
-        train_step(G, D, z, x, noise, cfg['clip'])
+        train_step(G, D, z, x, input_noise, cfg['clip'])
     return {f'{name}.{p}': t.grad for name, side in (('G', G), ('D', D)) for p, t in side['model'].named_parameters()}
 
 
@@ -948,7 +981,7 @@ def check_backward(cfg, x_dim, say=print):
             for k, t in (*side['model'].named_parameters(), *side['model'].named_buffers()) if t.shape[:1] != (2,)]
     if flat:
         refuse(f'{", ".join(flat)} has no leading pairs dimension: every weight of the networks is (n_pairs, ...); '
-               f'use Linear, BatchNorm, or PerPair(n, lambda: your_layer)')
+               f'use Linear, SpectralLinear (spectral norm per pair), BatchNorm, or PerPair(n, lambda: your_layer)')
     autograd = step_gradients(cfg, x_dim, {})
     written_out_confirmed.clear()
     for name, side in sides.items():

@@ -196,3 +196,53 @@ def test_compare_separates_runs_of_different_code_and_says_so(tmp_path, capsys):
     out = capsys.readouterr().out
     assert 'trained by 2 versions of the code' in out and 'd_loss changed' in out
     assert '| code=1 | 2 |' in out and '| code=2 | 1 |' in out
+
+
+SPECTRAL_D = (D_LINEAR + """
+        if cfg['batch_norm']:""", D_LINEAR.replace('Linear(n, fan_in, h)', 'SpectralLinear(n, fan_in, h)') + """
+        if cfg['batch_norm']:""")
+SPECTRAL_OUT = (D_HIDDEN, D_HIDDEN.replace('Linear(n, h, 1)', 'SpectralLinear(n, h, 1)'))  # every layer of D
+
+
+def test_spectral_linear_normalises_each_pair_by_its_own_largest_singular_value():
+    torch.manual_seed(0)
+    layer = pg.SpectralLinear(3, 7, 5).double()
+    with torch.no_grad():
+        layer.weight[1] *= 10  # pairs of very different norms
+    x = torch.randn(3, 4, 7, dtype=F64)
+    for _ in range(50):  # power iteration: one step per training pass
+        out = layer(x)
+    W = layer.weight.detach()
+    sigma = [torch.linalg.matrix_norm(W[i], ord=2) for i in range(3)]
+    for i in range(3):
+        assert (layer.v[i] @ W[i] @ layer.u[i].T).item() == pytest.approx(sigma[i].item(), rel=1e-9)
+        assert torch.allclose(out[i], x[i] @ (W[i] / sigma[i]) + layer.bias[i], rtol=0, atol=1e-9)
+    assert sigma[1] > 5 * sigma[0]
+    layer.eval()
+    u = layer.u.clone()
+    layer(x)
+    assert torch.equal(layer.u, u)  # judging leaves the estimate alone
+
+
+def test_the_spectral_norm_recipe_trains_and_each_discriminator_keeps_its_own_estimate(tmp_path):
+    module, _ = edited_copy(tmp_path, SPECTRAL_D, SPECTRAL_OUT)
+    out = tmp_path / 'run'
+    assert module.train(module.parse_args([*TINY, '--iterations=31', '--K=10', f'--out_dir={out}'])) == 0
+    state = torch.load(out / 'checkpoint.pt', weights_only=True)
+    u = state['D']['model']['0.u']
+    assert u.shape == (2, 1, 16) and not torch.allclose(u[0], u[1])
+    D = module.make_pairs(module.parse_args(TINY), 2, CPU, torch.float32)[1]
+    D['model'].load_state_dict(state['D']['model'])
+    D['solver'].load_state_dict(state['D']['solver'])
+    before = D['model'][0].u.clone()
+    module.swap_discriminators(D, torch.tensor([1, 0]))
+    assert torch.equal(D['model'][0].u, before[[1, 0]])  # the estimate moves with its discriminator
+    assert [type(layer).__name__ for layer in D['model']].count('SpectralLinear') == 2
+
+
+@pytest.mark.parametrize('wrap', [nn.utils.spectral_norm, nn.utils.parametrizations.spectral_norm])
+def test_per_pair_refuses_parametrised_modules_pointing_to_spectral_linear(wrap, capsys):
+    with pytest.raises(SystemExit) as stop:
+        pg.PerPair(2, lambda: wrap(nn.Linear(3, 4)))
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and 'SpectralLinear(n, fan_in, fan_out)' in err

@@ -2148,14 +2148,16 @@ def quiet_stretch(it, cfg, batches):
 
 
 class GraphedIterations:
-    """Iterations as replays of captured CUDA graphs of BLOCKS[k] iterations each: the same kernels as
-    gap_iteration in the same order, reading the noise from the same generator (registered with each graph,
-    so every replay draws what the eager calls would) and the batch rows from a device copy of the epoch's
-    order at a device cursor; so the losses and weights are the eager loop's, bit for bit."""
+    """Iterations as replays of captured CUDA graphs of BLOCKS[k] iterations each. What a graph captures is
+    gap_iteration itself, the loop's own iteration (so an edit there trains here too), reading the noise from the
+    same generator (registered with each graph, so every replay draws what the eager calls would) and its batches
+    through next(): the rows of a device copy of the epoch's order at a device cursor. The losses and weights
+    are the eager loop's, bit for bit. What gap_iteration decides on the host (its Python code, a schedule read
+    from `it`) is fixed when a graph is captured; quiet_stretch keeps swaps and epoch ends out of the graphs."""
     BLOCKS = (64, 16, 4, 1)
 
-    def __init__(self, G, D, batches, noise_rng, cfg):
-        self.G, self.D, self.batches, self.noise_rng, self.cfg = G, D, batches, noise_rng, cfg
+    def __init__(self, G, D, batches, noise_rng, cfg, procs):
+        self.G, self.D, self.batches, self.noise_rng, self.cfg, self.procs = G, D, batches, noise_rng, cfg, procs
         dev, self.dtype = noise_rng.device, first_weight(G).dtype
         self.order = batches.order.clone()  # the current epoch's order, where the graphs read it
         self.order_of = batches.order  # which of Batches' orders self.order holds
@@ -2164,30 +2166,37 @@ class GraphedIterations:
         self.stats = torch.zeros(self.BLOCKS[0], G['model'].n_pairs, 4, device=dev, dtype=self.dtype)
         self.pool, self.graphs = None, {}
 
-    def iterations(self, length):
-        """The work of `length` quiet iterations, all on the device: what a graph captures."""
-        for k in range(length):
-            z = draw_noise(self.cfg, self.cfg['mb_size'], self.noise_rng, self.dtype)
-            batch = self.batches.data.index_select(0, self.order.index_select(0, self.cursor + self.rows))
-            self.stats[k] = train_step(self.G, self.D, z, as_inputs(batch, self.dtype), clip=self.cfg['clip'])
-            self.cursor += self.cfg['mb_size']
+    def next(self):
+        """The next minibatch as Batches.next gives it, read on the device: the epoch's order at the cursor."""
+        batch = self.batches.data.index_select(0, self.order.index_select(0, self.cursor + self.rows))
+        self.cursor += self.cfg['mb_size']
+        return batch
 
-    def capture(self, length):
+    def iterations(self, it, length):
+        """The work of `length` quiet iterations from it on, all on the device: what a graph captures."""
+        for k in range(length):
+            self.stats[k] = gap_iteration(it + k, self.G, self.D, self, self.noise_rng, self.cfg, self.procs)[0]
+
+    def capture(self, it, length):
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(self.noise_rng)  # each replay draws the noise the eager calls would
         self.pool = self.pool or torch.cuda.graph_pool_handle()  # one memory pool for all the graphs
-        with torch.cuda.graph(graph, pool=self.pool):
-            self.iterations(length)
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.iterations(it, length)
+        except RuntimeError as error:  # e.g. an edit that reads a value on the host (.item()) or draws on the CPU
+            sys.exit(f'parallel_gan.py: CUDA graphs cannot capture gap_iteration as it is '
+                     f'({str(error).splitlines()[0]}); run it eagerly with --cuda_graphs=False')
         return graph
 
-    def run(self, n):
-        """Run the next n iterations (all quiet); returns their stats, (n, pairs, 4), valid until the next call."""
+    def run(self, it, n):
+        """Run the n iterations from it on (all quiet); returns their stats, (n, pairs, 4), valid until the next call."""
         length = next(b for b in self.BLOCKS if b <= n)
         if self.order_of is not self.batches.order:  # a new epoch began in an eager iteration
             self.order.copy_(self.batches.order)
             self.order_of = self.batches.order
         if length not in self.graphs:
-            self.graphs[length] = self.capture(length)
+            self.graphs[length] = self.capture(it, length)
         self.cursor.fill_(self.batches.pos)
         self.graphs[length].replay()
         self.batches.pos += length * self.cfg['mb_size']
@@ -2204,13 +2213,13 @@ def use_cuda_graphs(dev, cfg):
 def iteration_runner(G, D, batches, noise_rng, cfg, procs):
     """advance(it) -> (stats of each iteration done, partners of a swap at its last one or None): one eager
     gap_iteration, or, on a GPU with cuda_graphs, as many quiet iterations as one graph replay does."""
-    graphs = GraphedIterations(G, D, batches, noise_rng, cfg) if use_cuda_graphs(noise_rng.device, cfg) else None
+    graphs = GraphedIterations(G, D, batches, noise_rng, cfg, procs) if use_cuda_graphs(noise_rng.device, cfg) else None
     warmed_up = []  # capture only after an eager iteration in this process: Adam's state, cuBLAS's set-up
 
     def advance(it):
         quiet = quiet_stretch(it, cfg, batches) if graphs and warmed_up else 0
         if quiet:
-            return graphs.run(quiet), None
+            return graphs.run(it, quiet), None
         stats, partners = gap_iteration(it, G, D, batches, noise_rng, cfg, procs)
         warmed_up[:] = [True]
         return stats[None], partners

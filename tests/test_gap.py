@@ -354,10 +354,13 @@ def test_the_graphed_loop_schedule_repeats_the_eager_loop(monkeypatch, tmp_path)
     replays = []
     assert pg.written_out_confirmed == {'G': True, 'D': True}
     monkeypatch.setattr(pg, 'use_cuda_graphs', lambda dev, cfg: True)
-    monkeypatch.setattr(pg.GraphedIterations, 'capture', lambda self, length: SimpleNamespace(
-        replay=lambda: replays.append(length) or self.iterations(length)))
+    monkeypatch.setattr(pg.GraphedIterations, 'capture', lambda self, it, length: SimpleNamespace(
+        replay=lambda: replays.append(length) or self.iterations(it, length)))
+    step, calls = pg.gap_iteration, []
+    monkeypatch.setattr(pg, 'gap_iteration', lambda *args: calls.append(args[0]) or step(*args))  # as an edit would
     pg.train(pg.parse_args([*common, f'--out_dir={tmp_path / "graphed"}']))
     assert {64, 16, 4, 1} <= set(replays) and sum(replays) > 350
+    assert len(calls) == 450  # every iteration, graphed or eager, ran the loop's own gap_iteration
     eager, graphed = (torch.load(tmp_path / run / 'checkpoint.pt', weights_only=True) for run in ('eager', 'graphed'))
     assert torch.equal(eager['history'], graphed['history']) and eager['pairing'] == graphed['pairing']
     for side in ('G', 'D'):

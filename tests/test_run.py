@@ -237,6 +237,28 @@ def test_an_edited_random_swap_schedule_resumes_exactly_and_is_what_losses_png_d
     assert torch.equal(whole['history'], split['history']) and whole['pairing'] == split['pairing']
 
 
+RANDOM_EDIT = ("""    stats = train_step(G, D, z, x, input_noise, cfg['clip'])""",
+               """    keep = (torch.rand(x.shape[-2], 1, generator=noise_rng, device=noise_rng.device) < 0.9).to(dtype)
+    stats = train_step(G, D, z, x * keep, input_noise, cfg['clip'])""")  # drops a tenth of the real batch at random
+
+
+@pytest.mark.parametrize('stream', ['noise_rng', 'global'])
+def test_a_random_edit_resumes_exactly_when_it_draws_from_the_seeded_streams(tiny_mnist, tmp_path, stream):
+    """An edit of gap_iteration that draws from noise_rng (kept in the checkpoint) resumes bit for bit; one that
+    draws from torch's global generator, which no checkpoint keeps, does not."""
+    from conftest import edited_copy
+    old, new = RANDOM_EDIT
+    edited, _ = edited_copy(tmp_path, (old, new if stream == 'noise_rng' else new.replace(
+        'generator=noise_rng, device=noise_rng.device', 'device=noise_rng.device')))
+    common = [f'--data_root={tiny_mnist}', '--K=10', '--sample_every=20', *SMALL]
+    for out, iterations, resume in (('whole', 60, False), ('split', 30, False), ('split', 60, True)):
+        torch.manual_seed(123 + resume)  # the global generator: wherever a fresh process would leave it
+        assert edited.train(edited.parse_args([*common, f'--out_dir={tmp_path / out}', f'--iterations={iterations}',
+                                               f'--resume={resume}'])) == 0
+    whole, split = load(tmp_path / 'whole' / 'checkpoint.pt'), load(tmp_path / 'split' / 'checkpoint.pt')
+    assert torch.equal(whole['history'], split['history']) == (stream == 'noise_rng')
+
+
 def test_the_tests_find_real_mnist_through_gap_mnist(tmp_path, monkeypatch):
     """$GAP_MNIST points the tests that need real MNIST at your own copy; without it, ../shared/mnist."""
     import importlib.util

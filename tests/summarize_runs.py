@@ -88,7 +88,8 @@ def cells(runs):
     found = []
     for key, members in groups.items():
         baseline = [r for r in members if r['arm'] == 'baseline']
-        for K in sorted({r['K'] for r in members if r['K'] > 0}, key=lambda K: (members[0]['arm'] != 'primary', K)):
+        arm_of = {r['K']: r['arm'] for r in members}
+        for K in sorted((K for K in arm_of if K > 0), key=lambda K: (arm_of[K] != 'primary', K)):
             arm = [r for r in members if r['K'] == K]
             if baseline and arm:
                 found.append({'part': key[0], 'condition': key[1], 'dataset': key[2], 'train_size': key[3],

@@ -2,6 +2,8 @@
 tables, intervals, verdicts and figures from a CSV of runs alone."""
 import csv
 import os
+import subprocess
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -98,3 +100,27 @@ def test_the_published_csv_regenerates_the_tables():
     assert runs and {r['part'] for r in runs} <= set(sweep.PARTS)
     assert '| mode coverage |' in summary.report(runs)
     assert os.path.dirname(path) == os.path.join(ROOT, '.assets')
+
+
+def test_the_sweep_runs_what_is_missing_resumes_what_stopped_and_publishes_its_rows(tmp_path, monkeypatch, capsys):
+    """A tiny part of two runs: one stopped halfway before the sweep (resumed), one never started (run); a second
+    sweep runs nothing; the part is pooled with --compare and its rows written, one per run and generator."""
+    tiny = dict(n_pairs=2, h_dim=8, mb_size=20, iterations=41, eval_every=40, log_every=20, sample_every=20)
+    runs = sweep.cell(tiny, 'script', (5,), range(1), dataset='ring8')
+    monkeypatch.setitem(sweep.PARTS, 'tiny', ('a tiny part', runs, True))
+    args = SimpleNamespace(study=str(tmp_path / 'study'), jobs=2, data_root='unused', csv=str(tmp_path / 'runs.csv'),
+                           classifier_dir=str(tmp_path / 'classifiers'))
+    name, hp, _ = runs[0]
+    first = sweep.command({**hp, 'iterations': 21}, os.path.join(args.study, 'tiny', name), args, resume=False)
+    assert subprocess.run(first, capture_output=True).returncode == 0  # stopped after iteration 20 of 40
+    assert sweep.run_part('tiny', args) == []
+    assert '0 of 2 runs done, 2 to run' in capsys.readouterr().out
+    log = open(os.path.join(args.study, 'tiny', name, 'log.txt')).read()
+    assert 'resumed from' in log and 'after iteration 20' in log
+    assert sweep.run_part('tiny', args) == [] and '2 of 2 runs done, 0 to run' in capsys.readouterr().out
+    sweep.compare_part('tiny', args)
+    sweep.publish('tiny', args)
+    rows = list(csv.DictReader(open(args.csv)))
+    assert len(rows) == 4 and {r['run'] for r in rows} == {'K0-s0', 'K5-s0'}
+    assert all(r['iteration'] == '40' and r['pool_error'] and r['condition'] == 'script' for r in rows)
+    assert sum(int(r['best_by_pool']) for r in rows) == 2  # one pick per run

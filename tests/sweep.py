@@ -133,7 +133,8 @@ def run_part(part, args):
             if proc.returncode:
                 failed.append(name)
             left = sum(took) / len(took) * (len(todo) + len(going)) / args.jobs
-            status = 'done' if not proc.returncode else f'FAILED (exit status {proc.returncode}; see its log.txt)'
+            status = ('done' if not proc.returncode else 'stopped by Ctrl-C, its checkpoint saved' if INTERRUPTED
+                      else f'FAILED (exit status {proc.returncode}; see its log.txt)')
             print(f'  [{len(took)}/{len(took) + len(todo) + len(going)}] {name} {status} in {minutes(took[-1])}; '
                   f'about {minutes(left)} left ({minutes(time.time() - start)} so far)', flush=True)
     return failed + [name for name, _, _ in todo]

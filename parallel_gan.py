@@ -246,13 +246,13 @@ def make_pairs(cfg, x_dim, dev, dtype, n=None, written_out=None):
     sides = []
     for name, model in (('G', generator(n, cfg, x_dim)), ('D', discriminator(n, cfg, x_dim))):
         model.to(dev, dtype)
-        written_out = chosen.get(name, False)
+        by_hand = chosen.get(name, False)
         for p in model.parameters():
-            p.requires_grad_(not written_out)
+            p.requires_grad_(not by_hand)
             p.grad = torch.zeros_like(p)
         # Adam: torch's Adam (betas beta1, 0.999), one fused call per side (support part)
         sides.append({'model': model, 'solver': Adam(model.parameters(), lr=cfg['lr'], beta1=cfg['beta1']),
-                      'written_out': written_out})
+                      'written_out': by_hand})
     return sides
 
 
@@ -351,9 +351,10 @@ def clip_gradients(side, max_norm):
 
 
 def train_step(G, D, z, x, input_noise=(None, None, None), clip=0.0):
-    """One GAP iteration for every pair at once: a D step, then a G step against the just-updated D. z and x:
-    (batch, dim) shared by every pair, or (n_pairs, batch, dim) each pair its own; input_noise: what is added to D's
-    real, fake and G-step inputs. Pair i's losses reach only pair i's networks.
+    """One training step of every pair at once, a D step then a G step against the just-updated D (gap_iteration
+    draws the batch and noise and makes the swap). z and x: (batch, dim) shared by every pair, or (n_pairs, batch,
+    dim) each pair its own; input_noise: what is added to D's real, fake and G-step inputs. Pair i's losses reach
+    only pair i's networks.
 
     Returns (n_pairs, 4): D_loss, G_loss, mean D(x), mean D(G(z)) of the D step."""
     fake, G_tape = forward(G, z)  # each G runs once; the G step below reuses it
@@ -403,7 +404,7 @@ def new_partners(cfg, it):
 
 @torch.no_grad()
 def swap_discriminators(D, partners, procs=None):
-    """Each discriminator, with its Adam state (and running statistics), moves to another generator:
+    """Each discriminator, with its Adam state (and its buffers, such as SpectralLinear's estimate), moves to another generator:
     generator i now trains against the discriminator that was at partners[i].
 
     Across processes (procs), each process first gathers every process's discriminators,
@@ -491,7 +492,7 @@ def train_loop(cfg, procs, training, G, D, recorder, interrupted):
     # iteration_runner: gap_iteration, one iteration per call (on a GPU, replays of captured CUDA graphs of it)
     advance = iteration_runner(G, D, training.batches, training.noise_rng, cfg, procs)
     while it < last:
-        stats, partners = advance(it + 1)  # one or more iterations, all but the last quiet
+        stats, partners = advance(it + 1)  # (iterations done, pairs, 4): one, or a CUDA graph's quiet stretch
         log.add(stats)
         it = training.iteration = it + len(stats)
         if partners is not None:
@@ -501,10 +502,10 @@ def train_loop(cfg, procs, training, G, D, recorder, interrupted):
         logging = it % cfg['log_every'] == 0 or it == last
         stopping = procs.anyone(interrupted) if logging or procs.world == 1 else False  # all processes agree
         if logging:
-            stats = log.unlogged(procs)
-            recorder.stop_if_nonfinite(stats, it - log.n + 1)
+            every_pair = log.unlogged(procs)  # under torchrun: every process's pairs
+            recorder.stop_if_nonfinite(every_pair, it - log.n + 1)
             rate = speed.rate(it)
-            recorder.say(format_log(it, log.close(it, stats), rate, (last - it) / max(rate or 1, 1e-9)))  # one line
+            recorder.say(format_log(it, log.close(it, every_pair), rate, (last - it) / max(rate or 1, 1e-9)))
         evaluate_now = evaluates_at(it, cfg)
         saving = it % cfg['sample_every'] == 0 or it == last or stopping
         if evaluate_now or saving:

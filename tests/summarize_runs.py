@@ -130,7 +130,7 @@ def study_cells(runs):
     return [c for c in cells(runs) if c['part'] != 'robust_r15']
 
 
-def answer_table(runs, headline=('mnist', 1000)):
+def answer_table(runs, headline=('r15', 100)):
     """The first screen's table: per claim and condition, how many data sets say what, and one data set's effect."""
     lines = ['| claim | ' + ' | '.join(CONDITION_NAMES[c] for c in CONDITION_NAMES) + ' |', '|---|---|---|']
     found = [c for c in study_cells(runs) if c['arm'] == 'primary']

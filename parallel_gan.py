@@ -1088,8 +1088,9 @@ def load_networks(side, saved_side, where, name):
 
 def algorithm_code():
     """{name: crc32 of its source} of every definition in the algorithm part of this file (from the end of the
-    hyperparameter block to the support part's divider): the networks, losses, step, swap and loop that train.
-    Checkpoints keep it, so that a resume and --compare can tell a run trained by other code."""
+    hyperparameter block to the support part's divider): the networks, losses, step, swap and loop that train,
+    read as Python's parser reads them, so a docstring, comment or layout changes nothing. Checkpoints keep it,
+    so that a resume and --compare can tell a run trained by other code."""
     with open(__file__) as f:
         source = f.read()
     top = source[source.index('\n', source.index('# --- end of hyperparameters')):source.index('\n# ====')]
@@ -1097,8 +1098,13 @@ def algorithm_code():
     for node in ast.parse(top).body:
         targets = [e for t in getattr(node, 'targets', []) for e in getattr(t, 'elts', [t])]  # a, b = ...: both
         names = [node.name] if hasattr(node, 'name') else [t.id for t in targets if hasattr(t, 'id')]
+        for inner in ast.walk(node):  # what it does, not how it is worded: docstrings and comments aside
+            body = getattr(inner, 'body', None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(
+                    getattr(body[0], 'value', None), ast.Constant) and isinstance(body[0].value.value, str):
+                inner.body = body[1:] or [ast.Pass()]
         for name in names:
-            code[name] = zlib.crc32(ast.get_source_segment(top, node).encode())
+            code[name] = zlib.crc32(ast.dump(node).encode())
     return code
 
 
@@ -1128,10 +1134,6 @@ def load_checkpoint(path, cfg, dev):
     if changed(k for k in cfg if k not in RESUMABLE):
         refuse(f'cannot resume from {path} with other settings, which would not continue it exactly '
                f'({changed(k for k in cfg if k not in RESUMABLE)}); a resume may change only {", ".join(RESUMABLE)}')
-    differ = code_differences(state.get('code'), algorithm_code())
-    if differ and not cfg['resume_edited']:
-        refuse(f'cannot resume from {path}: the algorithm\'s code differs from the one that trained it ({differ}); '
-               f'--resume_edited=True continues it with the code as it is now')
     written_on = state.get('device', 'cpu')
     if written_on != dev.type:  # a CPU and a CUDA random stream cannot take each other's state
         refuse(f'cannot resume from {path} on the {dev.type}: it was written on the {written_on}, and its noise '
@@ -2116,7 +2118,11 @@ def run(cfg, procs):
     images, labels = training_data(cfg)
     training = Training(cfg, procs, images, dev, dtype)
     if state:
-        training.load_state_dict(state, checkpoint_path(cfg))
+        training.load_state_dict(state, checkpoint_path(cfg))  # refuses other networks, naming the layers
+        differ = code_differences(state.get('code'), algorithm_code())
+        if differ and not cfg['resume_edited']:
+            refuse(f'cannot resume from {checkpoint_path(cfg)}: the algorithm\'s code differs from the one that trained '
+                   f'it ({differ}); --resume_edited=True continues it with the code as it is now')
         saved = state['hyperparameters']
         changes = '; '.join(f'{k}={saved[k]!r} there, {cfg[k]!r} now' for k in RESUMABLE
                             if k != 'resume' and k in saved and saved[k] != cfg[k])

@@ -233,6 +233,7 @@ def forest_plot(runs, path):
                  'difference detected or no verdict)', fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
+    fig.savefig(path.replace('.png', '_small.png'), dpi=48)  # for the first screen
     plt.close(fig)
 
 
@@ -262,9 +263,9 @@ def seeds_plot(runs, claim, path):
 
 
 def figures(runs, folder):
-    """The forest plot and one per-seed figure per claim, as PNGs in folder. Returns their paths."""
+    """The forest plot (and a small copy) and one per-seed figure per claim, as PNGs in folder. Returns their paths."""
     os.makedirs(folder, exist_ok=True)
-    paths = [os.path.join(folder, 'study_forest.png')]
+    paths = [os.path.join(folder, 'study_forest.png'), os.path.join(folder, 'study_forest_small.png')]
     forest_plot(runs, paths[0])
     for claim in CLAIMS:
         paths.append(os.path.join(folder, f'study_seeds_{claim}.png'))

@@ -76,7 +76,7 @@ def test_summary_rebuilds_effects_intervals_verdicts_and_figures_from_the_csv(tm
     assert '**no difference detected** on 1 of 1; MNIST, 1,000: +0 [' in text
     assert '| generalisation | script | R15, 100 points | 2 | 5 / 5 | 0.08 | -0.042 [' in text
     written = summary.figures(runs, str(tmp_path / 'figures'))
-    assert [os.path.basename(p) for p in written] == ['study_forest.png', 'study_seeds_coverage.png',
+    assert [os.path.basename(p) for p in written] == ['study_forest.png', 'study_forest_small.png', 'study_seeds_coverage.png',
                                                        'study_seeds_gam2.png', 'study_seeds_generalisation.png']
     assert all(open(p, 'rb').read(8) == b'\x89PNG\r\n\x1a\n' for p in written)
 

@@ -59,18 +59,26 @@ def robustness():
 
 TEN, FIVE = range(10), range(5)
 INTERRUPTED = []  # set by Ctrl-C: start no more runs
+R15, GRID_2500 = dict(dataset='r15', train_size=100), dict(dataset='grid25', train_size=2500)
 PARTS = {  # name: (what it is, its runs, whether its runs share one pool of discriminators in --compare)
-    'r15_script': ('R15, 100 points, the script\'s conditions', cell(TOY, 'script', (2, 1), TEN, dataset='r15', train_size=100), True),
-    'r15_paper': ('R15, 100 points, the paper\'s conditions', cell(TOY, 'paper', (2, 1), TEN, dataset='r15', train_size=100), True),
-    'grid25x2500_script': ('grid25, 2,500 points, the script\'s conditions', cell(TWO_D, 'script', (25,), TEN, dataset='grid25', train_size=2500), True),
-    'grid25x2500_paper': ('grid25, 2,500 points, the paper\'s conditions', cell(TOY, 'paper', (50, 25), TEN, dataset='grid25', train_size=2500), True),
-    'grid25_script': ('grid25, 60,000 points, the script\'s conditions', cell(TWO_D, 'script', (600,), TEN, dataset='grid25'), True),
-    'ring8_script': ('ring8, 60,000 points, the script\'s conditions', cell(TWO_D, 'script', (600,), TEN, dataset='ring8'), True),
+    'r15_script': ("R15, 100 points, the script's conditions", cell(TOY, 'script', (2, 1), TEN, **R15), True),
+    'r15_paper': ("R15, 100 points, the paper's conditions", cell(TOY, 'paper', (2, 1), TEN, **R15), True),
+    'grid25x2500_script': ("grid25, 2,500 points, the script's conditions",
+                           cell(TWO_D, 'script', (25,), TEN, **GRID_2500), True),
+    'grid25x2500_paper': ("grid25, 2,500 points, the paper's conditions",
+                          cell(TOY, 'paper', (50, 25), TEN, **GRID_2500), True),
+    'grid25_script': ("grid25, 60,000 points, the script's conditions",
+                      cell(TWO_D, 'script', (600,), TEN, dataset='grid25'), True),
+    'ring8_script': ("ring8, 60,000 points, the script's conditions",
+                     cell(TWO_D, 'script', (600,), TEN, dataset='ring8'), True),
     'robust_r15': ('R15 robustness: lr x h_dim x z_dim, both conditions', robustness(), False),
-    'mnist1000_script': ('MNIST, 1,000 images, the script\'s conditions', cell(SCARCE, 'script', (16, 100), TEN, dataset='mnist'), True),
-    'mnist1000_paper': ('MNIST, 1,000 images, the paper\'s conditions', cell(SCARCE, 'paper', (16,), TEN, dataset='mnist'), True),
-    'mnist_script': ('MNIST, 60,000 images, the script\'s conditions', cell(FULL, 'script', (937, 100), FIVE, dataset='mnist'), True),
-    'mnist_paper': ('MNIST, 60,000 images, the paper\'s conditions', cell(FULL, 'paper', (937,), FIVE, dataset='mnist'), True),
+    'mnist1000_script': ("MNIST, 1,000 images, the script's conditions",
+                         cell(SCARCE, 'script', (16, 100), TEN, dataset='mnist'), True),
+    'mnist1000_paper': ("MNIST, 1,000 images, the paper's conditions",
+                        cell(SCARCE, 'paper', (16,), TEN, dataset='mnist'), True),
+    'mnist_script': ("MNIST, 60,000 images, the script's conditions",
+                     cell(FULL, 'script', (937, 100), FIVE, dataset='mnist'), True),
+    'mnist_paper': ("MNIST, 60,000 images, the paper's conditions", cell(FULL, 'paper', (937,), FIVE, dataset='mnist'), True),
 }
 CONFIG_COLUMNS = ('dataset', 'train_size', 'paper', 'K', 'seed', 'n_pairs', 'layers', 'h_dim', 'z_dim', 'lr', 'beta1',
                   'mb_size', 'iterations')

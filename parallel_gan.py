@@ -171,7 +171,7 @@ class PerPair(nn.Module):
     def __init__(self, n, make):
         super().__init__()
         copies = [make() for _ in range(n)]
-        if any(parametrised(m) for copy in copies for m in copy.modules()):
+        if any(parametrised(m) for copy in copies for m in copy.modules()):  # refuse: one line, exit status 2
             refuse('PerPair cannot stack parametrised modules (spectral_norm, weight_norm, ...): their copies are '
                    'of different classes; for spectral norm per pair, use SpectralLinear(n, fan_in, fan_out) in place '
                    'of Linear (README: Editing the script)')
@@ -505,7 +505,7 @@ def train_loop(cfg, procs, training, G, D, recorder, interrupted):
             every_pair = log.unlogged(procs)  # under torchrun: every process's pairs
             recorder.stop_if_nonfinite(every_pair, it - log.n + 1)
             rate = speed.rate(it)
-            recorder.say(format_log(it, log.close(it, every_pair), rate, (last - it) / max(rate or 1, 1e-9)))
+            recorder.say(format_log(it, log.close(it, every_pair), rate, (last - it) / max(rate or 1, 1e-9)))  # a line
         evaluate_now = evaluates_at(it, cfg)
         saving = it % cfg['sample_every'] == 0 or it == last or stopping
         if evaluate_now or saving:

@@ -19,8 +19,8 @@ data), and out/checkpoint.pt (resume with --resume=True).
 
 Where things are, top to bottom. The algorithm: the hyperparameters; the networks (generator and
 discriminator, each a list of layers over every pair at once); the losses (d_loss, g_loss); every pair's
-step (train_step); the swap (swaps_at, new_partners, swap_discriminators); one iteration (gap_iteration)
-and the training loop (train_loop). Then, below one divider, the support: the command line; the data;
+step (train_step); the swap (swaps_at, new_partners, swap_discriminators, swap_networks); one iteration
+(gap_iteration) and the training loop (train_loop). Then, below one divider, the support: the command line; the data;
 the fast written-out backward and the start-up check that decides whether it or autograd trains
 (check_backward); files and checkpoints; the evaluation (Evaluator); comparing runs (compare_runs);
 pictures; the processes of a torchrun launch (Processes); the run (train, run, Training, Recorder);
@@ -239,8 +239,9 @@ def discriminator(n, cfg, x_dim):
 def make_pairs(cfg, x_dim, dev, dtype, n=None, written_out=None):
     """G: all generators, D: all discriminators; each side {'model': its Networks, 'solver': its Adam,
     'written_out': whether the written-out backward trains it, else autograd; what check_backward confirmed,
-    unless written_out ({'G': ..., 'D': ...}) says}. One Adam over a side is one Adam per network: Adam's update
-    is elementwise."""
+    unless written_out ({'G': ..., 'D': ...}) says; 'origin': origin[i], the pair that the network now in slot i
+    started in, which a swap moves with it (of every pair, also where a process holds only some)}. One Adam over
+    a side is one Adam per network: Adam's update is elementwise."""
     # written_out_confirmed: the sides whose written-out backward check_backward confirmed at start-up (support part)
     n, chosen = n or cfg['n_pairs'], written_out_confirmed if written_out is None else written_out
     sides = []
@@ -252,7 +253,7 @@ def make_pairs(cfg, x_dim, dev, dtype, n=None, written_out=None):
             p.grad = torch.zeros_like(p)
         # Adam: torch's Adam (betas beta1, 0.999), one fused call per side (support part)
         sides.append({'model': model, 'solver': Adam(model.parameters(), lr=cfg['lr'], beta1=cfg['beta1']),
-                      'written_out': by_hand})
+                      'written_out': by_hand, 'origin': list(range(cfg['n_pairs']))})
     return sides
 
 
@@ -402,45 +403,47 @@ def new_partners(cfg, it):
             return partners
 
 
-@torch.no_grad()
 def swap_discriminators(D, partners, procs=None):
-    """Each discriminator, with its Adam state (and its buffers, such as SpectralLinear's estimate), moves to another generator:
-    generator i now trains against the discriminator that was at partners[i].
+    """GAP's swap: each discriminator moves to another generator; generator i now trains against the
+    discriminator that was at partners[i]. (swap_networks(G, partners, procs) would move the generators instead.)"""
+    swap_networks(D, partners, procs)
 
-    Across processes (procs), each process first gathers every process's discriminators,
-    then keeps the ones its own generators get."""
+
+@torch.no_grad()
+def swap_networks(side, partners, procs=None):
+    """Every network of one side, with its Adam state (and its buffers, such as SpectralLinear's estimate), and
+    its origin: slot i now holds the network that was in slot partners[i].
+
+    Across processes (procs), each process first gathers every process's networks of that side,
+    then keeps the ones its own slots get."""
     take = partners if procs is None else partners[procs.slots]
     gather = (lambda t: t) if procs is None else procs.gather
-    model = D['model']
+    model = side['model']
     dev = next(model.parameters()).device
     take = take.pin_memory().to(dev, non_blocking=True) if dev.type == 'cuda' else take  # no host sync
     for p in model.parameters():
-        state = D['solver'].state[p]  # Adam's 'step' is the same for every discriminator
+        state = side['solver'].state[p]  # Adam's 'step' is the same for every network of a side
         for tensor in (p, state['exp_avg'], state['exp_avg_sq']):
             tensor.copy_(gather(tensor)[take])
     for buffer in model.buffers():
         buffer.copy_(gather(buffer)[take])
-
-
-def after_swap(pairing, partners):
-    """Which discriminator each generator trains against after a swap (pairing[i]: the pair that discriminator
-    started in): slot i now holds the one that was in slot partners[i]."""
-    return [pairing[j] for j in partners.tolist()]
+    side['origin'] = [side['origin'][j] for j in partners.tolist()]  # every pair's, in every process
 
 
 # ------------------------------------------------------------------------------------
 # the training loop
 
-def draw_noise(cfg, batch, rng, dtype):
-    """Each generator's noise from its prior: (n_pairs, batch, z_dim), or (1, batch, z_dim) shared by every pair."""
+def draw_noise(cfg, batch, rng, dtype, generators=None):
+    """Each slot's noise from its generator's prior: (n_pairs, batch, z_dim), or (1, batch, z_dim) shared by every
+    pair. generators: G['origin'], which generator each slot holds (by default slot i holds generator i)."""
     n = cfg['n_pairs']
     shape = (n if cfg['own_noise'] else 1, batch, cfg['z_dim'])
     gaussian = lambda: torch.randn(shape, generator=rng, device=rng.device, dtype=dtype)
     uniform = lambda: torch.rand(shape, generator=rng, device=rng.device, dtype=dtype) * 2 - 1
     if cfg['prior'] != 'mixed':
         return gaussian() if cfg['prior'] == 'gaussian' else uniform()
-    first, rest = gaussian().expand(n, -1, -1), uniform().expand(n, -1, -1)
-    return torch.cat([first[:n // 2], rest[n // 2:]])  # the first half of the pairs Gaussian, the rest uniform
+    first, rest = gaussian().expand(n, -1, -1), uniform().expand(n, -1, -1)  # the first half of the generators
+    return torch.stack([(first if g < n // 2 else rest)[i] for i, g in enumerate(generators or range(n))])  # Gaussian
 
 
 def input_noise_of(cfg, it, x_dim, rng, dtype):
@@ -466,7 +469,7 @@ def gap_iteration(it, G, D, batches, noise_rng, cfg, procs=None):
     says. Returns train_step's stats and the swap's partners (None without a swap). Every process draws every
     pair's noise and batches, and keeps its own pairs'."""
     dtype = getattr(torch, cfg['dtype'])
-    z = own_share(draw_noise(cfg, cfg['mb_size'], noise_rng, dtype), procs)
+    z = own_share(draw_noise(cfg, cfg['mb_size'], noise_rng, dtype, G['origin']), procs)
     x = own_share(as_inputs(batches.next(), dtype), procs)  # as_inputs: stored data (uint8 pixels) as D's inputs
     input_noise = tuple(own_share(t, procs) for t in input_noise_of(cfg, it, x.shape[-1], noise_rng, dtype))
     stats = train_step(G, D, z, x, input_noise, cfg['clip'])
@@ -492,12 +495,13 @@ def train_loop(cfg, procs, training, G, D, recorder, interrupted):
     # iteration_runner: gap_iteration, one iteration per call (on a GPU, replays of captured CUDA graphs of it)
     advance = iteration_runner(G, D, training.batches, training.noise_rng, cfg, procs)
     while it < last:
+        origins = G['origin'], D['origin']
         stats, partners = advance(it + 1)  # (iterations done, pairs, 4): one, or a CUDA graph's quiet stretch
         log.add(stats)
         it = training.iteration = it + len(stats)
-        if partners is not None:
-            training.pairing = after_swap(training.pairing, partners)
+        if partners is not None:  # the swap moved the networks of a side, and their origins with them
             training.swaps.append(it)
+            training.moved.update(side for side, now, then in zip('GD', (G, D), origins) if now['origin'] != then)
 
         logging = it % cfg['log_every'] == 0 or it == last
         stopping = procs.anyone(interrupted) if logging or procs.world == 1 else False  # all processes agree
@@ -1314,26 +1318,28 @@ class Evaluator:
             return mixture_metrics(samples.cpu(), self.cfg['dataset'], self.reference)
         return image_metrics(*classify(self.classifier, as_unit_pixels(samples)), self.reference)
 
-    def __call__(self, G, D, pairing, it):
-        """One row per generator: its metrics, its mean and worst score over the pool of discriminators, and
-        how the discriminator that started in its pair judges real training and held-out examples."""
+    def __call__(self, G, D, it):
+        """One row per generator (in the order of the pairs they started in): its metrics, its mean and worst score
+        over the pool of discriminators, and how the discriminator that started in its pair judges real training
+        and held-out examples."""
         rng = torch.Generator(device=self.dev).manual_seed(self.cfg['seed'] * 1_000_003 + it + 7)  # training RNGs untouched
         chunks, samples = [], []
         for n in torch.arange(self.cfg['eval_samples']).split(1000):
-            fake = generate(G, draw_noise(self.cfg, len(n), rng, self.dtype))
+            fake = generate(G, draw_noise(self.cfg, len(n), rng, self.dtype, G['origin']))
             chunks.append(cross_scores(D, fake) * len(n))
             samples.append(fake)
         by_slot = sum(chunks) / self.cfg['eval_samples']
         scores = torch.empty_like(by_slot)
-        scores[pairing] = by_slot  # row d: the discriminator that started in pair d
+        scores[torch.tensor(D['origin'])[:, None], torch.tensor(G['origin'])] = by_slot  # [d, g]: by starting pairs
         judged = {}
         for split, points in self.real.items():
             for key, in_slots in zip(('', '_acc'), judge_real(D, points)):
                 judged[f'd_{split}{key}'] = torch.empty_like(in_slots)
-                judged[f'd_{split}{key}'][pairing] = in_slots  # by starting pair, as the scores
+                judged[f'd_{split}{key}'][D['origin']] = in_slots  # by starting pair, as the scores
         rows = []
-        for g in range(len(pairing)):
-            metrics = self.generator_metrics(torch.cat([s[g] for s in samples]))
+        for g in range(len(G['origin'])):
+            slot = G['origin'].index(g)
+            metrics = self.generator_metrics(torch.cat([s[slot] for s in samples]))
             d = {key: value[g].item() for key, value in judged.items()}
             rows.append({'iteration': it, 'generator': g + 1, **metrics, 'pool_mean': scores[:, g].mean().item(),
                          'pool_worst': scores[:, g].min().item(), **d, 'd_gap': d['d_train'] - d['d_heldout'],
@@ -1429,12 +1435,14 @@ def configurations(runs):
 
 
 def restore_pairs(state, dev, where):
-    """A run's generators and discriminators from its checkpoint, and each discriminator slot's starting pair."""
+    """A run's generators and discriminators from its checkpoint, each side with its origin (which pair each slot's
+    network started in), and the discriminators' origins."""
     hp = state['hyperparameters']
     G, D = make_pairs(hp, data_dim(hp['dataset']), dev, getattr(torch, hp['dtype']))
     load_networks(G, state['G'], where, 'G')
     load_networks(D, state['D'], where, 'D')
-    return G, D, list(state['pairing'])
+    G['origin'], D['origin'] = list(state.get('generators', G['origin'])), list(state['pairing'])
+    return G, D, D['origin']
 
 
 @torch.no_grad()
@@ -1467,13 +1475,13 @@ def compare_runs(cfg):
     print(f'comparing {len(runs)} runs ({sum(len(p) for _, _, p in pairs)} generators, as many discriminators) '
           f'on {cfg["eval_samples"]} samples per generator', flush=True)
     noises = [draw_noise(state['hyperparameters'], cfg['eval_samples'], torch.Generator().manual_seed(cfg['seed']),
-                         first_weight(G).dtype).to(dev) for (_, state), (G, _, _) in zip(runs, pairs)]  # each run's prior
+                         first_weight(G).dtype, G['origin']).to(dev) for (_, state), (G, _, _) in zip(runs, pairs)]  # each G's prior
     errors = pool_errors(pairs, noises)
     real = held_out_data(hp, cfg['eval_samples'])
     real_error = torch.cat([1 - judge_real(D, as_inputs(real.to(dev), first_weight(D).dtype))[1] for _, D, _ in pairs])
     run_of = torch.tensor([r for r, (_, _, pairing) in enumerate(pairs) for _ in pairing])
-    names = [(f'{runs[r][0]}:G{i + 1}', f'{runs[r][0]}:D{pairing[i] + 1}') for r, (_, _, pairing) in enumerate(pairs)
-             for i in range(len(pairing))]
+    names = [(f'{runs[r][0]}:G{G["origin"][i] + 1}', f'{runs[r][0]}:D{pairing[i] + 1}')
+             for r, (G, _, pairing) in enumerate(pairs) for i in range(len(pairing))]  # slot i's networks
     table = compare_table(errors, real_error, run_of, configs)
     write_comparison(folder, errors, names, run_of, configs, table)
     write_per_generator(os.path.join(folder, 'compare_generators.csv'), errors, real_error, names, run_of)
@@ -1595,10 +1603,10 @@ def pyplot():
     return plt
 
 
-def save_samples(path, samples, it, pairing, real=None):
+def save_samples(path, samples, it, partners, real=None):
     """Images: a 4x4 grid of 16 samples per generator, each pixel drawn as 3x3 and the grids close together.
-    2-D data: each generator's samples over the real points. Panels are labelled G1, G2, ... with their current
-    discriminator."""
+    2-D data: each generator's samples over the real points. samples[i]: generator i's (G1, G2, ... by the pair it
+    started in), labelled with its current discriminator, partners[i] (by the pair that one started in)."""
     plt = pyplot()
     n = len(samples)
     cols = min(n, 4)
@@ -1626,7 +1634,7 @@ def save_samples(path, samples, it, pairing, real=None):
             ax.scatter(*points.T.numpy(), s=1, c='C3')
             reach = 1.25 * float(real.abs().max())
             ax.set(xlim=(-reach, reach), ylim=(-reach, reach), aspect='equal')
-        ax.set_title(f'G{i + 1}' + (f' (with D{pairing[i] + 1})' if n > 1 else ''), fontsize=11, pad=4)
+        ax.set_title(f'G{i + 1}' + (f' (with D{partners[i] + 1})' if n > 1 else ''), fontsize=11, pad=4)
     fig.suptitle(f'iteration {it}', **({'y': 1 - 4 / height, 'va': 'top', 'fontsize': 12} if real is None else {}))
     save_figure(fig, path)
 
@@ -1653,8 +1661,16 @@ def save_comparison_plot(path, errors, config_of_column):
     save_figure(fig, path)
 
 
-def save_losses(path, history, n_pairs, swaps, most=2000, long=200):
-    """Each pair's D and G loss over the run (means over each log interval), with the swaps (iterations) marked. A long run
+def swaps_title(swaps, moved):
+    """losses.png's title: how many swaps, and of which side's networks ('D', 'G' or both in moved)."""
+    what = {'D': 'discriminators', 'G': 'generators'}.get(''.join(sorted(moved)), 'generators and discriminators')
+    return 'no swaps' if not swaps else f'{len(swaps)} swaps of {what}' + (' (grey lines)' if len(swaps) <= 100
+                                                                          else ', too dense to draw')
+
+
+def save_losses(path, history, n_pairs, swaps, moved='D', most=2000, long=200):
+    """Each pair's D and G loss over the run (means over each log interval), with the swaps (iterations) of the sides
+    that moved ('D', 'G' or both) marked; pair i is slot i, where the side that does not move stays. A long run
     stays readable: at most `most` points a curve (means of consecutive log lines); beyond `long` points, drawn
     thin and faint under a moving median per pair, with the y range set by the bulk of the points (the rarest
     0.5% at either end may fall outside it, and the axis says how many do); iterations written as 200k, 1M."""
@@ -1694,9 +1710,7 @@ def save_losses(path, history, n_pairs, swaps, most=2000, long=200):
         ax.legend(loc='upper right', fontsize=8)
     axes[1].set_xlabel('iteration' + (f' (faint: {faint}; bold: their moving median over {window})' if smooth else ''))
     axes[1].xaxis.set_major_formatter(EngFormatter(sep=''))
-    title = ('no swaps' if not swaps else f'{len(swaps)} swaps of discriminators'
-             + (' (grey lines)' if len(swaps) <= 100 else ', too dense to draw'))
-    axes[0].set_title(title)
+    axes[0].set_title(swaps_title(swaps, moved))
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -1789,6 +1803,7 @@ def copy_side(source, target, per_pair):
     solver = source['solver'].state_dict()
     solver['state'] = {i: {k: v if k == 'step' else per_pair(v) for k, v in s.items()} for i, s in solver['state'].items()}
     target['solver'].load_state_dict(solver)
+    target['origin'] = list(source['origin'])  # every pair's
 
 
 def share_of_process(training, cfg, procs):
@@ -1939,7 +1954,8 @@ def claim_out_dir(cfg):
 
 class Training:
     """What a run trains and what a resume must find as it was: every pair's networks and Adam states (all pairs, in
-    every process), the noise and data streams, the pairing, the loss log and the last iteration done.
+    every process, each side with its origin: which pair each network started in), the noise and data streams,
+    the swaps and the sides they moved, the loss log and the last iteration done.
     state_dict() is what a checkpoint keeps of it, load_state_dict() a resume."""
 
     def __init__(self, cfg, procs, images, dev, dtype):
@@ -1952,14 +1968,15 @@ class Training:
         self.batches = make_batches(used_for_training(images, cfg).to(dev), cfg, seed + 1)
         self.G, self.D = make_pairs(cfg, images.shape[1], dev, dtype)
         self.noise_rng = torch.Generator(device=dev).manual_seed(seed + 2)
-        self.pairing = list(range(cfg['n_pairs']))  # pairing[i]: which discriminator generator i trains against now
-        self.swaps = []  # the iterations after which the discriminators changed partners
+        self.swaps = []  # the iterations after which networks changed partners
+        self.moved = set()  # the sides whose networks the swaps moved: 'D' (GAP's swap), 'G' (an edit's)
         self.log = LossLog(cfg['log_every'], cfg['n_pairs'], procs.slots, dev, dtype)
         self.iteration = -1  # the last iteration done
 
     def state_dict(self, unlogged):
         """unlogged: every pair's stats since the last log line (LossLog.unlogged)."""
-        return {'iteration': self.iteration, 'pairing': self.pairing, 'swaps': self.swaps,
+        return {'iteration': self.iteration, 'pairing': self.D['origin'], 'generators': self.G['origin'],
+                'swaps': self.swaps, 'moved': sorted(self.moved),
                 **self.log.state_dict(unlogged), 'G': side_state(self.G), 'D': side_state(self.D),
                 'noise_rng': self.noise_rng.get_state(), 'batches': self.batches.state_dict()}
 
@@ -1970,7 +1987,9 @@ class Training:
         self.noise_rng.set_state(state['noise_rng'])
         self.batches.load_state_dict(state['batches'])
         self.log.load_state_dict(state)
-        self.pairing, self.iteration, self.swaps = state['pairing'], state['iteration'], state.get('swaps', [])
+        self.D['origin'], self.iteration, self.swaps = list(state['pairing']), state['iteration'], state.get('swaps', [])
+        self.G['origin'] = list(state.get('generators', self.G['origin']))  # checkpoints before generator swaps: none
+        self.moved = set(state.get('moved', 'D' if self.swaps else ''))
 
 
 class Recorder:
@@ -1994,7 +2013,7 @@ class Recorder:
     def evaluate(self, it):
         """Score every generator and discriminator (the leader's copy of every pair must be up to date)."""
         if self.evaluator:
-            rows = self.evaluator(self.training.G, self.training.D, self.training.pairing, it)
+            rows = self.evaluator(self.training.G, self.training.D, it)
             write_metrics(self.path('metrics.csv'), rows, keep_until=it - 1)
             save_metrics_plot(self.path('metrics.png'), read_metrics(self.path('metrics.csv')))
             self.say(format_eval(rows, len(rows[0]['histogram'])))
@@ -2008,7 +2027,10 @@ class Recorder:
         if bad:
             self.stop(f'a weight of {" and ".join(bad)} became non-finite by iteration {it}')
         number = it // self.cfg['sample_every'] + (it % self.cfg['sample_every'] != 0)
-        save_samples(self.path(f'{number:03d}.png'), generate(G, self.fixed_z), it, self.training.pairing, self.real)
+        by_generator = [G['origin'].index(g) for g in range(len(G['origin']))]  # the slot of G1, G2, ...
+        fixed_z = self.fixed_z if len(self.fixed_z) == 1 else self.fixed_z[G['origin']]  # each G's own, wherever it is
+        save_samples(self.path(f'{number:03d}.png'), generate(G, fixed_z)[by_generator], it,
+                     [D['origin'][slot] for slot in by_generator], self.real)
         save_checkpoint(checkpoint_path(self.cfg), {'hyperparameters': self.cfg, 'block': block_values,
                                                     'code': algorithm_code(),
                                                     'device': self.fixed_z.device.type,
@@ -2016,7 +2038,8 @@ class Recorder:
 
     def losses(self):
         if self.leader:
-            save_losses(self.path('losses.png'), self.training.log.history, self.cfg['n_pairs'], self.training.swaps)
+            save_losses(self.path('losses.png'), self.training.log.history, self.cfg['n_pairs'], self.training.swaps,
+                        self.training.moved)
 
     def stop_if_nonfinite(self, stats, first_it):
         bad = first_nonfinite(stats, first_it)
@@ -2171,7 +2194,7 @@ class GraphedIterations:
         self.cursor = torch.zeros((), dtype=torch.long, device=dev)  # batches.pos, on the device
         self.rows = torch.arange(cfg['mb_size'], device=dev)
         self.stats = torch.zeros(self.BLOCKS[0], G['model'].n_pairs, 4, device=dev, dtype=self.dtype)
-        self.pool, self.graphs = None, {}
+        self.pool, self.graphs, self.generators = None, {}, G['origin']
 
     def next(self):
         """The next minibatch as Batches.next gives it, read on the device: the epoch's order at the cursor."""
@@ -2202,6 +2225,9 @@ class GraphedIterations:
         if self.order_of is not self.batches.order:  # a new epoch began in an eager iteration
             self.order.copy_(self.batches.order)
             self.order_of = self.batches.order
+        if self.generators != self.G['origin']:  # generators moved (an edit's swap): their priors are read at capture
+            self.graphs.clear()
+            self.generators = self.G['origin']
         if length not in self.graphs:
             self.graphs[length] = self.capture(it, length)
         self.cursor.fill_(self.batches.pos)

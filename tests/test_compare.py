@@ -121,8 +121,9 @@ def test_the_held_out_gap_shows_a_discriminator_that_memorised_its_training_set(
     with torch.no_grad():
         D['model'][2].weight[1].zero_()
         D['model'][2].bias[1].fill_(torch.logit(torch.tensor(0.7)).item())
-    rows = pg.Evaluator(cfg, torch.device('cpu'), torch.float32, images, labels)(G, D, pairing=[1, 0], it=0)
-    memoriser, constant = rows[1], rows[0]  # pairing [1, 0]: slot 0 holds the discriminator of pair 2
+    D['origin'] = [1, 0]  # slot 0 holds the discriminator of pair 2
+    rows = pg.Evaluator(cfg, torch.device('cpu'), torch.float32, images, labels)(G, D, it=0)
+    memoriser, constant = rows[1], rows[0]
     assert memoriser['d_train'] > 0.9 and memoriser['d_heldout'] < 0.3 and memoriser['d_gap'] > 0.6
     assert memoriser['d_train_acc'] > 0.9 and memoriser['d_acc_gap'] > 0.6
     assert constant['d_train'] == pytest.approx(0.7) and constant['d_heldout'] == pytest.approx(0.7)

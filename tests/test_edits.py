@@ -246,3 +246,42 @@ def test_per_pair_refuses_parametrised_modules_pointing_to_spectral_linear(wrap,
         pg.PerPair(2, lambda: wrap(nn.Linear(3, 4)))
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and len(err.splitlines()) == 1 and 'SpectralLinear(n, fan_in, fan_out)' in err
+
+
+SWAP_GENERATORS = ("""    partners = new_partners(cfg, it)
+    swap_discriminators(D, partners, procs)""", """    partners = new_partners(cfg, it)
+    swap_networks(G, partners, procs)""")
+
+
+def test_a_swap_of_generators_keeps_each_generator_its_prior_labels_and_rows(tmp_path):
+    """With 2 pairs on one shared batch, moving the generators pairs the same networks as GAP's moving of the
+    discriminators, only in other slots. So the edited run must train every network exactly as the unedited one,
+    with each generator keeping its own prior (prior='mixed': G1 Gaussian, G2 uniform), and write the same
+    metrics rows and the same sample grids ("G1 (with D2)" holding the original G1), if its bookkeeping follows
+    the generators. Its losses.png says that generators moved."""
+    args = ['--dataset=ring8', '--h_dim=16', '--n_pairs=2', '--K=10', '--prior=mixed', '--iterations=31', '--log_every=10',
+            '--sample_every=30', '--eval_every=30', '--eval_samples=300']
+    assert pg.train(pg.parse_args([*args, f'--out_dir={tmp_path / "D"}'])) == 0  # swaps after 10, 20, 30: an odd number
+    module, _ = edited_copy(tmp_path, SWAP_GENERATORS)
+    assert module.train(module.parse_args([*args, f'--out_dir={tmp_path / "G"}'])) == 0
+    by_d, by_g = (torch.load(tmp_path / side / 'checkpoint.pt', weights_only=True) for side in 'DG')
+    assert by_d['pairing'] == [1, 0] and by_d['generators'] == [0, 1] and by_d['moved'] == ['D']
+    assert by_g['pairing'] == [0, 1] and by_g['generators'] == [1, 0] and by_g['moved'] == ['G']
+    for side in ('G', 'D'):  # network k of either run, wherever it sits
+        ours, theirs = (torch.cat([p.flatten(1) for p in state[side]['model'].values()], 1) for state in (by_g, by_d))
+        origin = by_g['generators' if side == 'G' else 'pairing'], by_d['generators' if side == 'G' else 'pairing']
+        assert torch.allclose(ours[torch.tensor(origin[0]).argsort()], theirs[torch.tensor(origin[1]).argsort()],
+                              rtol=0, atol=1e-6)
+    rows = [(tmp_path / side / 'metrics.csv').read_text() for side in 'DG']
+    assert rows[0] == rows[1]  # generator k's metrics and its scores by D1, D2, whichever slots they hold
+    import matplotlib.image
+    grids = [matplotlib.image.imread(tmp_path / side / '001.png') for side in 'DG']
+    assert grids[0].shape == grids[1].shape and (abs(grids[0] - grids[1]) > 1.5 / 255).sum() == 0
+    assert module.swaps_title(by_g['swaps'], set(by_g['moved'])) == '3 swaps of generators (grey lines)'
+    resumed = f'--out_dir={tmp_path / "G, resumed"}'  # stopped after one swap of generators, then resumed
+    assert module.train(module.parse_args([*args, resumed, '--iterations=16'])) == 0
+    assert module.train(module.parse_args([*args, resumed, '--resume=True'])) == 0
+    again = torch.load(tmp_path / 'G, resumed' / 'checkpoint.pt', weights_only=True)
+    assert again['generators'] == [1, 0] and all(torch.equal(again['G']['model'][k], v)
+                                                 for k, v in by_g['G']['model'].items())
+    assert pg.swaps_title(by_d['swaps'], set(by_d['moved'])) == '3 swaps of discriminators (grey lines)'

@@ -119,7 +119,8 @@ def test_cross_scores_hold_every_discriminator_on_every_generator():
 
     cfg = pg.parse_args(['--n_pairs=3', '--dataset=ring8', '--eval_samples=200'])
     evaluator = pg.Evaluator(cfg, torch.device('cpu'), torch.float32, *pg.training_data(cfg))
-    rows = evaluator(G, D, pairing=[2, 0, 1], it=10)  # slot 0 holds discriminator 3, slot 1 D1, slot 2 D2
+    D['origin'] = [2, 0, 1]  # slot 0 holds discriminator 3, slot 1 D1, slot 2 D2
+    rows = evaluator(G, D, it=10)
     assert [r['generator'] for r in rows] == [1, 2, 3]
     expected = torch.sigmoid(torch.tensor([0.0, 1.0, -1.0])).tolist()  # D1, D2, D3 in that order
     assert rows[0]['d_scores'] == pytest.approx(expected, abs=1e-6)

@@ -433,17 +433,24 @@ def swap_networks(side, partners, procs=None):
 # ------------------------------------------------------------------------------------
 # the training loop
 
-def draw_noise(cfg, batch, rng, dtype, generators=None):
-    """Each slot's noise from its generator's prior: (n_pairs, batch, z_dim), or (1, batch, z_dim) shared by every
-    pair. generators: G['origin'], which generator each slot holds (by default slot i holds generator i)."""
+def draw_noise(cfg, batch, rng, dtype):
+    """Each generator's noise from its prior: (n_pairs, batch, z_dim), or (1, batch, z_dim) shared by every pair."""
     n = cfg['n_pairs']
     shape = (n if cfg['own_noise'] else 1, batch, cfg['z_dim'])
     gaussian = lambda: torch.randn(shape, generator=rng, device=rng.device, dtype=dtype)
     uniform = lambda: torch.rand(shape, generator=rng, device=rng.device, dtype=dtype) * 2 - 1
     if cfg['prior'] != 'mixed':
         return gaussian() if cfg['prior'] == 'gaussian' else uniform()
-    first, rest = gaussian().expand(n, -1, -1), uniform().expand(n, -1, -1)  # the first half of the generators
-    return torch.stack([(first if g < n // 2 else rest)[i] for i, g in enumerate(generators or range(n))])  # Gaussian
+    first, rest = gaussian().expand(n, -1, -1), uniform().expand(n, -1, -1)
+    return torch.cat([first[:n // 2], rest[n // 2:]])  # the first half of the generators Gaussian, the rest uniform
+
+
+def to_slots(z, G):
+    """Noise drawn per generator (row k: generator k's, from its prior) routed to the slots the generators hold now
+    (G['origin']); as it is where every slot shares one row or no generator has moved (slices: no host copy)."""
+    if len(z) == 1 or G['origin'] == list(range(len(z))):
+        return z
+    return torch.stack([z[g] for g in G['origin']])
 
 
 def input_noise_of(cfg, it, x_dim, rng, dtype):
@@ -469,7 +476,7 @@ def gap_iteration(it, G, D, batches, noise_rng, cfg, procs=None):
     says. Returns train_step's stats and the swap's partners (None without a swap). Every process draws every
     pair's noise and batches, and keeps its own pairs'."""
     dtype = getattr(torch, cfg['dtype'])
-    z = own_share(draw_noise(cfg, cfg['mb_size'], noise_rng, dtype, G['origin']), procs)
+    z = own_share(to_slots(draw_noise(cfg, cfg['mb_size'], noise_rng, dtype), G), procs)
     x = own_share(as_inputs(batches.next(), dtype), procs)  # as_inputs: stored data (uint8 pixels) as D's inputs
     input_noise = tuple(own_share(t, procs) for t in input_noise_of(cfg, it, x.shape[-1], noise_rng, dtype))
     stats = train_step(G, D, z, x, input_noise, cfg['clip'])
@@ -1325,7 +1332,7 @@ class Evaluator:
         rng = torch.Generator(device=self.dev).manual_seed(self.cfg['seed'] * 1_000_003 + it + 7)  # training RNGs untouched
         chunks, samples = [], []
         for n in torch.arange(self.cfg['eval_samples']).split(1000):
-            fake = generate(G, draw_noise(self.cfg, len(n), rng, self.dtype, G['origin']))
+            fake = generate(G, to_slots(draw_noise(self.cfg, len(n), rng, self.dtype), G))
             chunks.append(cross_scores(D, fake) * len(n))
             samples.append(fake)
         by_slot = sum(chunks) / self.cfg['eval_samples']
@@ -1474,8 +1481,8 @@ def compare_runs(cfg):
     hp = runs[0][1]['hyperparameters']
     print(f'comparing {len(runs)} runs ({sum(len(p) for _, _, p in pairs)} generators, as many discriminators) '
           f'on {cfg["eval_samples"]} samples per generator', flush=True)
-    noises = [draw_noise(state['hyperparameters'], cfg['eval_samples'], torch.Generator().manual_seed(cfg['seed']),
-                         first_weight(G).dtype, G['origin']).to(dev) for (_, state), (G, _, _) in zip(runs, pairs)]  # each G's prior
+    noises = [to_slots(draw_noise(state['hyperparameters'], cfg['eval_samples'], torch.Generator().manual_seed(cfg['seed']),
+                                  first_weight(G).dtype), G).to(dev) for (_, state), (G, _, _) in zip(runs, pairs)]  # each G's own
     errors = pool_errors(pairs, noises)
     real = held_out_data(hp, cfg['eval_samples'])
     real_error = torch.cat([1 - judge_real(D, as_inputs(real.to(dev), first_weight(D).dtype))[1] for _, D, _ in pairs])
@@ -2028,8 +2035,7 @@ class Recorder:
             self.stop(f'a weight of {" and ".join(bad)} became non-finite by iteration {it}')
         number = it // self.cfg['sample_every'] + (it % self.cfg['sample_every'] != 0)
         by_generator = [G['origin'].index(g) for g in range(len(G['origin']))]  # the slot of G1, G2, ...
-        fixed_z = self.fixed_z if len(self.fixed_z) == 1 else self.fixed_z[G['origin']]  # each G's own, wherever it is
-        save_samples(self.path(f'{number:03d}.png'), generate(G, fixed_z)[by_generator], it,
+        save_samples(self.path(f'{number:03d}.png'), generate(G, to_slots(self.fixed_z, G))[by_generator], it,
                      [D['origin'][slot] for slot in by_generator], self.real)
         save_checkpoint(checkpoint_path(self.cfg), {'hyperparameters': self.cfg, 'block': block_values,
                                                     'code': algorithm_code(),
@@ -2225,8 +2231,8 @@ class GraphedIterations:
         if self.order_of is not self.batches.order:  # a new epoch began in an eager iteration
             self.order.copy_(self.batches.order)
             self.order_of = self.batches.order
-        if self.generators != self.G['origin']:  # generators moved (an edit's swap): their priors are read at capture
-            self.graphs.clear()
+        if self.generators != self.G['origin'] and self.cfg['prior'] == 'mixed':  # generators moved (an edit's
+            self.pool, self.graphs = None, {}  # swap): which slot gets which prior is fixed when a graph is captured
             self.generators = self.G['origin']
         if length not in self.graphs:
             self.graphs[length] = self.capture(it, length)

@@ -285,3 +285,26 @@ def test_a_swap_of_generators_keeps_each_generator_its_prior_labels_and_rows(tmp
     assert again['generators'] == [1, 0] and all(torch.equal(again['G']['model'][k], v)
                                                  for k, v in by_g['G']['model'].items())
     assert pg.swaps_title(by_d['swaps'], set(by_d['moved'])) == '3 swaps of discriminators (grey lines)'
+
+
+def test_each_generator_keeps_its_own_noise_and_prior_wherever_the_swaps_put_it():
+    """Moving both sides by one permutation changes slots only: with each generator's own noise and the mixed
+    prior, the evaluation's rows (by generator) and the noise each generator gets stay the same."""
+    cfg = pg.parse_args(['--n_pairs=3', '--dataset=ring8', '--h_dim=16', '--own_noise=True', '--prior=mixed',
+                         '--eval_samples=300'])
+    torch.manual_seed(0)
+    G, D = pg.make_pairs(cfg, 2, CPU, torch.float32)
+    evaluator = pg.Evaluator(cfg, CPU, torch.float32, *pg.training_data(cfg))
+    before = evaluator(G, D, it=10)
+    z = pg.draw_noise(cfg, 5, torch.Generator().manual_seed(1), torch.float32)
+    for side in (G, D):
+        side['solver'].step()  # zero gradients: Adam's state, the weights unchanged
+        pg.swap_networks(side, torch.tensor([2, 0, 1]))
+    assert G['origin'] == [2, 0, 1] and D['origin'] == [2, 0, 1]
+    assert torch.equal(pg.to_slots(z, G)[0], z[2])  # slot 0 holds G3: G3's draw, from its uniform prior
+    after = evaluator(G, D, it=10)
+    for a, b in zip(before, after):
+        assert a.keys() == b.keys() and a['generator'] == b['generator']
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9, nan_ok=True), key
+    assert before[0]['fd'] != before[2]['fd']  # the generators differ

@@ -1443,22 +1443,22 @@ def configurations(runs):
 
 def restore_pairs(state, dev, where):
     """A run's generators and discriminators from its checkpoint, each side with its origin (which pair each slot's
-    network started in), and the discriminators' origins."""
+    network started in)."""
     hp = state['hyperparameters']
     G, D = make_pairs(hp, data_dim(hp['dataset']), dev, getattr(torch, hp['dtype']))
     load_networks(G, state['G'], where, 'G')
     load_networks(D, state['D'], where, 'D')
     G['origin'], D['origin'] = list(state.get('generators', G['origin'])), list(state['pairing'])
-    return G, D, D['origin']
+    return G, D
 
 
 @torch.no_grad()
 def pool_errors(pairs, noises, chunk=1000):
     """errors[d, g]: the share of generator g's samples (of its run's noise) that discriminator d takes for real,
     D > 0.5, over every discriminator and every generator of every run, in run order."""
-    Ds = [D for _, D, _ in pairs]
+    Ds = [D for _, D in pairs]
     columns = []
-    for (G, _, _), z in zip(pairs, noises):
+    for (G, _), z in zip(pairs, noises):
         fooled = 0
         for part in z.split(chunk, dim=1):
             fake = generate(G, part)  # (generators, chunk, x_dim)
@@ -1478,21 +1478,21 @@ def compare_runs(cfg):
     runs = find_runs(folder)
     configs = configurations(runs)
     pairs = [restore_pairs(state, dev, os.path.join(folder, name, 'checkpoint.pt')) for name, state in runs]
+    run_of = torch.tensor([r for r, (G, _) in enumerate(pairs) for _ in G['origin']])  # each slot's run
     hp = runs[0][1]['hyperparameters']
-    print(f'comparing {len(runs)} runs ({sum(len(p) for _, _, p in pairs)} generators, as many discriminators) '
+    print(f'comparing {len(runs)} runs ({len(run_of)} generators, as many discriminators) '
           f'on {cfg["eval_samples"]} samples per generator', flush=True)
     noises = [to_slots(draw_noise(state['hyperparameters'], cfg['eval_samples'], torch.Generator().manual_seed(cfg['seed']),
-                                  first_weight(G).dtype), G).to(dev) for (_, state), (G, _, _) in zip(runs, pairs)]  # each G's own
+                                  first_weight(G).dtype), G).to(dev) for (_, state), (G, _) in zip(runs, pairs)]  # each G's own
     errors = pool_errors(pairs, noises)
     real = held_out_data(hp, cfg['eval_samples'])
-    real_error = torch.cat([1 - judge_real(D, as_inputs(real.to(dev), first_weight(D).dtype))[1] for _, D, _ in pairs])
-    run_of = torch.tensor([r for r, (_, _, pairing) in enumerate(pairs) for _ in pairing])
-    names = [(f'{runs[r][0]}:G{G["origin"][i] + 1}', f'{runs[r][0]}:D{pairing[i] + 1}')
-             for r, (G, _, pairing) in enumerate(pairs) for i in range(len(pairing))]  # slot i's networks
+    real_error = torch.cat([1 - judge_real(D, as_inputs(real.to(dev), first_weight(D).dtype))[1] for _, D in pairs])
+    names = [(f'{runs[r][0]}:G{g + 1}', f'{runs[r][0]}:D{d + 1}')  # slot by slot: the networks each holds
+             for r, (G, D) in enumerate(pairs) for g, d in zip(G['origin'], D['origin'])]
     table = compare_table(errors, real_error, run_of, configs)
     write_comparison(folder, errors, names, run_of, configs, table)
     write_per_generator(os.path.join(folder, 'compare_generators.csv'), errors, real_error, names, run_of)
-    best_of_runs(cfg, hp, errors, run_of, [G for G, _, _ in pairs], noises, names, configs)
+    best_of_runs(cfg, hp, errors, run_of, [G for G, _ in pairs], noises, names, configs)
     return 0
 
 

@@ -30,17 +30,23 @@ TWO_D = dict(n_pairs=4, layers=3, h_dim=64, mb_size=100, lr=1e-3, beta1=0.5, ite
              log_every=5000, sample_every=5000)  # the 2-D mixtures under the script's conditions
 TOY = dict(n_pairs=4, layers=4, h_dim=64, mb_size=50, lr=1e-3, beta1=0.5, iterations=10_001, eval_every=2500,
            log_every=2500, sample_every=2500)  # the paper's 4-layer toy networks
-CONDITIONS = {'script': False, 'paper': True}  # the value of --paper
+CONDITIONS = {  # a condition's name (the CSV's condition column): the hyperparameters it sets
+    'script': {'paper': False}, 'paper': {'paper': True},
+    # each of the paper's six conditions alone, on top of the script's; and the paper's without batch norm
+    'own_noise': {'own_noise': True}, 'prior_mixed': {'prior': 'mixed'}, 'input_noise': {'input_noise': 0.1},
+    'clip': {'clip': 1.0}, 'swap_matching': {'swap': 'matching'}, 'batch_norm': {'batch_norm': True},
+    'paper_without_batch_norm': {'paper': True, 'batch_norm': False},
+}
 
 
 def cell(settings, condition, Ks, seeds, **data):
     """A part's runs: K=0 and every K of Ks (the first is the verdict's; the rest secondary), for every seed.
-    Returns [(run name, hyperparameters, arm)], the baseline and the verdict's K first, seed by seed."""
+    Returns [(run name, hyperparameters, arm, condition)], the baseline and the verdict's K first, seed by seed."""
     arms = {0: 'baseline', Ks[0]: 'primary', **{K: 'secondary' for K in Ks[1:]}}
-    runs = [(f'K{K}-s{s}', {**settings, **data, 'paper': CONDITIONS[condition], 'K': K, 'seed': s}, arm)
-            for s in seeds for K, arm in arms.items() if arm != 'secondary']
-    return runs + [(f'K{K}-s{s}', {**settings, **data, 'paper': CONDITIONS[condition], 'K': K, 'seed': s}, arm)
-                   for K, arm in arms.items() if arm == 'secondary' for s in seeds]
+    run = lambda K, s, arm: (f'K{K}-s{s}', {**settings, **data, **CONDITIONS[condition], 'K': K, 'seed': s}, arm,
+                             condition)
+    return ([run(K, s, arm) for s in seeds for K, arm in arms.items() if arm != 'secondary']
+            + [run(K, s, arm) for K, arm in arms.items() if arm == 'secondary' for s in seeds])
 
 
 def robustness():
@@ -49,11 +55,11 @@ def robustness():
     its runs are the r15 parts' seeds 0 to 4, not run again."""
     grid = [(lr, h, 10) for lr in (2e-4, 1e-3) for h in (64, 128) if (lr, h) != (1e-3, 64)] + [(2e-4, 128, 2)]
     runs = []
-    for condition in CONDITIONS:
+    for condition in ('script', 'paper'):
         for lr, h, z in grid:
-            for name, hp, arm in cell({**TOY, 'lr': lr, 'h_dim': h, 'z_dim': z}, condition, (2,), range(5),
-                                      dataset='r15', train_size=100):
-                runs.append((f'{condition}-lr{lr:g}-h{h}-z{z}-{name}', hp, arm))
+            for name, *rest in cell({**TOY, 'lr': lr, 'h_dim': h, 'z_dim': z}, condition, (2,), range(5),
+                                    dataset='r15', train_size=100):
+                runs.append((f'{condition}-lr{lr:g}-h{h}-z{z}-{name}', *rest))
     return runs
 
 
@@ -79,13 +85,25 @@ PARTS = {  # name: (what it is, its runs, whether its runs share one pool of dis
     'mnist_script': ("MNIST, 60,000 images, the script's conditions",
                      cell(FULL, 'script', (937, 100), FIVE, dataset='mnist'), True),
     'mnist_paper': ("MNIST, 60,000 images, the paper's conditions", cell(FULL, 'paper', (937,), FIVE, dataset='mnist'), True),
+    # which of the paper's conditions turns the verdicts: each alone on R15 (swap_matching's K=0 runs repeat
+    # r15_script's: without swaps the swap rule does nothing), the paper's without batch norm, batch norm alone on
+    # 1,000 MNIST images, and the robustness check's bimodal cell with 20 seeds
+    **{f'r15_{c}': (f"R15, 100 points, the script's conditions plus {c} alone", cell(TOY, c, (2,), TEN, **R15), True)
+       for c in ('own_noise', 'prior_mixed', 'input_noise', 'clip', 'swap_matching', 'batch_norm')},
+    'r15_paper_without_batch_norm': ("R15, 100 points, the paper's conditions without batch norm",
+                                     cell(TOY, 'paper_without_batch_norm', (2,), TEN, **R15), True),
+    'mnist1000_batch_norm': ("MNIST, 1,000 images, the script's conditions plus batch norm alone",
+                             cell(SCARCE, 'batch_norm', (16,), TEN, dataset='mnist'), True),
+    'r15_paper_lr2e-4_z2': ("R15, 100 points, the paper's conditions at lr 2e-4, h_dim 128, z_dim 2, 20 seeds",
+                            cell({**TOY, 'lr': 2e-4, 'h_dim': 128, 'z_dim': 2}, 'paper', (2,), range(20), **R15), True),
 }
 CONFIG_COLUMNS = ('dataset', 'train_size', 'paper', 'K', 'seed', 'n_pairs', 'layers', 'h_dim', 'z_dim', 'lr', 'beta1',
                   'mb_size', 'iterations')
 METRIC_COLUMNS = ('modes', 'modes_captured', 'kl', 'score', 'confidence', 'fd', 'high_quality', 'pool_mean', 'pool_worst',
                   'd_train', 'd_heldout', 'd_gap', 'd_train_acc', 'd_heldout_acc', 'd_acc_gap')
 POOL_COLUMNS = ('pool_error', 'pool_error_others', 'd_fake_error', 'd_real_error', 'best_by_pool')
-COLUMNS = ('part', 'condition', 'arm', *CONFIG_COLUMNS, 'run', 'generator', 'iteration', *METRIC_COLUMNS, *POOL_COLUMNS)
+COLUMNS = ('part', 'condition', 'arm', *CONFIG_COLUMNS, 'run', 'generator', 'iteration', *METRIC_COLUMNS, *POOL_COLUMNS,
+           'commit')
 
 
 def defaults():
@@ -119,7 +137,7 @@ def run_part(part, args):
     """Run what is missing of a part, args.jobs at a time. Returns the names of the runs that failed."""
     _, runs, _ = PARTS[part]
     todo = []
-    for name, hp, _ in runs:
+    for name, hp, *_ in runs:
         folder = os.path.join(args.study, part, name)
         at = checkpoint_iteration(folder)
         if at != hp['iterations'] - 1:
@@ -173,19 +191,26 @@ def part_rows(part, args):
     folder = os.path.join(args.study, part)
     pool = {(r['run'], r['generator']): r for r in read_csv(os.path.join(folder, 'compare_generators.csv'))} if pooled else {}
     best = {r['run'] for r in read_csv(os.path.join(folder, 'compare_best.csv'))} if pooled else set()
-    rows = []
-    for name, hp, arm in runs:
+    rows, commit = [], code_commit()
+    for name, hp, arm, condition in runs:
         metrics = read_csv(os.path.join(folder, name, 'metrics.csv'))
         last = max(int(r['iteration']) for r in metrics)
         for r in (r for r in metrics if int(r['iteration']) == last):
             g = r['generator']
             mine = pool.get((name, g), {})
-            rows.append({'part': part, 'condition': 'paper' if hp['paper'] else 'script', 'arm': arm,
+            rows.append({'part': part, 'condition': condition, 'arm': arm,
                          **{k: hp.get(k, defaults()[k]) for k in CONFIG_COLUMNS}, 'run': name, 'generator': g,
                          'iteration': last, **{k: r[k] for k in METRIC_COLUMNS},
                          **{k: mine.get(k, '') for k in POOL_COLUMNS[:-1]},
-                         'best_by_pool': int(f'{name}:G{g}' in best) if pooled else ''})
+                         'best_by_pool': int(f'{name}:G{g}' in best) if pooled else '', 'commit': commit})
     return rows
+
+
+def code_commit():
+    """The commit of the code that ran the part (with '+' where parallel_gan.py differs from it), or ''."""
+    git = lambda *a: subprocess.run(['git', *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = git('rev-parse', '--short', 'HEAD')
+    return commit + ('+' if commit and git('status', '--porcelain', SCRIPT) else '')
 
 
 def publish(part, args):
@@ -206,7 +231,7 @@ def publish(part, args):
 def show_parts(args):
     for part, (what, runs, _) in PARTS.items():
         done = sum(checkpoint_iteration(os.path.join(args.study, part, name)) == hp['iterations'] - 1
-                   for name, hp, _ in runs)
+                   for name, hp, *_ in runs)
         print(f'{part:20} {done:3}/{len(runs):<3} runs done   {what}')
 
 

@@ -17,11 +17,12 @@ def test_every_part_holds_the_protocol():
     """At least 10 seeds per arm for 2-D and 1,000-image MNIST, 5 for full MNIST, 5 for the robustness grid;
     every K>0 arm beside a K=0 arm of the same seeds; run names unique within a part."""
     for part, (_, runs, _) in sweep.PARTS.items():
-        names = [name for name, _, _ in runs]
+        names = [name for name, *_ in runs]
         assert len(names) == len(set(names)), part
         least = 5 if part.startswith('mnist_') or part == 'robust_r15' else 10
         arms = {}
-        for _, hp, arm in runs:
+        for _, hp, arm, condition in runs:
+            assert set(sweep.CONDITIONS[condition].items()) <= set(hp.items()), (part, condition)
             setting = tuple(sorted((k, v) for k, v in hp.items() if k not in ('seed', 'K')))
             arms.setdefault((setting, hp['K'], arm), set()).add(hp['seed'])
         for (setting, K, arm), seeds in arms.items():
@@ -110,7 +111,7 @@ def test_the_sweep_runs_what_is_missing_resumes_what_stopped_and_publishes_its_r
     monkeypatch.setitem(sweep.PARTS, 'tiny', ('a tiny part', runs, True))
     args = SimpleNamespace(study=str(tmp_path / 'study'), jobs=2, data_root='unused', csv=str(tmp_path / 'runs.csv'),
                            classifier_dir=str(tmp_path / 'classifiers'))
-    name, hp, _ = runs[0]
+    name, hp, *_ = runs[0]
     first = sweep.command({**hp, 'iterations': 21}, os.path.join(args.study, 'tiny', name), args, resume=False)
     assert subprocess.run(first, capture_output=True).returncode == 0  # stopped after iteration 20 of 40
     assert sweep.run_part('tiny', args) == []

@@ -1,30 +1,11 @@
 """
-Generative Adversarial Parallelization (GAP) on MNIST, Fashion-MNIST and 2-D mixtures.
-
-Im, Ma, Kim & Taylor, "Generative Adversarial Parallelization", arXiv:1612.04021.
-Several GANs train side by side on the same data; every K iterations their
-discriminators change partners, so no generator stays coupled to one
-discriminator. K=0 never swaps: independent GANs, the baseline GAP is compared with.
-
-    python parallel_gan.py                      # the reference run: 2 pairs, K=100, MNIST
-    python parallel_gan.py --K=0 --n_pairs=4    # override any hyperparameter below
-    python parallel_gan.py --paper=True         # the paper's training conditions (see --help)
-    python parallel_gan.py --help               # list them all
-    torchrun --nproc_per_node=2 parallel_gan.py # one pair per process, as in the paper
-    python parallel_gan.py --compare=out/runs   # judge every run's generators by every run's discriminators
-
-Writes out/NNN.png (samples from a fixed noise batch), out/losses.png, out/metrics.csv
-and out/metrics.png (mode coverage, sample quality, discriminators on training and held-out
-data), and out/checkpoint.pt (resume with --resume=True).
-
-Where things are, top to bottom. The algorithm: the hyperparameters; the networks (generator and
-discriminator, each a list of layers over every pair at once); the losses (d_loss, g_loss); every pair's
-step (train_step); the swap (swaps_at, new_partners, swap_discriminators, swap_networks); one iteration
-(gap_iteration) and the training loop (train_loop). Then, below one divider, the support: the command line; the data;
-the fast written-out backward and the start-up check that decides whether it or autograd trains
-(check_backward); files and checkpoints; the evaluation (Evaluator); comparing runs (compare_runs);
-pictures; the processes of a torchrun launch (Processes); the run (train, run, Training, Recorder);
-and CUDA graphs of the quiet iterations on a GPU (GraphedIterations).
+Generative Adversarial Parallelization (GAP; Im, Ma, Kim & Taylor, arXiv:1612.04021), after wiseodd's
+gap_pytorch.py: several GANs train side by side, and every K iterations their discriminators change partners.
+K=0 never swaps: independent GANs, the baseline. `python parallel_gan.py --help` lists the hyperparameters;
+`--paper=True` sets the paper's conditions, `--compare=DIR` judges runs by one pool of discriminators, and
+`torchrun --nproc_per_node=2 parallel_gan.py` trains one pair per process. Writes out/NNN.png, out/losses.png,
+out/metrics.csv, out/metrics.png and out/checkpoint.pt (--resume=True). Top to bottom: the hyperparameters,
+networks, losses, step, swap, one iteration and the training loop; below one divider, the support.
 """
 import ast
 import csv
@@ -35,13 +16,12 @@ import re
 import signal
 import sys
 import time
-import tokenize
 import zlib
 from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout, suppress
 from io import StringIO
 
 try:
-    import fcntl  # locks out_dir against a second run; not on Windows, where out_dir is not locked
+    import fcntl  # locks out_dir against a second run (not on Windows)
 except ImportError:
     fcntl = None
 
@@ -64,54 +44,51 @@ beta1 = 0.9  # Adam's first-moment decay (torch's default, the reference's; GAN 
 iterations = 1_000_000  # training iterations
 seed = 0  # seeds the weights, the noise, the data order and the pairings
 # the paper's training conditions (section 4.1 and Algorithm 1); off, every pair sees the same noise and batch
-paper = False  # set all six below as the paper does: own_noise, prior mixed, input_noise 0.1 (our amount: the paper gives none), clip 1, swap matching, batch_norm (values given on the command line win)
-own_noise = False  # each pair draws its own noise and its own minibatch order (each example still once per epoch)
-prior = 'gaussian'  # the generators' noise: 'gaussian', 'uniform' (on [-1, 1]) or 'mixed' (first half of the pairs Gaussian, the rest uniform)
-input_noise = 0.0  # std of Gaussian noise added to every discriminator input, real and fake, in training; decays linearly to 0 at the last iteration
-clip = 0.0  # clip each network's gradient (each G and each D on its own) to this norm before its step (0: never)
-swap = 'derangement'  # 'derangement' (every discriminator moves, to a random other generator) or 'matching' (Algorithm 1: n_pairs/2 random pairs exchange theirs; odd n_pairs: one sits out)
+paper = False  # set the six below as the paper does (values given on the command line win)
+own_noise = False  # each pair its own noise and minibatch order (each example still once per epoch)
+prior = 'gaussian'  # the noise: 'gaussian', 'uniform' on [-1, 1], 'mixed' (first half of the pairs Gaussian)
+input_noise = 0.0  # std of Gaussian noise on every D input in training, decaying linearly to 0 (paper: 0.1)
+clip = 0.0  # clip each network's gradient to this norm before its step (0: never; paper: 1)
+swap = 'derangement'  # 'derangement' (every D moves) or 'matching' (Algorithm 1: random pairs exchange theirs)
 batch_norm = False  # batch normalisation after every hidden linear layer of G and D (the paper's toy networks)
 # output
 log_every = 1000  # print a log line (means since the previous one) every this many iterations
 sample_every = 1000  # write out/NNN.png and the checkpoint every this many iterations
 out_dir = 'out'  # where samples, plots and the checkpoint go
 resume = False  # continue from out_dir/checkpoint.pt exactly where it stopped
-resume_edited = False  # resume also when the algorithm's code (networks, losses, step, swap, loop) differs from the run's
+resume_edited = False  # resume also when the algorithm's code differs from the run's
 # data
 dataset = 'mnist'  # 'mnist', 'fashion_mnist', or the 2-D Gaussian mixtures 'ring8', 'grid25' and 'r15'
 data_root = 'out/data'  # MNIST lives in data_root/MNIST/raw, Fashion-MNIST in data_root/FashionMNIST/raw
 train_size = 0  # train on only the first this many training examples (0: all of them)
 # evaluation: mode coverage and sample quality, GAP against no-swap
 eval_every = 10_000  # evaluate every this many iterations, and at the end of a run that reached one (0: never)
-eval_at_end = False  # evaluate at the end also a run shorter than eval_every (images: trains the scoring classifier once, then cached)
+eval_at_end = False  # evaluate at the end also a run shorter than eval_every
 eval_samples = 10_000  # samples per generator in each evaluation
 classifier_dir = 'out/classifiers'  # where the classifier that scores image samples is cached
 compare = ''  # a folder of runs: score every generator with every run's discriminators, train nothing
 # system
 device = 'auto'  # 'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'
 dtype = 'float32'  # 'float32' or 'float64' for every weight and computation
-cuda_graphs = True  # on a GPU, replay captured CUDA graphs of the iterations (False: launch every kernel, to debug)
 threads = 0  # CPU threads torch may use (0: torch's default)
 # --- end of hyperparameters ---------------------------------------------------------
 
 PAPER = {'own_noise': True, 'prior': 'mixed', 'input_noise': 0.1, 'clip': 1.0, 'swap': 'matching',
          'batch_norm': True}  # what paper=True sets (clip 1: the authors' code, hma02/GAN-evaluation)
+# What the data are: image pixels in PIXELS, made by the generators' output layer IMAGE_OUTPUT (for [-1, 1]:
+# nn.Tanh, (-1.0, 1.0)); the 2-D mixtures are points in their own coordinates, made by a linear output.
+IMAGE_OUTPUT, PIXELS = nn.Sigmoid, (0.0, 1.0)
+MIXTURES = ('ring8', 'grid25', 'r15')
 
 
 # ------------------------------------------------------------------------------------
 # the networks. All pairs' networks of one side are one module whose every weight has a leading pairs
 # dimension, so every pair runs in the same batched product; activations are (n_pairs, batch, features).
-# Edit generator() and discriminator() as you would an nn.Sequential: any layer works (autograd trains what
-# has no written-out backward; the start-up check says which), and PerPair makes any torch module per pair.
-
-# What the data are and the generators emit, in one place: image pixels in PIXELS, made by the output layer
-# IMAGE_OUTPUT (for [-1, 1]: nn.Tanh, (-1.0, 1.0)); 2-D mixtures are points in their own coordinates.
-IMAGE_OUTPUT, PIXELS = nn.Sigmoid, (0.0, 1.0)
-
+# Edit generator() and discriminator() as you would an nn.Sequential; PerPair (support part) makes any torch
+# module per pair.
 
 class Linear(nn.Module):
-    """n_pairs independent nn.Linear(fan_in, fan_out) layers, initialised as nn.Linear is:
-    weight (n_pairs, fan_in, fan_out), bias (n_pairs, 1, fan_out)."""
+    """n independent nn.Linear(fan_in, fan_out), initialised as nn.Linear is: weight (n, fan_in, fan_out)."""
 
     def __init__(self, n, fan_in, fan_out):
         super().__init__()
@@ -124,10 +101,8 @@ class Linear(nn.Module):
 
 
 class SpectralLinear(Linear):
-    """Linear with every pair's weight divided by its own largest singular value (spectral normalisation), estimated
-    as torch's spectral_norm does: one step of power iteration per forward pass in training. Its vectors u and v are
-    per pair (buffers), so each discriminator keeps its own estimate, takes it along at a swap and into the
-    checkpoint. Trains through autograd."""
+    """Linear with each pair's weight divided by its largest singular value, estimated as torch's spectral_norm
+    does (one power iteration per training pass); u and v are per-pair buffers, which a swap moves along."""
 
     def __init__(self, n, fan_in, fan_out, eps=1e-12):
         super().__init__(n, fan_in, fan_out)
@@ -141,15 +116,13 @@ class SpectralLinear(Linear):
                 self.v.copy_(F.normalize(self.u @ self.weight.transpose(1, 2), dim=-1, eps=self.eps))
                 self.u.copy_(F.normalize(self.v @ self.weight, dim=-1, eps=self.eps))
         u, v = self.u.clone(), self.v.clone()  # as saved for backward: a later pass updates the buffers
-        sigma = v @ self.weight @ u.transpose(1, 2)  # (n_pairs, 1, 1)
+        sigma = v @ self.weight @ u.transpose(1, 2)  # (n, 1, 1)
         return torch.baddbmm(self.bias, x, self.weight / sigma)
 
 
 class BatchNorm(nn.Module):
-    """n_pairs independent nn.BatchNorm1d(features, track_running_stats=False): each pair normalises over its own
-    batch, in training and evaluation alike. Running statistics would mix D's real and fake batches, which
-    training normalises apart, so they would judge neither. torch's batch_norm with every pair's features side by
-    side, so that each pair's maths is nn.BatchNorm1d's."""
+    """n independent nn.BatchNorm1d(features, track_running_stats=False): each pair normalises over its own batch,
+    in training and evaluation alike (running statistics would mix D's real and fake batches)."""
 
     def __init__(self, n, features, eps=1e-5):
         super().__init__()
@@ -158,53 +131,18 @@ class BatchNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n, 1, features))
 
     def forward(self, x):
-        n, batch, features = x.shape
+        n, batch, features = x.shape  # every pair's features side by side: one torch batch_norm
         side_by_side = x.transpose(0, 1).reshape(batch, n * features)
         out = F.batch_norm(side_by_side, None, None, self.weight.view(-1), self.bias.view(-1), True, 0.0, self.eps)
         return out.reshape(batch, n, features).transpose(0, 1)
 
 
-class PerPair(nn.Module):
-    """n_pairs independent copies of any torch module (a convolution, a block, ...), each made by make() and run
-    side by side by torch.func.vmap: every weight gets its leading pairs dimension. Trains through autograd."""
-
-    def __init__(self, n, make):
-        super().__init__()
-        copies = [make() for _ in range(n)]
-        if any(parametrised(m) for copy in copies for m in copy.modules()):  # refuse: one line, exit status 2
-            refuse('PerPair cannot stack parametrised modules (spectral_norm, weight_norm, ...): their copies are '
-                   'of different classes; for spectral norm per pair, use SpectralLinear(n, fan_in, fan_out) in place '
-                   'of Linear (README: Editing the script)')
-        params, buffers = torch.func.stack_module_state(copies)
-        self.names = {name.replace('.', '__'): name for name in (*params, *buffers)}
-        for name, value in params.items():
-            self.register_parameter(name.replace('.', '__'), nn.Parameter(value))
-        for name, value in buffers.items():
-            self.register_buffer(name.replace('.', '__'), value)
-        self.template = [copies[0].to('meta')]  # in a list: not a submodule, its own weights are never used
-
-    def forward(self, x):
-        tensors = {self.names[name]: t for name, t in (*self.named_parameters(), *self.named_buffers())}
-        call = lambda state, each: torch.func.functional_call(self.template[0].train(self.training), state, (each,))
-        return torch.func.vmap(call)(tensors, x)
-
-
-def parametrised(module):
-    """Whether a module's weights are made by torch.nn.utils.parametrize or the older weight hooks (spectral_norm)."""
-    hooks = [type(hook).__name__ for hook in module._forward_pre_hooks.values()]
-    return nn.utils.parametrize.is_parametrized(module) or any(name in ('SpectralNorm', 'WeightNorm') for name in hooks)
-
-
 class Networks(nn.Sequential):
-    """One side's n_pairs networks as one sequence of pair-batched layers. An input shared by every pair,
-    (batch, features) or (1, batch, features), is fed to each."""
+    """One side's n networks as one sequence of pair-batched layers; an input (1, batch, features) goes to each."""
 
     def __init__(self, *layers):
         super().__init__(*layers)
         self.n_pairs = next(self.parameters()).shape[0]
-        # whether each example's output depends on that example alone (no batch statistics), so that real and fake
-        # batches may share one forward pass
-        self.per_example = not any(isinstance(m, (BatchNorm, nn.modules.batchnorm._BatchNorm)) for m in self.modules())
 
     def forward(self, x):
         x = x.expand(self.n_pairs, *x.shape[-2:])
@@ -221,7 +159,7 @@ def generator(n, cfg, x_dim):
         if cfg['batch_norm']:
             layers.append(BatchNorm(n, h))
         layers.append(nn.ReLU(inplace=True))
-    output = [] if cfg['dataset'] in MIXTURES else [IMAGE_OUTPUT()]  # 2-D points (MIXTURES): a linear output
+    output = [] if cfg['dataset'] in MIXTURES else [IMAGE_OUTPUT()]
     return Networks(*layers, Linear(n, h, x_dim), *output)
 
 
@@ -236,163 +174,110 @@ def discriminator(n, cfg, x_dim):
     return Networks(*layers, Linear(n, h, 1))
 
 
-def make_pairs(cfg, x_dim, dev, dtype, n=None, written_out=None):
-    """G: all generators, D: all discriminators; each side {'model': its Networks, 'solver': its Adam,
-    'written_out': whether the written-out backward trains it, else autograd; what check_backward confirmed,
-    unless written_out ({'G': ..., 'D': ...}) says; 'origin': origin[i], the pair that the network now in slot i
-    started in, which a swap moves with it (of every pair, also where a process holds only some)}. One Adam over
-    a side is one Adam per network: Adam's update is elementwise."""
-    # written_out_confirmed: the sides whose written-out backward check_backward confirmed at start-up (support part)
-    n, chosen = n or cfg['n_pairs'], written_out_confirmed if written_out is None else written_out
-    sides = []
-    for name, model in (('G', generator(n, cfg, x_dim)), ('D', discriminator(n, cfg, x_dim))):
-        model.to(dev, dtype)
-        by_hand = chosen.get(name, False)
-        for p in model.parameters():
-            p.requires_grad_(not by_hand)
-            p.grad = torch.zeros_like(p)
-        # Adam: torch's Adam (betas beta1, 0.999), one fused call per side (support part)
-        sides.append({'model': model, 'solver': Adam(model.parameters(), lr=cfg['lr'], beta1=cfg['beta1']),
-                      'written_out': by_hand, 'origin': list(range(cfg['n_pairs']))})
-    return sides
+class Side:
+    """All generators or all discriminators: the networks, their optimiser (one per network, where its update is
+    elementwise, as torch.optim's are), and origin[i], the pair whose network slot i holds now."""
+
+    def __init__(self, model, optimizer, n_pairs):
+        self.model, self.optimizer, self.origin = model, optimizer, list(range(n_pairs))
+
+    def per_network(self):
+        """Every tensor with one slice per network: weights, buffers, optimiser state (not its scalar step)."""
+        state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()]
+        return [*self.model.parameters(), *self.model.buffers(), *state]
+
+    def state_dict(self):
+        return {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(), 'origin': self.origin}
+
+    def load_state_dict(self, state):
+        settings = [{k: v for k, v in group.items() if k != 'params'} for group in self.optimizer.param_groups]
+        self.model.load_state_dict(state['model'])
+        self.optimizer.load_state_dict(state['optimizer'])
+        for group, own in zip(self.optimizer.param_groups, settings):
+            group.update(own)  # the lr and settings that the code gives, not those the checkpoint kept
+        self.origin = list(state['origin'])
+
+
+def make_pairs(cfg, x_dim, dev, dtype, n=None):
+    """{'G': every generator, 'D': every discriminator}, each a Side; n of each (default n_pairs)."""
+    n = n or cfg['n_pairs']
+    G = generator(n, cfg, x_dim).to(dev, dtype)
+    D = discriminator(n, cfg, x_dim).to(dev, dtype)
+    G_optimizer = torch.optim.Adam(G.parameters(), lr=cfg['lr'], betas=(cfg['beta1'], 0.999), fused=True)
+    D_optimizer = torch.optim.Adam(D.parameters(), lr=cfg['lr'], betas=(cfg['beta1'], 0.999), fused=True)
+    return {'G': Side(G, G_optimizer, cfg['n_pairs']), 'D': Side(D, D_optimizer, cfg['n_pairs'])}
 
 
 # ------------------------------------------------------------------------------------
-# the GAN losses, from D's logits: log D = -softplus(-logit), log(1 - D) = -softplus(logit),
-# so they cannot overflow to inf or NaN the way log(sigmoid) can.
+# the losses, from D's logits (softplus: the log of a sigmoid without its overflow); one value per pair
 
 def d_loss(real_logit, fake_logit):
-    """-mean(log D(x) + log(1 - D(G(z)))), one value per pair."""
+    """-mean(log D(x) + log(1 - D(G(z))))."""
     return F.softplus(-real_logit).mean((1, 2)) + F.softplus(fake_logit).mean((1, 2))
 
 
 def g_loss(fake_logit):
-    """-mean(log D(G(z))), one value per pair (the non-saturating generator loss)."""
+    """-mean(log D(G(z))), the non-saturating generator loss."""
     return F.softplus(-fake_logit).mean((1, 2))
 
 
-def loss_and_logit_grads(loss, *logits):
-    """A loss (one value per pair) and its gradients with respect to the logits, by autograd on those small
-    tensors (or the closed form that check_losses verified for it): whatever d_loss and g_loss say is what
-    trains. Each pair's loss depends on its own logits only, so the gradient of the sum is every pair's own."""
-    if loss in verified_closed_forms:  # {loss: its gradient in closed form}, each confirmed by check_losses
-        logits = [logit.detach() for logit in logits]
-        return loss(*logits), verified_closed_forms[loss](*logits)
-    leaves = [logit.detach().requires_grad_() for logit in logits]
-    with torch.enable_grad():
-        value = loss(*leaves)
-        return value.detach(), torch.autograd.grad(value.sum(), leaves)
-
-
 # ------------------------------------------------------------------------------------
-# every pair's step: forward and backward through each side's networks, by its written-out backward
-# (fast) or by autograd (whatever the layers are)
+# every pair's step at once: a D step, then a G step against the updated D
 
-def forward(side, x, inputs=False):
-    """(output, tape) of side's networks on x; the tape is what backward needs: every layer's output for the
-    written-out backward, else x as a leaf of autograd's graph (requiring grad if inputs)."""
-    if side['written_out']:  # the same layers, keeping each one's output (support part: the written-out backward)
-        return forward_saving(side['model'], x)
-    x = x.detach().requires_grad_(inputs)
-    with torch.enable_grad():
-        return side['model'](x), x
+def noisy(t, noise):
+    return t if noise is None else t + noise
 
 
-def backward(side, outputs, tape, grads, weights=True, inputs=False):
-    """Given d(loss)/d(output) for each output of forward, set d(loss)/d(weight) as each weight's .grad (if
-    weights) and return d(loss)/d(input) (if inputs)."""
-    if side['written_out']:  # each layer's gradient by hand, layer by layer back (the support part)
-        return backward_written_out(side['model'], tape, grads[0], weights, inputs)
-    params = list(side['model'].parameters()) if weights else []
-    found = torch.autograd.grad(outputs, params + ([tape] if inputs else []), grads, allow_unused=True)
-    for p, grad in zip(params, found):
-        p.grad = torch.zeros_like(p) if grad is None else grad
-    return found[-1] if inputs else None
+def clip_gradients(model, max_norm):
+    """Scale each network's gradient to norm max_norm where it is longer (clip_grad_norm_ on each pair's network)."""
+    if max_norm:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norms = torch.stack([g.flatten(1).square().sum(1) for g in grads]).sum(0).sqrt()
+        scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale.view(-1, *[1] * (g.dim() - 1)))
 
 
-def with_noise(t, added):
-    return t if added is None else t + added
+def train_step(G, D, z, x, y=None, input_noise=(None, None, None), clip=0.0):
+    """One step of every pair. z, x: (1, batch, dim) shared by every pair or (n_pairs, batch, dim); y: the labels
+    (unused: a conditional GAN's edit reads them). Pair i's losses reach only pair i's networks, so one backward
+    of their sum trains every pair. Returns each pair's statistics, {name: (n_pairs,)}."""
+    fake = G.model(z)  # each generator runs once; the G step reuses its samples
 
+    real_logit = D.model(noisy(x, input_noise[0]))
+    fake_logit = D.model(noisy(fake.detach(), input_noise[1]))  # detached: this step trains D only
+    D_loss = d_loss(real_logit, fake_logit)
+    D.optimizer.zero_grad()
+    D_loss.sum().backward()
+    clip_gradients(D.model, clip)
+    D.optimizer.step()
 
-def d_step(D, x, fake, input_noise):
-    """D's gradients of d_loss on the real batch x and the fakes, each plus its input noise. Returns D_loss and
-    D's probabilities (n_pairs, 2 * batch, 1), real ones first. Real and fake run as one pass where D has no
-    batch statistics, else as two."""
-    real_in, fake_in = with_noise(x, input_noise[0]).expand(len(fake), -1, -1), with_noise(fake, input_noise[1])
-    if D['model'].per_example:
-        logit, tape = forward(D, torch.cat([real_in, fake_in], 1))
-        D_loss, grads = loss_and_logit_grads(d_loss, logit[:, :fake.shape[1]], logit[:, fake.shape[1]:])
-        backward(D, [logit], tape, [torch.cat(grads, 1)])
-    else:  # batch norm: the real and the fake batch are normalised apart, as two forward passes would
-        real_logit, fake_logit = forward(D, real_in)[0], forward(D, fake_in)[0]
-        D_loss, grads = loss_and_logit_grads(d_loss, real_logit, fake_logit)
-        backward(D, [real_logit, fake_logit], None, list(grads))
-        logit = torch.cat([real_logit, fake_logit], 1)
-    return D_loss, torch.sigmoid(logit.detach())
+    D.model.requires_grad_(False)  # the G step trains G only: no gradients for D's weights
+    G_loss = g_loss(D.model(noisy(fake, input_noise[2])))
+    D.model.requires_grad_(True)
+    G.optimizer.zero_grad()
+    G_loss.sum().backward()
+    clip_gradients(G.model, clip)
+    G.optimizer.step()
 
-
-def g_step(G, D, fake, G_tape, input_noise):
-    """G's gradients of g_loss, D scoring G's samples fake (G's output, with G's tape) plus their input noise;
-    D's weights are left alone."""
-    logit, D_tape = forward(D, with_noise(fake.detach(), input_noise), inputs=True)
-    G_loss, (grad_logit,) = loss_and_logit_grads(g_loss, logit)
-    grad_fake = backward(D, [logit], D_tape, [grad_logit], weights=False, inputs=True)
-    backward(G, [fake], G_tape, [grad_fake])
-    return G_loss
-
-
-def clip_gradients(side, max_norm):
-    """Scale each network's gradient to norm max_norm where it is longer (torch.nn.utils.clip_grad_norm_ on each
-    network of the side on its own)."""
-    grads = [p.grad for p in side['model'].parameters()]
-    norms = torch.stack([g.flatten(1).square().sum(1) for g in grads]).sum(0).sqrt()
-    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(scale.view(-1, *[1] * (g.dim() - 1)))
-
-
-def train_step(G, D, z, x, input_noise=(None, None, None), clip=0.0):
-    """One training step of every pair at once, a D step then a G step against the just-updated D (gap_iteration
-    draws the batch and noise and makes the swap). z and x: (batch, dim) shared by every pair, or (n_pairs, batch,
-    dim) each pair its own; input_noise: what is added to D's real, fake and G-step inputs. Pair i's losses reach
-    only pair i's networks.
-
-    Returns (n_pairs, 4): D_loss, G_loss, mean D(x), mean D(G(z)) of the D step."""
-    fake, G_tape = forward(G, z)  # each G runs once; the G step below reuses it
-    D_loss, D_prob = d_step(D, x, fake.detach(), input_noise)
-    if clip:
-        clip_gradients(D, clip)
-    D['solver'].step()
-    G_loss = g_step(G, D, fake, G_tape, input_noise[2])
-    if clip:
-        clip_gradients(G, clip)
-    G['solver'].step()
-    batch = fake.shape[1]
-    return torch.stack([D_loss, G_loss, D_prob[:, :batch].mean((1, 2)), D_prob[:, batch:].mean((1, 2))], 1)
+    with torch.no_grad():
+        return {'D_loss': D_loss, 'G_loss': G_loss, 'D(x)': torch.sigmoid(real_logit).mean((1, 2)),
+                'D(G(z))': torch.sigmoid(fake_logit).mean((1, 2))}
 
 
 # ------------------------------------------------------------------------------------
 # the GAP swap
 
 def swaps_at(it, cfg):
-    """Whether the discriminators change partners after iteration it: every K iterations (K=0: never). The one
-    place that says so: the loop, the CUDA-graph planner and losses.png ask it. A random schedule stays
-    resumable when it draws from a purpose of its own, random_stream(cfg, it, 'when')."""
+    """Whether the discriminators change partners after iteration it: every K iterations (K=0: never)."""
     return cfg['K'] > 0 and it > 0 and it % cfg['K'] == 0
 
 
-def random_stream(cfg, it, purpose):
-    """A generator seeded by the run's seed, the iteration and a purpose alone: a resumed run draws the same."""
-    return torch.Generator().manual_seed((cfg['seed'] * 1_000_003 + it) * 31 + zlib.crc32(purpose.encode()) % 31)
-
-
 def new_partners(cfg, it):
-    """The pairing after a swap at iteration it: generator i gets the discriminator at partners[i].
-
-    'derangement': a random permutation in which no discriminator stays with its generator (with two pairs, an
-    exchange); 'matching': the paper's Algorithm 1, n_pairs/2 random pairs (i, j) drawn without replacement
-    exchange their discriminators (with an odd number of pairs, one sits the swap out)."""
-    n, rng = cfg['n_pairs'], random_stream(cfg, it, 'swap')
+    """The pairing after a swap at iteration it: generator i gets the discriminator at partners[i]. 'derangement':
+    no discriminator stays with its generator; 'matching' (the paper's Algorithm 1): n_pairs/2 random pairs (i, j)
+    exchange theirs, and with an odd number of pairs one sits the swap out."""
+    n, rng = cfg['n_pairs'], torch.Generator().manual_seed((cfg['seed'] * 1_000_003 + it) * 31 + 1)  # as resumed
     if cfg['swap'] == 'matching':
         order, partners = torch.randperm(n, generator=rng), torch.arange(n)
         partners[order[0:n - 1:2]], partners[order[1:n:2]] = order[1:n:2], order[0:n - 1:2]
@@ -403,40 +288,25 @@ def new_partners(cfg, it):
             return partners
 
 
-def swap_discriminators(D, partners, procs=None):
-    """GAP's swap: each discriminator moves to another generator; generator i now trains against the
-    discriminator that was at partners[i]. (swap_networks(G, partners, procs) would move the generators instead.)"""
-    swap_networks(D, partners, procs)
+def swap_discriminators(D, partners):
+    """GAP's swap: generator i now trains against the discriminator that was at partners[i]."""
+    swap_networks(D, partners)
 
 
 @torch.no_grad()
-def swap_networks(side, partners, procs=None):
-    """Every network of one side, with its Adam state (and its buffers, such as SpectralLinear's estimate), and
-    its origin: slot i now holds the network that was in slot partners[i].
-
-    Across processes (procs), each process first gathers every process's networks of that side,
-    then keeps the ones its own slots get."""
-    take = partners if procs is None else partners[procs.slots]
-    gather = (lambda t: t) if procs is None else procs.gather
-    model = side['model']
-    dev = next(model.parameters()).device
-    take = take.pin_memory().to(dev, non_blocking=True) if dev.type == 'cuda' else take  # no host sync
-    for p in model.parameters():
-        state = side['solver'].state[p]  # Adam's 'step' is the same for every network of a side
-        for tensor in (p, state['exp_avg'], state['exp_avg_sq']):
-            tensor.copy_(gather(tensor)[take])
-    for buffer in model.buffers():
-        buffer.copy_(gather(buffer)[take])
-    side['origin'] = [side['origin'][j] for j in partners.tolist()]  # every pair's, in every process
+def swap_networks(side, partners):
+    """Slot i takes the network that was in slot partners[i]: weights, buffers, optimiser state and origin."""
+    for t in side.per_network():
+        t.copy_(exchange(t, partners))  # exchange: t[partners], also across torchrun's processes (support part)
+    side.origin = [side.origin[j] for j in partners.tolist()]
 
 
 # ------------------------------------------------------------------------------------
-# the training loop
+# one iteration and the training loop
 
 def draw_noise(cfg, batch, rng, dtype):
     """Each generator's noise from its prior: (n_pairs, batch, z_dim), or (1, batch, z_dim) shared by every pair."""
-    n = cfg['n_pairs']
-    shape = (n if cfg['own_noise'] else 1, batch, cfg['z_dim'])
+    n, shape = cfg['n_pairs'], (cfg['n_pairs'] if cfg['own_noise'] else 1, batch, cfg['z_dim'])
     gaussian = lambda: torch.randn(shape, generator=rng, device=rng.device, dtype=dtype)
     uniform = lambda: torch.rand(shape, generator=rng, device=rng.device, dtype=dtype) * 2 - 1
     if cfg['prior'] != 'mixed':
@@ -446,16 +316,14 @@ def draw_noise(cfg, batch, rng, dtype):
 
 
 def to_slots(z, G):
-    """Noise drawn per generator (row k: generator k's, from its prior) routed to the slots the generators hold now
-    (G['origin']); as it is where every slot shares one row or no generator has moved (slices: no host copy)."""
-    if len(z) == 1 or G['origin'] == list(range(len(z))):
+    """Noise drawn per generator (row k: generator k's) routed to the slots the generators hold now (G.origin)."""
+    if len(z) == 1 or G.origin == list(range(len(z))):
         return z
-    return torch.stack([z[g] for g in G['origin']])
+    return z[G.origin]
 
 
 def input_noise_of(cfg, it, x_dim, rng, dtype):
-    """The noise added to D's real, fake and G-step inputs at iteration it: std input_noise decaying linearly to 0
-    at the last iteration, each pair its own draws; (None, None, None) without."""
+    """Each pair's noise on D's real, fake and G-step inputs: std input_noise decaying linearly to 0 at the end."""
     if not cfg['input_noise']:
         return None, None, None
     std = cfg['input_noise'] * (1 - it / max(cfg['iterations'] - 1, 1))
@@ -463,158 +331,107 @@ def input_noise_of(cfg, it, x_dim, rng, dtype):
                                    dtype=dtype) for _ in range(3))
 
 
-def own_share(t, procs):
-    """This process's pairs' part of a tensor that holds every pair's (n_pairs, batch, ...); one shared by every pair,
-    (1 or batch, ...), as it is."""
-    if procs is None or procs.world == 1 or t is None or t.dim() < 3 or len(t) == 1:
-        return t
-    return t[procs.slots.to(t.device)]
+def gap_iteration(it, pairs, data, noise_rng, cfg):
+    """Iteration it: fresh noise and a batch, every pair's step, and a swap where swaps_at says. data.next(): the
+    next minibatch as D's inputs, and its labels (support part: Batches)."""
+    G, D, dtype = pairs['G'], pairs['D'], getattr(torch, cfg['dtype'])
+    z = to_slots(draw_noise(cfg, cfg['mb_size'], noise_rng, dtype), G)
+    x, y = data.next()
+    input_noise = input_noise_of(cfg, it, x.shape[-1], noise_rng, dtype)
+    # own_share: under torchrun, this process's pairs' part of what every pair drew (support part)
+    z, x, y, *input_noise = (own_share(t) for t in (z, x, y, *input_noise))
+    stats = train_step(G, D, z, x, y, input_noise, cfg['clip'])
+    if swaps_at(it, cfg):
+        swap_discriminators(D, new_partners(cfg, it))
+    return stats
 
 
-def gap_iteration(it, G, D, batches, noise_rng, cfg, procs=None):
-    """Iteration it of the training loop: fresh noise and a batch, every pair's step, and a swap where swaps_at
-    says. Returns train_step's stats and the swap's partners (None without a swap). Every process draws every
-    pair's noise and batches, and keeps its own pairs'."""
-    dtype = getattr(torch, cfg['dtype'])
-    z = own_share(to_slots(draw_noise(cfg, cfg['mb_size'], noise_rng, dtype), G), procs)
-    x = own_share(as_inputs(batches.next(), dtype), procs)  # as_inputs: stored data (uint8 pixels) as D's inputs
-    input_noise = tuple(own_share(t, procs) for t in input_noise_of(cfg, it, x.shape[-1], noise_rng, dtype))
-    stats = train_step(G, D, z, x, input_noise, cfg['clip'])
-    if not swaps_at(it, cfg):
-        return stats, None
-    partners = new_partners(cfg, it)
-    swap_discriminators(D, partners, procs)
-    return stats, partners
-
-
-def evaluates_at(it, cfg):
-    """Whether iteration it is evaluated: every eval_every iterations, and the last one when the run reached one of
-    those or eval_at_end asks (so a try-run shorter than eval_every never trains the classifier that scores it)."""
-    every, last = cfg['eval_every'], cfg['iterations'] - 1
-    return bool(every and it % every == 0 and it > 0 or it == last and (cfg['eval_at_end'] or every and last >= every))
-
-
-def train_loop(cfg, procs, training, G, D, recorder, interrupted):
-    """Train G and D (this process's pairs) from training's next iteration to the last, logging, evaluating
-    and saving on schedule. Returns whether an interrupt stopped it (after a checkpoint)."""
-    log, last, it = training.log, cfg['iterations'] - 1, training.iteration
-    speed, stopping = Speed(it + 1), False  # Speed: iterations per second, saving and evaluating not counted
-    # iteration_runner: gap_iteration, one iteration per call (on a GPU, replays of captured CUDA graphs of it)
-    advance = iteration_runner(G, D, training.batches, training.noise_rng, cfg, procs)
-    while it < last:
-        origins = G['origin'], D['origin']
-        stats, partners = advance(it + 1)  # (iterations done, pairs, 4): one, or a CUDA graph's quiet stretch
-        log.add(stats)
-        it = training.iteration = it + len(stats)
-        if partners is not None:  # the swap moved the networks of a side, and their origins with them
-            training.swaps.append(it)
-            training.moved.update(side for side, now, then in zip('GD', (G, D), origins) if now['origin'] != then)
-
-        logging = it % cfg['log_every'] == 0 or it == last
-        stopping = procs.anyone(interrupted) if logging or procs.world == 1 else False  # all processes agree
-        if logging:
-            every_pair = log.unlogged(procs)  # under torchrun: every process's pairs
-            recorder.stop_if_nonfinite(every_pair, it - log.n + 1)
-            rate = speed.rate(it)
-            recorder.say(format_log(it, log.close(it, every_pair), rate, (last - it) / max(rate or 1, 1e-9)))  # a line
-        evaluate_now = evaluates_at(it, cfg)
-        saving = it % cfg['sample_every'] == 0 or it == last or stopping
-        if evaluate_now or saving:
-            with speed.paused():
-                unlogged = log.unlogged(procs)
-                recorder.stop_if_nonfinite(unlogged, it - log.n + 1)
-                collect_pairs(training, G, D, procs)  # under torchrun: every process's pairs to the one that writes
-                if evaluate_now:  # before the checkpoint: a resume from an earlier one redoes it
-                    recorder.evaluate(it)
-                if saving:
-                    recorder.save(it, unlogged)
-        if stopping:
-            recorder.say(f'interrupted: checkpoint saved after iteration {it}; continue with --resume=True')
-            break
-    recorder.losses()
-    return stopping
+def train_loop(cfg, pairs, data, noise_rng, recorder):
+    """Train from the recorder's next iteration to the last. recorder (support part: Recorder) logs, evaluates,
+    saves on schedule and catches Ctrl-C; True when it stopped the run early (after a checkpoint)."""
+    for it in range(recorder.iteration + 1, cfg['iterations']):
+        stats = gap_iteration(it, pairs, data, noise_rng, cfg)
+        if recorder.after(it, stats):
+            return True
+    return False
 
 
 # ====================================================================================
-# Support code: the command line, the data, the written-out backward and its start-up check, files and
-# checkpoints, the evaluation, comparing runs, pictures, torchrun's processes, the run, CUDA graphs.
+# Support code: a layer for edits, the command line, the data, torchrun's processes, files and checkpoints, the
+# evaluation, comparing runs, pictures, and the run. Sides, optimisers and statistics are treated generically.
 # ====================================================================================
+
+class PerPair(nn.Module):
+    """n independent copies of any torch module (a convolution, a block, ...), each made by make() and run side by
+    side by torch.func.vmap: every weight gets its leading pairs dimension."""
+
+    def __init__(self, n, make):
+        super().__init__()
+        copies = [make() for _ in range(n)]
+        if any(nn.utils.parametrize.is_parametrized(m) or m._forward_pre_hooks for c in copies for m in c.modules()):
+            raise ValueError('PerPair cannot stack parametrised modules (spectral_norm, weight_norm, ...); for '
+                             'spectral norm per pair, use SpectralLinear(n, fan_in, fan_out) in place of Linear')
+        params, buffers = torch.func.stack_module_state(copies)
+        self.names = {name.replace('.', '__'): name for name in (*params, *buffers)}
+        for name, value in params.items():
+            self.register_parameter(name.replace('.', '__'), nn.Parameter(value))
+        for name, value in buffers.items():
+            self.register_buffer(name.replace('.', '__'), value)
+        self.template = [copies[0].to('meta')]  # in a list: not a submodule, its own weights are never used
+
+    def forward(self, x):
+        tensors = {self.names[name]: t for name, t in (*self.named_parameters(), *self.named_buffers())}
+        call = lambda state, each: torch.func.functional_call(self.template[0].train(self.training), state, (each,))
+        return torch.func.vmap(call)(tensors, x)
+
 
 CLASSIFIER_VERSION = 1  # bump when Classifier or its training changes, so caches are rebuilt
 CLASSIFIER_EPOCHS = {'mnist': 3, 'fashion_mnist': 6}
 COLLECTIVE_TIMEOUT = 300  # seconds a process waits for the others before it gives up
-# Every hyperparameter's rules, in one table that every check reads (a test fails when the block has a name
-# that is not here; one added without a row takes its default's kind, is never resumable and separates
-# configurations). kind: the value it takes, in the block or on the command line. Flags:
-#   R  a resume may change it (the run continues exactly, only its schedule or its files change)
-#   S  it fixes the networks' shape: a checkpoint fits only networks of its own
-#   P  runs that differ in it cannot share one pool of discriminators in --compare
-#   C  runs that differ in it are different configurations in --compare (the others' runs are seeds of one)
-RULES = {
-    'z_dim': (int, 'SPC'), 'h_dim': (int, 'SPC'), 'layers': (int, 'SPC'),
-    'n_pairs': (int, 'SC'), 'K': (int, 'C'),
-    'mb_size': (int, 'C'), 'lr': (float, 'RC'), 'beta1': (float, 'C'), 'iterations': (int, 'RC'), 'seed': (int, ''),
-    'paper': (bool, 'C'), 'own_noise': (bool, 'C'), 'prior': (str, 'C'), 'input_noise': (float, 'C'),
-    'clip': (float, 'C'), 'swap': (str, 'C'), 'batch_norm': (bool, 'SC'),
-    'log_every': (int, 'R'), 'sample_every': (int, 'R'), 'out_dir': (str, 'R'), 'resume': (bool, 'R'), 'resume_edited': (bool, 'R'),
-    'dataset': (str, 'SPC'), 'data_root': (str, 'R'), 'train_size': (int, 'C'),
-    'eval_every': (int, 'R'), 'eval_at_end': (bool, 'R'), 'eval_samples': (int, 'R'), 'classifier_dir': (str, 'R'),
-    'compare': (str, 'R'),
-    'device': (str, 'R'), 'dtype': (str, 'SC'), 'cuda_graphs': (bool, 'R'), 'threads': (int, 'R'),
-}
-KINDS = {name: kind for name, (kind, _) in RULES.items()}
-RESUMABLE = tuple(name for name, (_, flags) in RULES.items() if 'R' in flags)
-SHAPE_KEYS = tuple(name for name, (_, flags) in RULES.items() if 'S' in flags)
-POOL_KEYS = tuple(name for name, (_, flags) in RULES.items() if 'P' in flags)
-NOT_CONFIGURATION = tuple(name for name, (_, flags) in RULES.items() if 'C' not in flags)
+COUNTS = ('z_dim', 'h_dim', 'layers', 'n_pairs', 'K', 'mb_size', 'iterations', 'seed', 'log_every', 'sample_every',
+          'train_size', 'eval_every', 'eval_samples', 'threads')  # whole numbers (2e5 written in the block is one)
+# a resume may change these: the run continues exactly, only its schedule, its files or its lr change
+RESUMABLE = ('lr', 'iterations', 'log_every', 'sample_every', 'out_dir', 'resume', 'resume_edited', 'data_root',
+             'eval_every', 'eval_at_end', 'eval_samples', 'classifier_dir', 'compare', 'device', 'threads')
+NOT_CONFIGURATION = (*RESUMABLE, 'seed')  # runs that differ only in these are seeds of one configuration
+POOL_KEYS = ('z_dim', 'h_dim', 'layers', 'dataset')  # runs that differ in these cannot share one pool in --compare
 IMAGE_DATASETS = {'mnist': 'MNIST', 'fashion_mnist': 'FashionMNIST'}  # torchvision's class and folder names
-MIXTURES = ('ring8', 'grid25', 'r15')
 R15_CENTRE = (10.0, 9.96)  # where R15's own coordinates put the centre of the mixture that mixture('r15') centres
-MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
-               't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')  # the same four names for Fashion-MNIST
+MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
+ACCEPTED = {bool: 'True or False', int: 'a whole number', float: 'a number', str: 'a string'}
 
 # ------------------------------------------------------------------------------------
 # command line: --name=value, checked against the kind of value each name takes
 
-def hyperparameters():
-    """(name, default, meaning) of each assignment in the block above, read from this file so --help never drifts.
-
-    Any plain `name = value` works there (an expression too), with or without a `# meaning` after it; blank and
-    comment-only lines are skipped. Anything else is refused with its line number, as is a value of the wrong kind
-    (KINDS: a string for a number, 2.5 for a count); a count written as a whole float (2e5) is an integer."""
+def read_block():
+    """(name, default, meaning) of each line `name = value  # meaning` of the hyperparameter block, read from this
+    file so that --help never drifts; a line of another form, or a value of the wrong kind, is refused."""
     with open(__file__) as f:
         lines = f.read().splitlines()
-    first = next(i for i, line in enumerate(lines) if line.startswith('# --- hyperparameters')) + 1
-    block = '\n'.join(lines[first:next(i for i, line in enumerate(lines) if line.startswith('# --- end of hyperparameters'))])
-    comments = {token.start[0]: token.string.lstrip('#').strip()
-                for token in tokenize.generate_tokens(StringIO(block).readline) if token.type == tokenize.COMMENT}
-    table = []
-    for node in ast.parse(block).body:
-        where = f'{os.path.basename(__file__)} line {first + node.lineno}'
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-            refuse(f'{where}: {ast.get_source_segment(block, node)!r} is not a hyperparameter; '
-                   f'write one `name = value  # meaning` per line')
-        name = node.targets[0].id
-        if type(globals()[name]) not in (bool, int, float, str):
-            refuse(f'{where}: {name} must be a number, True/False or a string, not {type(globals()[name]).__name__}')
-        value = of_kind(KINDS.get(name, type(globals()[name])), globals()[name])
-        if value is None:
-            refuse(f'{where}: {name} must be {ACCEPTED[KINDS[name]]}, not {globals()[name]!r}')
-        table.append((name, value, comments.get(node.end_lineno, '')))
-    return table
+    first, table = next(i for i, line in enumerate(lines) if line.startswith('# --- hyperparameters')) + 1, []
+    for number, line in enumerate(lines[first:], first + 1):
+        if line.startswith('# --- end of hyperparameters'):
+            return table
+        found = re.fullmatch(r'(\w+) = [^#]+?(?:\s+#\s*(.*))?', line)
+        where = f'{os.path.basename(__file__)} line {number}'
+        if line.strip() and not line.startswith('#') and (not found or found[1] not in globals()):
+            refuse(f'{where}: {line.strip()!r} is not a hyperparameter; write one `name = value  # meaning` per line')
+        if found:
+            name, value = found[1], globals()[found[1]]
+            if of_kind(kind_of(name, value), value) is None:
+                refuse(f'{where}: {name} must be {ACCEPTED[kind_of(name, value)]}, not {value!r}')
+            table.append((name, of_kind(kind_of(name, value), value), found[2] or ''))
 
 
-ACCEPTED = {bool: 'True or False', int: 'a whole number', float: 'a number', str: 'a string'}
+def kind_of(name, default):
+    """The kind of value a hyperparameter takes: a count (COUNTS), else a number, else its default's kind."""
+    return int if name in COUNTS else float if type(default) in (int, float) else type(default)
 
 
 def of_kind(kind, value):
-    """value as a value of kind, the one place that coerces: a count written as a whole float (2e5 in the block,
-    1e3 on the command line) as an integer, a number written as an integer as a float; None when it is of another
-    kind (a string for a number, 2.5 for a count, 1 for True)."""
-    if kind is int and type(value) is float and value.is_integer():
-        return int(value)
-    if kind is float and type(value) is int:
-        return float(value)
+    """value as a value of kind: a whole float (2e5) as a count, an integer as a float; None for another kind."""
+    if kind is int and type(value) is float and value.is_integer() or kind is float and type(value) is int:
+        return kind(value)
     return value if type(value) is kind else None
 
 
@@ -625,19 +442,15 @@ def refuse(message):
 
 
 def convert(name, text, default):
-    """The text of --name=text as a value of name's kind (KINDS, else the default's), or a refusal saying what is
-    accepted. Numbers take the forms the block takes: 1000, 1_000, 1e3 (a count too, when it is whole)."""
-    kind = KINDS.get(name, type(default))
+    """The text of --name=text as a value of name's kind, or a refusal saying what is accepted. Numbers take the
+    forms the block takes: 1000, 1_000, 1e3 (a count too, when it is whole)."""
+    kind, value = kind_of(name, default), text
     if kind is bool:
         value = {'true': True, '1': True, 'false': False, '0': False}.get(text.lower())
-    elif kind is str:
-        value = text
-    else:
-        try:
-            number = int(text) if re.fullmatch(r'[-+]?\d[\d_]*', text) else float(text)
-        except ValueError:
-            number = None
-        value = None if number is None else of_kind(kind, number)
+    elif kind is not str:
+        with suppress(ValueError):
+            value = of_kind(kind, int(text) if re.fullmatch(r'[-+]?\d[\d_]*', text) else float(text))
+        value = None if value is text else value
     if value is None:
         refuse(f'--{name}={text}: expected {ACCEPTED[kind]} (default {default!r})')
     return value
@@ -645,52 +458,36 @@ def convert(name, text, default):
 
 def check(cfg):
     """Refuse values that make no sense, before any work starts."""
-    rules = [
-        (cfg['z_dim'] >= 1, 'z_dim must be at least 1'),
-        (cfg['h_dim'] >= 1, 'h_dim must be at least 1'),
-        (cfg['layers'] >= 1, 'layers must be at least 1'),
-        (cfg['n_pairs'] >= 1, 'n_pairs must be at least 1'),
-        (cfg['K'] >= 0, 'K must be 0 (never swap) or a positive number of iterations'),
+    at_least = {'z_dim': 1, 'h_dim': 1, 'layers': 1, 'n_pairs': 1, 'mb_size': 1, 'iterations': 1, 'log_every': 1,
+                'sample_every': 1, 'eval_samples': 2, 'K': 0, 'train_size': 0, 'eval_every': 0, 'threads': 0,
+                'input_noise': 0, 'clip': 0}  # 0: off (never, all, torch's default, none)
+    one_of = {'dataset': (*IMAGE_DATASETS, *MIXTURES), 'dtype': ('float32', 'float64'),
+              'prior': ('gaussian', 'uniform', 'mixed'), 'swap': ('derangement', 'matching')}
+    rules = [(cfg[k] >= low and math.isfinite(cfg[k]), f'{k} must be at least {low}' + ' (0: off)' * (low == 0))
+             for k, low in at_least.items()] + [(cfg[k] in values, f'{k} must be one of {", ".join(values)}')
+                                                for k, values in one_of.items()] + [
         (cfg['K'] == 0 or cfg['n_pairs'] >= 2, 'K>0 swaps discriminators between pairs: it needs n_pairs >= 2 (or K=0)'),
-        (cfg['mb_size'] >= 1, 'mb_size must be at least 1'),
-        (cfg['mb_size'] >= 2 or not cfg['batch_norm'], 'batch_norm needs mb_size of at least 2 (one example has no '
-                                                       'batch statistics to normalise by)'),
+        (cfg['mb_size'] >= 2 or not cfg['batch_norm'], 'batch_norm needs mb_size of at least 2'),
         (cfg['lr'] > 0 and math.isfinite(cfg['lr']), 'lr must be a positive number'),
         (0 <= cfg['beta1'] < 1, 'beta1 must be at least 0 and below 1'),
         (0 <= cfg['seed'] < 2 ** 32, 'seed must be a whole number from 0 to 2**32 - 1 (4294967295)'),
-        (cfg['train_size'] >= 0, 'train_size must be 0 (all) or a positive number of examples'),
-        (cfg['iterations'] >= 1, 'iterations must be at least 1'),
-        (cfg['log_every'] >= 1, 'log_every must be at least 1'),
-        (cfg['sample_every'] >= 1, 'sample_every must be at least 1'),
-        (cfg['threads'] >= 0, 'threads must be 0 (torch default) or a positive count'),
-        (cfg['dataset'] in (*IMAGE_DATASETS, *MIXTURES), f"dataset must be one of {', '.join((*IMAGE_DATASETS, *MIXTURES))}"),
-        (cfg['eval_every'] >= 0, 'eval_every must be 0 (never) or a positive number of iterations'),
-        (cfg['eval_samples'] >= 2, 'eval_samples must be at least 2'),
-        (cfg['dtype'] in ('float32', 'float64'), "dtype must be 'float32' or 'float64'"),
-        (cfg['prior'] in ('gaussian', 'uniform', 'mixed'), "prior must be 'gaussian', 'uniform' or 'mixed'"),
-        (cfg['swap'] in ('derangement', 'matching'), "swap must be 'derangement' or 'matching'"),
-        (cfg['input_noise'] >= 0 and math.isfinite(cfg['input_noise']), 'input_noise must be 0 (none) or a positive std'),
-        (cfg['clip'] >= 0 and math.isfinite(cfg['clip']), 'clip must be 0 (never) or a positive gradient norm'),
-        (re.fullmatch(r'auto|cpu|cuda(:\d+)?', cfg['device']) is not None,
-         "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+        (re.fullmatch(r'auto|cpu|cuda(:\d+)?', cfg['device']) is not None, "device must be 'auto', 'cpu' or 'cuda[:N]'"),
         (not cfg['device'].startswith('cuda') or torch.cuda.is_available(),
-         f"device {cfg['device']!r} asked for, but CUDA is not available here (use --device=cpu or auto)"),
-    ]
+         f"device {cfg['device']!r} asked for, but CUDA is not available here (use --device=cpu or auto)")]
     for ok, message in rules:
         if not ok:
             refuse(message)
 
 
 block_values = {}  # the block as the last parse_args read it: checkpoints keep it, so that a resume can tell its edits
-explicit = set()  # the names the last parse_args was given explicitly: on its command line, and, on a resume, those
-# edited in the block since the checkpoint's run; all others are the block's values (the checkpoint's, on a resume)
+explicit = set()  # the names given explicitly: on the command line, and, on a resume, those edited in the block
 
 
 def parse_args(argv):
-    """The hyperparameters: the defaults above, overridden by --name=value arguments; on a resume, the checkpoint's,
+    """The hyperparameters: the block's, overridden by --name=value arguments; on a resume, the checkpoint's,
     overridden only by those given explicitly (continued). Sets block_values and explicit."""
     global block_values, explicit
-    table = hyperparameters()
+    table = read_block()
     cfg = {name: default for name, default, _ in table}
     block_values, explicit = dict(cfg), set()
     for arg in argv:
@@ -711,19 +508,16 @@ def parse_args(argv):
 
 def show_help(table):
     lines = [__doc__.strip(), '', 'hyperparameters (--name=value):']
-    lines += [f'  --{name:<15} {default!r:<18} {meaning}' for name, default, meaning in table]
-    try:
-        print('\n'.join(lines), flush=True)
-    except BrokenPipeError:  # `--help | head`: the reader stopped early, which is no error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    with suppress(BrokenPipeError):  # `--help | head`: the reader stopped early, which is no error
+        print('\n'.join(lines + [f'  --{name:<15} {default!r:<18} {meaning}' for name, default, meaning in table]))
+        sys.stdout.flush()
     sys.exit(0)
 
 
 def continued(cfg, named):
-    """A resume's hyperparameters, and the names given explicitly: the checkpoint's values, but for the names on the
-    command line (named) and those edited in the block since the checkpoint's run (it keeps the block as it was).
-    out_dir is where the checkpoint was found. A checkpoint that is missing or damaged is left to load_checkpoint
-    to refuse; one written before checkpoints kept the block leaves cfg as it is (a resume then compares with it)."""
+    """A resume's hyperparameters and the names given explicitly: the checkpoint's values, but for the names on the
+    command line and those edited in the block since the checkpoint's run. A missing or damaged checkpoint is left
+    to load_checkpoint to refuse."""
     try:
         state = torch.load(checkpoint_path(cfg), map_location='cpu', weights_only=True)
         saved, then = state['hyperparameters'], state['block']
@@ -737,7 +531,7 @@ def continued(cfg, named):
 # data: the whole training set as one uint8 tensor on the training device
 
 def load_images(dataset, root, train=True):
-    """MNIST or Fashion-MNIST as uint8 (N, 784) images and labels; one clear message and exit 1 when they cannot be had."""
+    """MNIST or Fashion-MNIST as uint8 (N, 784) images and labels, or one clear message and exit 1."""
     import torchvision
     folder = IMAGE_DATASETS[dataset]
     raw = os.path.join(root, folder, 'raw')
@@ -759,12 +553,9 @@ def load_images(dataset, root, train=True):
 
 
 def mixture(dataset):
-    """Centres (modes, 2) and standard deviation of a 2-D Gaussian mixture, as the literature defines them: 8
-    Gaussians on a circle of radius 2 with std 0.02; 25 on the grid {-4,-2,0,2,4}^2 with std 0.05; or R15
-    (Veenman et al. 2002): one Gaussian at the centre, 7 at radius 2.025 and 7 at radius 6.4 around it, both rings
-    at angles k*360/7, std 0.3, centred at the origin (in R15's own coordinates the centre is R15_CENTRE; networks
-    with batch norm and clipped gradients did not reach data that far off, K=0 included). The generators of 2-D
-    data have a linear output."""
+    """Centres (modes, 2) and std of a 2-D Gaussian mixture: 8 on a circle of radius 2, std 0.02; 25 on the grid
+    {-4,-2,0,2,4}^2, std 0.05; or R15 (Veenman et al. 2002), centred at the origin: one Gaussian at the centre, 7 at
+    radius 2.025 and 7 at 6.4 around it, at angles k*360/7, std 0.3."""
     if dataset == 'ring8':
         angle = torch.arange(8) * 2 * math.pi / 8
         return 2 * torch.stack([angle.cos(), angle.sin()], 1), 0.02
@@ -804,21 +595,19 @@ def used_for_training(data, cfg):
 
 
 class Batches:
-    """Minibatches from a data tensor on the training device, a fresh shuffle each epoch.
+    """Minibatches of a data set on the training device, as D's inputs (dtype) with their labels, a fresh shuffle
+    each epoch: (1, batch, x_dim) and (1, batch), shared by every pair. Every example is used once per epoch (a
+    batch that runs past an epoch's end takes the rest from the next shuffle, as the reference's reader did)."""
 
-    Every image is used once per epoch: a batch that runs past the end of an epoch
-    takes the rest from the next shuffle, as the reference's reader did. No per-image
-    Python work and no host-device synchronisation."""
-
-    def __init__(self, data, mb_size, seed):
-        self.data, self.mb_size = data, mb_size
+    def __init__(self, data, labels, mb_size, seed, dtype):
+        self.data, self.labels, self.mb_size, self.dtype = data, labels, mb_size, dtype
         self.rng = torch.Generator(device=data.device).manual_seed(seed)
         self.order, self.pos = self.shuffle(), 0
 
     def shuffle(self):
         return torch.randperm(len(self.data), generator=self.rng, device=self.data.device)
 
-    def next(self):
+    def rows(self):
         parts, need = [], self.mb_size
         while need:
             if self.pos == len(self.order):
@@ -826,8 +615,11 @@ class Batches:
             take = min(need, len(self.order) - self.pos)
             parts.append(self.order[self.pos:self.pos + take])
             self.pos, need = self.pos + take, need - take
-        rows = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return self.data.index_select(0, rows)  # a plain row gather, several times faster than self.data[rows]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def next(self):
+        rows = self.rows()  # index_select: a plain row gather, several times faster than data[rows]
+        return as_inputs(self.data.index_select(0, rows), self.dtype)[None], self.labels.index_select(0, rows)[None]
 
     def state_dict(self):
         return {'rng': self.rng.get_state(), 'order': self.order.cpu(), 'pos': self.pos}
@@ -838,13 +630,14 @@ class Batches:
 
 
 class PairBatches:
-    """Each pair's own minibatches (own_noise): one Batches per pair, each with its own shuffle; (n_pairs, batch, ...)."""
+    """Each pair's own minibatches (own_noise): one Batches per pair, each its own shuffle; (n_pairs, batch, ...)."""
 
-    def __init__(self, data, mb_size, seeds):
-        self.data, self.each = data, [Batches(data, mb_size, seed) for seed in seeds]
+    def __init__(self, data, labels, mb_size, seeds, dtype):
+        self.data, self.each = data, [Batches(data, labels, mb_size, seed, dtype) for seed in seeds]
 
     def next(self):
-        return torch.stack([batches.next() for batches in self.each])
+        x, y = zip(*(batches.next() for batches in self.each))
+        return torch.cat(x), torch.cat(y)
 
     def state_dict(self):
         return {'each': [batches.state_dict() for batches in self.each]}
@@ -854,16 +647,15 @@ class PairBatches:
             batches.load_state_dict(saved)
 
 
-def make_batches(data, cfg, seed):
+def make_batches(data, labels, cfg, seed, dtype):
     """One shuffle shared by every pair, or each pair its own (own_noise)."""
     if not cfg['own_noise']:
-        return Batches(data, cfg['mb_size'], seed)
-    return PairBatches(data, cfg['mb_size'], [seed + 1_000_003 * (k + 1) for k in range(cfg['n_pairs'])])
+        return Batches(data, labels, cfg['mb_size'], seed, dtype)
+    return PairBatches(data, labels, cfg['mb_size'], [seed + 1_000_003 * (k + 1) for k in range(cfg['n_pairs'])], dtype)
 
 
 def as_inputs(batch, dtype):
-    """A batch as network inputs: image pixels in PIXELS, 2-D points as they are. Images stay uint8 until a batch is
-    drawn, which quarters their memory."""
+    """Data as network inputs: image pixels (stored as uint8) in PIXELS, 2-D points as they are."""
     if batch.dtype != torch.uint8:
         return batch.to(dtype)
     low, high = PIXELS
@@ -877,162 +669,103 @@ def as_unit_pixels(samples):
 
 
 # ------------------------------------------------------------------------------------
-# the written-out backward: where the start-up check confirms it, it trains instead of autograd
+# torchrun: process r trains pairs r*L .. r*L+L-1 (L = n_pairs / processes). Every process draws the same noise
+# and batches as a single process would and keeps its own pairs' (own_share); at a swap the networks move between
+# processes (exchange). In a single process these do nothing.
 
-class Adam(torch.optim.Adam):
-    """torch's fused Adam without the generic Optimizer.step bookkeeping (hooks, profiler records,
-    grad-scaler checks), which at this size costs about as much as the update itself. Same state,
-    same update kernel: the tests pin it to torch.optim.Adam through the reference loop."""
+class Processes:
+    """This process and, under torchrun, the others: one instance, procs, which start() sets up."""
+    world, rank, leader, slots, device = 1, 0, True, None, torch.device('cpu')
 
-    def __init__(self, params, lr, beta1):
-        super().__init__(params, lr=lr, betas=(beta1, 0.999), fused=True)
+    def start(self, cfg):
+        """Join the other processes (under torchrun); returns the training device."""
+        self.world, self.rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
+        self.leader, self.device = self.rank == 0, pick_device(cfg['device'])
+        if self.world > 1:
+            if cfg['n_pairs'] % self.world:
+                refuse(f'n_pairs={cfg["n_pairs"]} cannot be spread evenly over {self.world} processes')
+            import datetime
+            import torch.distributed as dist
+            if self.device.type == 'cuda':
+                self.device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+                torch.cuda.set_device(self.device)
+            self.dist = dist
+            dist.init_process_group('nccl' if self.device.type == 'cuda' else 'gloo',
+                                    timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT))
+        mine = cfg['n_pairs'] // self.world
+        self.slots = torch.arange(self.rank * mine, (self.rank + 1) * mine)
+        return self.device
 
-    @torch.no_grad()  # for the weights that autograd trains
-    def step(self):
-        group = self.param_groups[0]
-        params = group['params']
-        if not self.state:
-            return super().step()  # the first step creates the state
-        states = [self.state[p] for p in params]
-        steps = [state['step'] for state in states]
-        torch._foreach_add_(steps, 1)
-        torch._fused_adam_(params, [p.grad for p in params], [state['exp_avg'] for state in states],
-                           [state['exp_avg_sq'] for state in states], [], steps, amsgrad=False, lr=group['lr'],
-                           beta1=group['betas'][0], beta2=group['betas'][1], weight_decay=group['weight_decay'],
-                           eps=group['eps'], maximize=False)
-    step.hooked = True  # tells Optimizer not to wrap step in its hook and profiler layer
+    def say(self, message):
+        """Print a line, from the leader only (one log, however many processes)."""
+        if self.leader:
+            print(message, flush=True)
 
+    def gather(self, tensor, dim=0):
+        """Every process's tensor, concatenated along dim in process order (the tensor itself in one process)."""
+        if self.world == 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world)]
+        self.dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim)
 
-# The gradients of the two losses above, written out: (D - 1) / batch on real logits, D / batch on fake ones
-# for d_loss, (D - 1) / batch for g_loss. Autograd gives the same at about twice the cost of a step's small
-# ops, so check_losses uses these only for a loss whose autograd gradient they match at start-up; an edited
-# loss trains through autograd (loss_and_logit_grads).
-CLOSED_FORMS = {
-    'd_loss': lambda real, fake: ((torch.sigmoid(real) - 1) / real.shape[1], torch.sigmoid(fake) / fake.shape[1]),
-    'g_loss': lambda fake: ((torch.sigmoid(fake) - 1) / fake.shape[1],),
-}
-verified_closed_forms = {}  # loss function -> its closed-form gradient, filled by check_losses
+    def anyone(self, flag):
+        """Whether flag is set in any process (so that all stop together)."""
+        if self.world == 1:
+            return bool(flag)
+        flag = torch.tensor([float(bool(flag))], device=self.device)
+        self.dist.all_reduce(flag, op=self.dist.ReduceOp.MAX)
+        return bool(flag.item())
 
-
-def check_losses():
-    """Use the written-out gradient of each loss that autograd confirms on random float64 logits, big ones too."""
-    rng = torch.Generator().manual_seed(0)
-    verified_closed_forms.clear()
-    for loss, n_inputs in ((d_loss, 2), (g_loss, 1)):
-        logits = [4 * torch.randn(2, 6, 1, generator=rng, dtype=torch.float64) for _ in range(n_inputs)]
-        closed_form = CLOSED_FORMS[loss.__name__](*logits)
-        autograd = loss_and_logit_grads(loss, *logits)[1]
-        if all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(closed_form, autograd)):
-            verified_closed_forms[loss] = CLOSED_FORMS[loss.__name__]
-
-
-def linear_backward(layer, x, y, grad, weights, need_input):
-    if weights:
-        torch.bmm(x.transpose(1, 2), grad, out=layer.weight.grad)
-        torch.sum(grad, 1, keepdim=True, out=layer.bias.grad)
-    return torch.bmm(grad, layer.weight.transpose(1, 2)) if need_input else None
-
-
-# d(loss)/d(a layer's input) from d(loss)/d(its output), given its input x and output y, for the layers that have
-# one written out (a handful of products: about 1.4x faster than autograd at this size). Activations use y only,
-# so they may run in place. check_backward tries these against autograd at every start.
-WRITTEN_OUT = {
-    Linear: linear_backward,
-    nn.ReLU: lambda layer, x, y, grad, *_: torch.ops.aten.threshold_backward(grad, y, 0),
-    nn.LeakyReLU: lambda layer, x, y, grad, *_: torch.ops.aten.leaky_relu_backward(grad, y, layer.negative_slope, True),
-    nn.Sigmoid: lambda layer, x, y, grad, *_: torch.ops.aten.sigmoid_backward(grad, y),
-    nn.Tanh: lambda layer, x, y, grad, *_: torch.ops.aten.tanh_backward(grad, y),
-}
-written_out_confirmed = {}  # 'G' or 'D' -> True where check_backward confirmed the written-out backward
+    def close(self, finished):
+        if self.world > 1 and self.dist.is_initialized():
+            if finished:
+                self.dist.barrier()  # nobody tears down while another still talks
+            self.dist.destroy_process_group()
 
 
-def forward_saving(model, x):
-    """model's output on x, and every layer's input and output (what backward_written_out needs)."""
-    outputs = [x.expand(model.n_pairs, *x.shape[-2:])]
-    for layer in model:
-        outputs.append(layer.forward(outputs[-1]))
-    return outputs[-1], outputs
+procs = Processes()
 
 
-def backward_written_out(model, outputs, grad, weights=True, inputs=False):
-    """Given d(loss)/d(output), write d(loss)/d(weight) into each weight's .grad (if weights) and return
-    d(loss)/d(x) (if inputs), layer by layer from the output back."""
-    layers = list(model)
-    for k in range(len(layers) - 1, -1, -1):
-        if k == 0 and not (inputs or weights):
-            break
-        grad = WRITTEN_OUT[type(layers[k])](layers[k], outputs[k], outputs[k + 1], grad, weights, k > 0 or inputs)
-    return grad if inputs else None
+def pick_device(name):
+    return torch.device('cuda' if name == 'auto' and torch.cuda.is_available() else 'cpu' if name == 'auto' else name)
 
 
-def step_gradients(cfg, x_dim, written_out):
-    """Both sides' gradients after one train_step of small float64 networks built the way this run builds its own
-    (2 pairs, h_dim at most 6), G and D trained by their written-out backward where written_out says; the same
-    weights, data and random draws (dropout's masks too) whatever written_out is."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        G, D = make_pairs({**cfg, 'h_dim': min(cfg['h_dim'], 6), 'n_pairs': 2}, x_dim, torch.device('cpu'),
-                          torch.float64, n=2, written_out=written_out)
-        z = torch.randn(2 if cfg['own_noise'] else 1, 4, cfg['z_dim'], dtype=torch.float64)
-        low, high = PIXELS if cfg['dataset'] in IMAGE_DATASETS else (-1, 1)
-        x = low + (high - low) * torch.rand(2 if cfg['own_noise'] else 1, 4, x_dim, dtype=torch.float64)
-        input_noise = [0.1 * torch.randn(2, 4, x_dim, dtype=torch.float64) if cfg['input_noise'] else None
-                       for _ in range(3)]
-        torch.manual_seed(1)  # the draws of random layers
-        train_step(G, D, z, x, input_noise, cfg['clip'])
-    return {f'{name}.{p}': t.grad for name, side in (('G', G), ('D', D)) for p, t in side['model'].named_parameters()}
+def own_share(t):
+    """This process's pairs' part of t, every pair's (n_pairs, ...); t shared by every pair, (1, ...), as it is."""
+    return t if procs.world == 1 or t is None or len(t) == 1 else t[procs.slots.to(t.device)]
 
 
-def check_backward(cfg, x_dim, say=print):
-    """Decide which side trains by its written-out backward: a side whose every layer has one, and whose gradients,
-    trained so, equal autograd's on small float64 copies of this run's networks (both steps, each side alone).
-    Every other side trains through autograd, and one line says so. Refuses weights without a pairs dimension."""
-    sides = dict(zip('GD', make_pairs({**cfg, 'h_dim': min(cfg['h_dim'], 6)}, x_dim, torch.device('cpu'),
-                                      torch.float64, n=2, written_out={})))
-    flat = [f'{name}.{k}' for name, side in sides.items()
-            for k, t in (*side['model'].named_parameters(), *side['model'].named_buffers()) if t.shape[:1] != (2,)]
-    if flat:
-        refuse(f'{", ".join(flat)} has no leading pairs dimension: every weight of the networks is (n_pairs, ...); '
-               f'use Linear, SpectralLinear (spectral norm per pair), BatchNorm, or PerPair(n, lambda: your_layer)')
-    autograd = step_gradients(cfg, x_dim, {})
-    written_out_confirmed.clear()
-    for name, side in sides.items():
-        model = side['model']
-        missing = sorted({type(layer).__name__ for layer in model if type(layer) not in WRITTEN_OUT})
-        if missing or not model.per_example:
-            say(f'{name} trains through autograd ({", ".join(missing) or "batch statistics"} '
-                f'{"has" if len(missing) < 2 else "have"} no written-out backward): roughly {AUTOGRAD_COST} the time '
-                f'of its written-out step')
-            continue
-        trial = step_gradients(cfg, x_dim, {name: True})
-        differ = [k for k in autograd if not torch.allclose(trial[k], autograd[k], rtol=1e-7, atol=1e-10)]
-        if differ:
-            say(f'{name} trains through autograd: its written-out backward differs from autograd\'s for '
-                f'{", ".join(differ)} (mend WRITTEN_OUT for the layer you changed to get the fast step back)')
-        else:
-            written_out_confirmed[name] = True
+def exchange(t, partners):
+    """t (this process's slots of a per-network tensor) after slot i takes what slot partners[i] held."""
+    mine = partners if procs.world == 1 else partners[procs.slots]
+    return procs.gather(t)[mine.to(t.device)]
 
 
-AUTOGRAD_COST = '1.3x'  # one side through autograd: the LayerNorm-in-D edit runs at 0.78x the default's speed (CPU)
+def per_network(state, f):
+    """A side's state_dict with f applied to every per-network tensor (one with a leading pairs dimension)."""
+    if torch.is_tensor(state):
+        return f(state) if state.dim() else state
+    if isinstance(state, dict):
+        return {k: per_network(v, f) for k, v in state.items()}
+    return type(state)(per_network(v, f) for v in state) if isinstance(state, (list, tuple)) else state
 
 
-@contextmanager
-def evaluating(*sides):
-    """The sides' networks in eval mode (dropout off, batch norm's running statistics), then back to training."""
-    for side in sides:
-        side['model'].eval()
-    try:
-        yield
-    finally:
-        for side in sides:
-            side['model'].train()
+def share_of_process(pairs, cfg, x_dim):
+    """The pairs this process trains: all of them in one process; under torchrun copies of its slots' slices."""
+    if procs.world == 1:
+        return pairs
+    share = make_pairs(cfg, x_dim, procs.device, getattr(torch, cfg['dtype']), n=len(procs.slots))
+    for name, side in share.items():
+        side.load_state_dict(per_network(pairs[name].state_dict(), lambda t: t[procs.slots.to(t.device)]))
+    return share
 
 
-@torch.no_grad()
-def generate(G, z):
-    """Each generator's samples of the noise z, (n_pairs, batch, x_dim), in eval mode."""
-    with evaluating(G):
-        return G['model'](z)
+def collect_pairs(pairs, share):
+    """Bring pairs (every pair) up to date from every process's share (every process must call it)."""
+    if share is not pairs:
+        for name, side in pairs.items():
+            side.load_state_dict(per_network(share[name].state_dict(), procs.gather))
 
 
 # ------------------------------------------------------------------------------------
@@ -1056,6 +789,20 @@ def replacing(path):
         raise WriteFailed(f'cannot write {path} ({error.strerror or error})') from error
 
 
+def write_csv(path, header, rows):
+    """A CSV file of rows (dicts, or lists in header's order), written whole: floats as 6 digits, lists as numbers."""
+    cell = lambda v: ' '.join(f'{x:.4g}' for x in v) if isinstance(v, list) else f'{v:.6g}' if isinstance(v, float) else v
+    with replacing(path) as tmp, open(tmp, 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows([cell(row.get(k, '')) for k in header] if isinstance(row, dict) else row for row in rows)
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
 def checkpoint_path(cfg):
     return os.path.join(cfg['out_dir'], 'checkpoint.pt')
 
@@ -1067,89 +814,63 @@ def save_checkpoint(path, state):
         os.fsync(f.fileno())
 
 
-def side_state(side):
-    """What a checkpoint keeps of a side: its networks' weights, their layers as text, and their Adam state."""
-    return {'model': side['model'].state_dict(), 'layers': repr(side['model']), 'solver': side['solver'].state_dict()}
-
-
-def first_weight(side):
-    """A side's first weight: its device and dtype are the side's."""
-    return next(side['model'].parameters())
-
-
-def load_networks(side, saved_side, where, name):
-    """Load a side's networks from a checkpoint's, or refuse in one line when the script builds other networks than
-    those the checkpoint holds (an edited network, other hyperparameters): other layers, or weights of other names
-    or shapes."""
-    layers = [line.strip() for line in repr(side['model']).splitlines()]
-    then = [line.strip() for line in saved_side.get('layers', repr(side['model'])).splitlines()]  # older: unrecorded
-    if then != layers:
-        there, here = next((a, b) for a, b in zip(then + [''], layers + ['']) if a != b)
-        refuse(f'{where} holds other networks than this script builds ({name}: {there or "nothing"} there, '
-               f'{here or "nothing"} here)')
-    saved, mine = saved_side['model'], side['model'].state_dict()
-    differ = [f'{name}.{k} {tuple(saved[k].shape) if k in saved else "absent"} there, '
-              f'{tuple(mine[k].shape) if k in mine else "absent"} here'
-              for k in sorted(set(mine) | set(saved)) if k not in mine or k not in saved or mine[k].shape != saved[k].shape]
-    if differ:
-        refuse(f'{where} holds other networks than this script builds ({"; ".join(differ[:3])}'
-               f'{"; ..." if len(differ) > 3 else ""})')
-    side['model'].load_state_dict(saved)
-
-
 def algorithm_code():
-    """{name: crc32 of its source} of every definition in the algorithm part of this file (from the end of the
-    hyperparameter block to the support part's divider): the networks, losses, step, swap and loop that train,
-    read as Python's parser reads them, so a docstring, comment or layout changes nothing. Checkpoints keep it,
-    so that a resume and --compare can tell a run trained by other code."""
+    """{name: crc32} of each definition in the algorithm part (from the hyperparameter block to the divider), as
+    Python's parser reads it: comments, docstrings and layout change nothing. Checkpoints keep it, so that a resume
+    and --compare can tell a run trained by other code."""
     with open(__file__) as f:
         source = f.read()
-    top = source[source.index('\n', source.index('# --- end of hyperparameters')):source.index('\n# ====')]
     code = {}
-    for node in ast.parse(top).body:
-        targets = [e for t in getattr(node, 'targets', []) for e in getattr(t, 'elts', [t])]  # a, b = ...: both
-        names = [node.name] if hasattr(node, 'name') else [t.id for t in targets if hasattr(t, 'id')]
-        for inner in ast.walk(node):  # what it does, not how it is worded: docstrings and comments aside
-            body = getattr(inner, 'body', None)
-            if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(
-                    getattr(body[0], 'value', None), ast.Constant) and isinstance(body[0].value.value, str):
-                inner.body = body[1:] or [ast.Pass()]
-        for name in names:
-            code[name] = zlib.crc32(ast.dump(node).encode())
+    for node in ast.parse(source[source.index('# --- end of hyperparameters'):source.index('\n# ====')]).body:
+        for inner in ast.walk(node):
+            if isinstance(inner, (ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(inner) is not None:
+                inner.body = inner.body[1:] or [ast.Pass()]
+        code[node.name if hasattr(node, 'name') else ast.unparse(getattr(node, 'targets', [node])[0])] = zlib.crc32(
+            ast.dump(node).encode())
     return code
 
 
 def code_differences(then, now):
     """'d_loss changed; hinge added' between two algorithm_code()s; '' where they agree or then is unknown."""
-    if then is None:
-        return ''
     words = [(sorted(k for k in now if k in then and now[k] != then[k]), 'changed'),
              (sorted(k for k in now if k not in then), 'added'), (sorted(k for k in then if k not in now), 'removed')]
-    return '; '.join(f'{", ".join(names)} {word}' for names, word in words if names)
+    return '; '.join(f'{", ".join(names)} {word}' for names, word in words if names) if then is not None else ''
 
 
 def load_checkpoint(path, cfg, dev):
-    """The checkpoint's state, or a clear refusal when it is missing, damaged, of other networks, or asked to go
-    on with hyperparameters that would not continue it exactly (all but RESUMABLE)."""
+    """The checkpoint's state, or a refusal in one line: missing, damaged, written on another device, or asked to go
+    on with settings that would not continue it exactly (all but RESUMABLE) or by other code (unless
+    resume_edited)."""
     if not os.path.exists(path):
         refuse(f'--resume=True but there is no checkpoint at {path}')
     try:
-        state = torch.load(path, map_location='cpu', weights_only=True)  # loading into the networks moves it
-        saved = {name: default for name, default, _ in hyperparameters()} | state['hyperparameters']
-        state['iteration'], state['G'], state['D'], state['pairing']  # everything a resume needs is there
+        state = torch.load(path, map_location='cpu', weights_only=True)
+        saved = {name: default for name, default, _ in read_block()} | state['hyperparameters']
+        state['iteration'], state['pairs'], state['code']  # everything a resume needs is there
     except Exception as error:
         refuse(f'cannot resume: {path} is damaged or not a checkpoint of this script ({type(error).__name__})')
-    changed = lambda keys: '; '.join(f'{k}={saved[k]!r} there, {cfg[k]!r} now' for k in keys if saved[k] != cfg[k])
-    if changed(SHAPE_KEYS):
-        refuse(f'cannot resume from {path}: it holds other networks ({changed(SHAPE_KEYS)})')
-    if changed(k for k in cfg if k not in RESUMABLE):
-        refuse(f'cannot resume from {path} with other settings, which would not continue it exactly '
-               f'({changed(k for k in cfg if k not in RESUMABLE)}); a resume may change only {", ".join(RESUMABLE)}')
-    written_on = state.get('device', 'cpu')
-    if written_on != dev.type:  # a CPU and a CUDA random stream cannot take each other's state
-        refuse(f'cannot resume from {path} on the {dev.type}: it was written on the {written_on}, and its noise '
-               f'and data order continue exactly only there (--device={written_on})')
+    changed = '; '.join(f'{k}={saved[k]!r} there, {cfg[k]!r} now' for k in cfg if k not in RESUMABLE and saved[k] != cfg[k])
+    edits, there = code_differences(state['code'], algorithm_code()), state.get('device', 'cpu')
+    for refused, message in [
+            (changed, f'cannot resume from {path} with other settings, which would not continue it exactly ({changed}); '
+                      f'a resume may change only {", ".join(RESUMABLE)}'),
+            (there != dev.type, f'cannot resume from {path} on the {dev.type}: it was written on the {there}, and its '
+                                f'noise and data order continue exactly only there (--device={there})'),
+            (edits and not cfg['resume_edited'], f'cannot resume from {path}: the algorithm\'s code differs from the one '
+                                                 f'that trained it ({edits}); --resume_edited=True continues it as it is now')]:
+        if refused:
+            refuse(message)
     return state
+
+
+def load_pairs(pairs, saved, where):
+    """Load every side from a checkpoint's, or refuse in one line where the script builds other networks."""
+    for name, side in pairs.items():
+        try:
+            side.load_state_dict(saved[name])
+        except (KeyError, RuntimeError, ValueError) as error:
+            reason = str(error).strip().splitlines()[-1 if isinstance(error, RuntimeError) else 0].strip()
+            refuse(f'{where} holds other networks than this script builds ({name}: {reason})')
 
 
 # ------------------------------------------------------------------------------------
@@ -1280,12 +1001,31 @@ def mixture_metrics(points, dataset, real_stats):
             'high_quality': close.double().mean().item(), 'histogram': (counts.double() / len(points)).tolist()}
 
 
+@contextmanager
+def evaluating(*sides):
+    """The sides' networks in eval mode (dropout off), then back to training."""
+    for side in sides:
+        side.model.eval()
+    try:
+        yield
+    finally:
+        for side in sides:
+            side.model.train()
+
+
+@torch.no_grad()
+def generate(G, z):
+    """Each generator's samples of the noise z, (n_pairs, batch, x_dim), in eval mode."""
+    with evaluating(G):
+        return G.model(z)
+
+
 @torch.no_grad()
 def cross_scores(D, samples):
     """The paper's cross-scoring (GAM-II style): scores[d, g] = mean D_d(G_g(z)), every discriminator's mean
     output on every generator's samples; rows follow the discriminators' slots."""
     with evaluating(D):
-        return torch.stack([torch.sigmoid(D['model'](s)).mean((1, 2)) for s in samples], 1).double().cpu()
+        return torch.stack([torch.sigmoid(D.model(s)).mean((1, 2)) for s in samples], 1).double().cpu()
 
 
 @torch.no_grad()
@@ -1293,7 +1033,7 @@ def judge_real(D, points, chunk=1000):
     """Each discriminator's mean D(x) and its accuracy (the share it takes for real, D > 0.5) on real points
     (N, x_dim): two (n_pairs,) tensors, in slot order."""
     with evaluating(D):
-        prob = torch.cat([torch.sigmoid(D['model'](part)) for part in points.split(chunk)], 1)
+        prob = torch.cat([torch.sigmoid(D.model(part)) for part in points.split(chunk)], 1)
     return prob.mean((1, 2)).double().cpu(), (prob > 0.5).double().mean((1, 2)).cpu()
 
 
@@ -1309,7 +1049,7 @@ class Evaluator:
     and every discriminator on real training and held-out examples (does it generalise or memorise?)."""
 
     def __init__(self, cfg, dev, dtype, train_data, train_labels):
-        self.cfg, self.dev, self.dtype = cfg, dev, dtype
+        self.cfg, self.dev, self.dtype, self.cannot = cfg, dev, dtype, set()
         if cfg['dataset'] in MIXTURES:
             self.classifier = None
             self.reference = feature_stats(sample_mixture(cfg['dataset'], cfg['eval_samples'], seed=54321)[0])
@@ -1325,32 +1065,58 @@ class Evaluator:
             return mixture_metrics(samples.cpu(), self.cfg['dataset'], self.reference)
         return image_metrics(*classify(self.classifier, as_unit_pixels(samples)), self.reference)
 
-    def __call__(self, G, D, it):
-        """One row per generator (in the order of the pairs they started in): its metrics, its mean and worst score
-        over the pool of discriminators, and how the discriminator that started in its pair judges real training
-        and held-out examples."""
-        rng = torch.Generator(device=self.dev).manual_seed(self.cfg['seed'] * 1_000_003 + it + 7)  # training RNGs untouched
-        chunks, samples = [], []
-        for n in torch.arange(self.cfg['eval_samples']).split(1000):
-            fake = generate(G, to_slots(draw_noise(self.cfg, len(n), rng, self.dtype), G))
-            chunks.append(cross_scores(D, fake) * len(n))
-            samples.append(fake)
-        by_slot = sum(chunks) / self.cfg['eval_samples']
+    def measure(self, what, f):
+        """f() or, where an edited network cannot take what it is given, None and one line that says so (once)."""
+        try:
+            return f()
+        except Exception as error:  # an edited network: measure what still can be
+            if what not in self.cannot:
+                self.cannot.add(what)
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                print(f'cannot measure {what}: {reason}', flush=True)
+
+    def samples(self, G, it):
+        """eval_samples samples of every generator, by the pair it started in: (n_pairs, eval_samples, x_dim)."""
+        rng = torch.Generator(device=self.dev).manual_seed(self.cfg['seed'] * 1_000_003 + it + 7)  # not training's
+        chunks = [generate(G, to_slots(draw_noise(self.cfg, len(n), rng, self.dtype), G))
+                  for n in torch.arange(self.cfg['eval_samples']).split(1000)]
+        return torch.cat(chunks, 1)[[G.origin.index(g) for g in range(len(G.origin))]]
+
+    def pool(self, D, samples):
+        """scores[d, g]: discriminator d's mean output on generator g's samples, both by the pair they started in."""
+        by_slot = sum(cross_scores(D, part) * part.shape[1] for part in samples.split(1000, dim=1)) / samples.shape[1]
         scores = torch.empty_like(by_slot)
-        scores[torch.tensor(D['origin'])[:, None], torch.tensor(G['origin'])] = by_slot  # [d, g]: by starting pairs
+        scores[D.origin] = by_slot
+        return scores
+
+    def judged(self, D):
+        """How each discriminator (by the pair it started in) judges real training and held-out examples."""
         judged = {}
         for split, points in self.real.items():
             for key, in_slots in zip(('', '_acc'), judge_real(D, points)):
                 judged[f'd_{split}{key}'] = torch.empty_like(in_slots)
-                judged[f'd_{split}{key}'][D['origin']] = in_slots  # by starting pair, as the scores
-        rows = []
-        for g in range(len(G['origin'])):
-            slot = G['origin'].index(g)
-            metrics = self.generator_metrics(torch.cat([s[slot] for s in samples]))
-            d = {key: value[g].item() for key, value in judged.items()}
-            rows.append({'iteration': it, 'generator': g + 1, **metrics, 'pool_mean': scores[:, g].mean().item(),
-                         'pool_worst': scores[:, g].min().item(), **d, 'd_gap': d['d_train'] - d['d_heldout'],
-                         'd_acc_gap': d['d_train_acc'] - d['d_heldout_acc'], 'd_scores': scores[:, g].tolist()})
+                judged[f'd_{split}{key}'][D.origin] = in_slots
+        judged['d_gap'], judged['d_acc_gap'] = judged['d_train'] - judged['d_heldout'], judged['d_train_acc'] - judged['d_heldout_acc']
+        return judged
+
+    def __call__(self, pairs, it):
+        """One row per generator (by the pair it started in): its metrics, its mean and worst score over the pool of
+        discriminators, and how the discriminator that started in its pair judges real training and held-out
+        examples. What an edited network cannot take is left out, and said once."""
+        G, D = pairs['G'], pairs['D']
+        blank = {key: math.nan for key in METRIC_COLUMNS[2:-2]}  # what cannot be measured stays nan
+        rows = [{'iteration': it, 'generator': g + 1, **blank} for g in range(len(G.origin))]
+        samples = self.measure("the generators' samples (noise of z_dim in, x_dim out)", lambda: self.samples(G, it))
+        if samples is not None:
+            for row, mine in zip(rows, samples):
+                row.update(self.measure("the generators' coverage and quality", lambda: self.generator_metrics(mine)) or {})
+            scores = self.measure('the pool of discriminators on the samples', lambda: self.pool(D, samples))
+            for g, row in enumerate(rows if scores is not None else []):
+                row.update(pool_mean=scores[:, g].mean().item(), pool_worst=scores[:, g].min().item(),
+                           d_scores=scores[:, g].tolist())
+        judged = self.measure('the discriminators on real data', lambda: self.judged(D))
+        for g, row in enumerate(rows if judged is not None else []):
+            row.update({key: value[g].item() for key, value in judged.items()})
         return rows
 
 
@@ -1360,40 +1126,23 @@ METRIC_COLUMNS = ('iteration', 'generator', 'modes', 'modes_captured', 'kl', 'sc
 
 
 def write_metrics(path, rows, keep_until):
-    """Write metrics.csv: its rows up to iteration keep_until (a resumed run redoes later ones), then rows
-    (lists as space-separated numbers); the whole file each time, so it is never half-written."""
-    old = []
-    if os.path.exists(path):
-        with open(path) as f:
-            old = [row for row in csv.DictReader(f) if int(row['iteration']) <= keep_until]
-    with replacing(path) as tmp, open(tmp, 'w', newline='') as f:
-        writer = csv.DictWriter(f, METRIC_COLUMNS)
-        writer.writeheader()
-        writer.writerows(old)
-        for row in rows:
-            writer.writerow({k: ' '.join(f'{v:.4g}' for v in row[k]) if isinstance(row[k], list)
-                             else f'{row[k]:.6g}' if isinstance(row[k], float) else row[k] for k in METRIC_COLUMNS})
-
-
-def read_metrics(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
+    """metrics.csv: its rows up to iteration keep_until (a resumed run redoes later ones), then rows."""
+    old = [row for row in read_csv(path) if int(row['iteration']) <= keep_until] if os.path.exists(path) else []
+    write_csv(path, METRIC_COLUMNS, old + rows)
 
 
 def format_eval(rows, n_modes):
     """One compact log line for an evaluation: per generator (G1/G2/...), then per discriminator (D1/D2/...)."""
-    join = lambda key, fmt: '/'.join(format(row[key], fmt) for row in rows)
-    images = math.isfinite(rows[0]['score'])
-    quality = f'score {join("score", ".2f")}' if images else f'captured {join("modes_captured", "d")} | high quality {join("high_quality", ".2f")}'
-    return (f'eval {rows[0]["iteration"]:>5} | modes {join("modes", "d")} of {n_modes} | {quality} | KL {join("kl", ".3f")} | '
-            f'FD {join("fd", ".3g")} | D-pool mean {join("pool_mean", ".2f")} worst {join("pool_worst", ".2f")} | '
-            f'D(x) train {join("d_train", ".2f")} held-out {join("d_heldout", ".2f")}')
-
+    join = lambda key, fmt: '/'.join(format(row.get(key, math.nan), fmt) for row in rows)
+    images = math.isfinite(rows[0].get('score', math.nan))
+    quality = (f'score {join("score", ".2f")}' if images else
+               f'captured {join("modes_captured", ".0f")} | high quality {join("high_quality", ".2f")}')
+    return (f'eval {rows[0]["iteration"]:>5} | modes {join("modes", ".0f")} of {n_modes} | {quality} | '
+            f'KL {join("kl", ".3f")} | FD {join("fd", ".3g")} | D-pool mean {join("pool_mean", ".2f")} '
+            f'worst {join("pool_worst", ".2f")} | D(x) train {join("d_train", ".2f")} held-out {join("d_heldout", ".2f")}')
 
 # ------------------------------------------------------------------------------------
 # comparing runs: every generator judged by one pool of discriminators from every run (the paper's GAM-II)
-
-
 
 def find_runs(folder):
     """(name, checkpoint) of every checkpoint.pt in or below folder, hyperparameters completed with today's defaults;
@@ -1401,13 +1150,13 @@ def find_runs(folder):
     paths = sorted(glob.glob(os.path.join(folder, '**', 'checkpoint.pt'), recursive=True))
     if not paths:
         refuse(f'--compare={folder}: no checkpoint.pt in or below it' + ('' if os.path.isdir(folder) else ' (no such folder)'))
-    defaults = {name: default for name, default, _ in hyperparameters()}
+    defaults = {name: default for name, default, _ in read_block()}
     runs, damaged = [], []
     for path in paths:
         try:
             state = torch.load(path, map_location='cpu', weights_only=True)
             state['hyperparameters'] = {**defaults, **state['hyperparameters']}
-            state['G']['model'], state['D']['model'], state['pairing']
+            state['pairs']['G']['model'], state['pairs']['D']['model']
         except Exception as error:
             damaged.append(f'{path} ({type(error).__name__})')
             continue
@@ -1442,14 +1191,11 @@ def configurations(runs):
 
 
 def restore_pairs(state, dev, where):
-    """A run's generators and discriminators from its checkpoint, each side with its origin (which pair each slot's
-    network started in)."""
+    """A run's generators and discriminators from its checkpoint, each side with its origin."""
     hp = state['hyperparameters']
-    G, D = make_pairs(hp, data_dim(hp['dataset']), dev, getattr(torch, hp['dtype']))
-    load_networks(G, state['G'], where, 'G')
-    load_networks(D, state['D'], where, 'D')
-    G['origin'], D['origin'] = list(state.get('generators', G['origin'])), list(state['pairing'])
-    return G, D
+    pairs = make_pairs(hp, data_dim(hp['dataset']), dev, getattr(torch, hp['dtype']))
+    load_pairs(pairs, state['pairs'], where)
+    return pairs['G'], pairs['D']
 
 
 @torch.no_grad()
@@ -1463,7 +1209,7 @@ def pool_errors(pairs, noises, chunk=1000):
         for part in z.split(chunk, dim=1):
             fake = generate(G, part)  # (generators, chunk, x_dim)
             with evaluating(*Ds):
-                fooled = fooled + torch.stack([torch.cat([(torch.sigmoid(D['model'](sample.to(first_weight(D)))) > 0.5)
+                fooled = fooled + torch.stack([torch.cat([(torch.sigmoid(D.model(sample.to(next(D.model.parameters())))) > 0.5)
                                                           .sum((1, 2)) for D in Ds]) for sample in fake], 1)
         columns.append(fooled)
     return torch.cat(columns, 1).double().cpu() / noises[0].shape[1]
@@ -1478,17 +1224,17 @@ def compare_runs(cfg):
     runs = find_runs(folder)
     configs = configurations(runs)
     pairs = [restore_pairs(state, dev, os.path.join(folder, name, 'checkpoint.pt')) for name, state in runs]
-    run_of = torch.tensor([r for r, (G, _) in enumerate(pairs) for _ in G['origin']])  # each slot's run
+    run_of = torch.tensor([r for r, (G, _) in enumerate(pairs) for _ in G.origin])  # each slot's run
     hp = runs[0][1]['hyperparameters']
     print(f'comparing {len(runs)} runs ({len(run_of)} generators, as many discriminators) '
           f'on {cfg["eval_samples"]} samples per generator', flush=True)
     noises = [to_slots(draw_noise(state['hyperparameters'], cfg['eval_samples'], torch.Generator().manual_seed(cfg['seed']),
-                                  first_weight(G).dtype), G).to(dev) for (_, state), (G, _) in zip(runs, pairs)]  # each G's own
+                                  getattr(torch, state['hyperparameters']['dtype'])), G).to(dev) for (_, state), (G, _) in zip(runs, pairs)]  # each G's own
     errors = pool_errors(pairs, noises)
     real = held_out_data(hp, cfg['eval_samples'])
-    real_error = torch.cat([1 - judge_real(D, as_inputs(real.to(dev), first_weight(D).dtype))[1] for _, D in pairs])
+    real_error = torch.cat([1 - judge_real(D, as_inputs(real.to(dev), next(D.model.parameters()).dtype))[1] for _, D in pairs])
     names = [(f'{runs[r][0]}:G{g + 1}', f'{runs[r][0]}:D{d + 1}')  # slot by slot: the networks each holds
-             for r, (G, D) in enumerate(pairs) for g, d in zip(G['origin'], D['origin'])]
+             for r, (G, D) in enumerate(pairs) for g, d in zip(G.origin, D.origin)]
     table = compare_table(errors, real_error, run_of, configs)
     write_comparison(folder, errors, names, run_of, configs, table)
     write_per_generator(os.path.join(folder, 'compare_generators.csv'), errors, real_error, names, run_of)
@@ -1519,10 +1265,7 @@ def best_of_runs(cfg, hp, errors, run_of, Gs, noises, names, configs):
         mine = torch.tensor([[row[k] for k in keys] for row in rows if row['configuration'] == config], dtype=torch.float64)
         spread = mine.std(0) if len(mine) > 1 else torch.zeros(len(keys))
         print(f'| {config} | {len(mine)} | ' + ' | '.join(f'{m:.3f} ± {s:.3f}' for m, s in zip(mine.mean(0), spread)) + ' |')
-    with open(os.path.join(cfg['compare'], 'compare_best.csv'), 'w', newline='') as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows([{k: f'{v:.6g}' if isinstance(v, float) else v for k, v in row.items()} for row in rows])
+    write_csv(os.path.join(cfg['compare'], 'compare_best.csv'), list(rows[0]), rows)
     print(f'wrote {cfg["compare"]}/compare_best.csv')
 
 
@@ -1553,16 +1296,14 @@ def write_per_generator(path, errors, real_error, names, run_of):
     discriminators, and how the discriminator that started in its pair judges every generator's samples (its mean
     error on fakes) and held-out real data (the share it takes for fake): the raw numbers of compare.csv."""
     started_in = {d: slot for slot, (_, d) in enumerate(names)}  # 'run:Dk' -> its row (slot) in errors
-    with replacing(path) as tmp, open(tmp, 'w', newline='') as f:
-        writer = csv.writer(f)
-        writer.writerow(['run', 'generator', 'pool_error', 'pool_error_others', 'd_fake_error', 'd_real_error'])
-        for g, (name, _) in enumerate(names):
-            run, k = name.rsplit(':G', 1)
-            others = run_of != run_of[g]
-            d = started_in[f'{run}:D{k}']
-            writer.writerow([run, k, *(f'{v:.6g}' for v in (
-                errors[:, g].mean().item(), errors[others, g].mean().item() if others.any() else math.nan,
-                errors[d].mean().item(), real_error[d].item()))])
+    rows = []
+    for g, (name, _) in enumerate(names):
+        run, k = name.rsplit(':G', 1)
+        others, d = run_of != run_of[g], started_in[f'{run}:D{k}']
+        rows.append([run, k, *(f'{v:.6g}' for v in (
+            errors[:, g].mean().item(), errors[others, g].mean().item() if others.any() else math.nan,
+            errors[d].mean().item(), real_error[d].item()))])
+    write_csv(path, ['run', 'generator', 'pool_error', 'pool_error_others', 'd_fake_error', 'd_real_error'], rows)
 
 
 def write_comparison(folder, errors, names, run_of, configs, table):
@@ -1574,14 +1315,10 @@ def write_comparison(folder, errors, names, run_of, configs, table):
     for row in table:
         print(f'| {row["configuration"]} | {row["runs"]} | '
               + ' | '.join(f'{row[k]:.3f} ± {row[k + "_std"]:.3f}' for k in keys) + ' |')
-    with open(os.path.join(folder, 'compare.csv'), 'w', newline='') as f:
-        writer = csv.DictWriter(f, ['configuration', 'runs', *(k + s for k in keys for s in ('', '_std'))])
-        writer.writeheader()
-        writer.writerows([{k: f'{v:.6g}' if isinstance(v, float) else v for k, v in row.items()} for row in table])
-    with open(os.path.join(folder, 'compare_matrix.csv'), 'w', newline='') as f:
-        writer = csv.writer(f)
-        writer.writerow(['discriminator \\ generator', *(g for g, _ in names)])
-        writer.writerows([d, *(f'{v:.4g}' for v in row.tolist())] for (_, d), row in zip(names, errors))
+    write_csv(os.path.join(folder, 'compare.csv'), ['configuration', 'runs', *(k + s for k in keys for s in ('', '_std'))],
+              table)
+    write_csv(os.path.join(folder, 'compare_matrix.csv'), ['discriminator \\ generator', *(g for g, _ in names)],
+              [[d, *(f'{v:.4g}' for v in row.tolist())] for (_, d), row in zip(names, errors)])
     save_comparison_plot(os.path.join(folder, 'compare.png'), errors, [configs[int(r)] for r in run_of])
     print(f'wrote {folder}/compare.csv, compare_matrix.csv and compare.png')
 
@@ -1675,38 +1412,39 @@ def swaps_title(swaps, moved):
                                                                           else ', too dense to draw')
 
 
-def save_losses(path, history, n_pairs, swaps, moved='D', most=2000, long=200):
-    """Each pair's D and G loss over the run (means over each log interval), with the swaps (iterations) of the sides
-    that moved ('D', 'G' or both) marked; pair i is slot i, where the side that does not move stays. A long run
-    stays readable: at most `most` points a curve (means of consecutive log lines); beyond `long` points, drawn
-    thin and faint under a moving median per pair, with the y range set by the bulk of the points (the rarest
-    0.5% at either end may fall outside it, and the axis says how many do); iterations written as 200k, 1M."""
+def save_losses(path, history, swaps, moved='D', most=2000, long=200):
+    """Each pair's losses (every statistic whose name ends in _loss) over the run, means over each log interval,
+    with the swaps (iterations) of the sides that moved ('D', 'G' or both) marked; pair i is slot i, where the side
+    that does not move stays. A long run stays readable: at most `most` points a curve (means of consecutive log
+    lines); beyond `long` points, drawn faint under a moving median per pair, the y range set by the bulk of the
+    points (the rarest 0.5% at either end may fall outside it, and the axis says how many do)."""
+    names = [name for name in (history[-1] if history else {}) if name.endswith('_loss')]
+    history = [row for row in history if all(name in row for name in names)]  # rows of an edit's other statistics
+    if not names or not history:
+        return
     plt = pyplot()
     from matplotlib.ticker import EngFormatter
-    if len(history) == 0:
-        return
-    faint = 'every log line' if len(history) <= most else f'means of {len(history) / most:.3g} log lines'
-    if len(history) > most:  # consecutive rows averaged into `most` bins
-        bins = torch.arange(len(history)) * most // len(history)
-        history = torch.zeros(most, history.shape[1], dtype=history.dtype).index_add_(0, bins, history) \
-            / torch.bincount(bins, minlength=most)[:, None]
-    its = history[:, 0].numpy()
-    stats = history[:, 1:].reshape(len(history), n_pairs, 4)
-    smooth = len(history) > long
-    window = max(len(history) // 50, 2)
-    fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    for ax, column, name in ((axes[0], 0, 'D_loss'), (axes[1], 1, 'G_loss')):
-        for i in range(n_pairs):
-            values = stats[:, i, column]
-            ax.plot(its, values.numpy(), color=f'C{i}', lw=0.5 if smooth else 1, alpha=0.35 if smooth else 1,
+    its = torch.tensor([row['iteration'] for row in history], dtype=torch.float64)
+    stats = torch.tensor([[row[name] for name in names] for row in history], dtype=torch.float64)  # (rows, names, pairs)
+    faint = 'every log line' if len(its) <= most else f'means of {len(its) / most:.3g} log lines'
+    if len(its) > most:  # consecutive rows averaged into `most` bins
+        bins, count = torch.arange(len(its)) * most // len(its), torch.bincount(torch.arange(len(its)) * most // len(its))
+        its = torch.zeros(most, dtype=its.dtype).index_add_(0, bins, its) / count
+        stats = torch.zeros(most, *stats.shape[1:], dtype=stats.dtype).index_add_(0, bins, stats) / count[:, None, None]
+    smooth, window = len(its) > long, max(len(its) // 50, 2)
+    fig, axes = plt.subplots(len(names), 1, figsize=(9, 3 * len(names)), sharex=True, squeeze=False)
+    for ax, (column, name) in zip(axes[:, 0], enumerate(names)):
+        for i in range(stats.shape[2]):
+            values = stats[:, column, i]
+            ax.plot(its.numpy(), values.numpy(), color=f'C{i}', lw=0.5 if smooth else 1, alpha=0.35 if smooth else 1,
                     label=None if smooth else f'pair {i + 1}')
             if smooth:  # a centred moving median over `window` points: a lone spike does not move it
                 medians = values.unfold(0, window, 1).median(1).values
-                ax.plot(its[window // 2:window // 2 + len(medians)], medians.numpy(), color=f'C{i}', lw=1.6,
+                ax.plot(its[window // 2:window // 2 + len(medians)].numpy(), medians.numpy(), color=f'C{i}', lw=1.6,
                         label=f'pair {i + 1}')
         off = 0
         if smooth:
-            every = stats[:, :, column].flatten()
+            every = stats[:, column].flatten()
             low, high = torch.quantile(every, torch.tensor([0.005, 0.995], dtype=every.dtype)).tolist()
             low, high = low - 0.1 * (high - low + 1e-9), high + 0.1 * (high - low + 1e-9)
             ax.set_ylim(low, high)
@@ -1715,9 +1453,9 @@ def save_losses(path, history, n_pairs, swaps, moved='D', most=2000, long=200):
             ax.vlines(swaps, 0, 1, transform=ax.get_xaxis_transform(), colors='grey', alpha=0.3, lw=0.8)
         ax.set_ylabel(name + (f' ({off} off the scale)' if off else ''))
         ax.legend(loc='upper right', fontsize=8)
-    axes[1].set_xlabel('iteration' + (f' (faint: {faint}; bold: their moving median over {window})' if smooth else ''))
-    axes[1].xaxis.set_major_formatter(EngFormatter(sep=''))
-    axes[0].set_title(swaps_title(swaps, moved))
+    axes[-1, 0].set_xlabel('iteration' + (f' (faint: {faint}; bold: their moving median over {window})' if smooth else ''))
+    axes[-1, 0].xaxis.set_major_formatter(EngFormatter(sep=''))
+    axes[0, 0].set_title(swaps_title(swaps, moved))
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -1747,156 +1485,56 @@ def save_metrics_plot(path, rows):
     save_figure(fig, path)
 
 
-# ------------------------------------------------------------------------------------
-# GAP across processes: under `torchrun --nproc_per_node=P`, process r trains pairs r*L .. r*L+L-1
-# (L = n_pairs / P). Every process draws the same noise and batches as a single process would,
-# and at each swap the discriminators move between processes by the same pairing. This class and
-# copy_side are the only distributed code; in a single process they do nothing.
 
-class Processes:
-    """The processes of a torchrun launch, or just this one."""
-
-    def __init__(self, cfg):
-        self.world = int(os.environ.get('WORLD_SIZE', 1))
-        self.rank = int(os.environ.get('RANK', 0))
-        self.leader = self.rank == 0  # the only process that writes
-        self.device = pick_device(cfg['device'])
-        cuda = self.device.type == 'cuda'
-        if self.world > 1:
-            if cfg['n_pairs'] % self.world:
-                refuse(f'n_pairs={cfg["n_pairs"]} cannot be spread evenly over {self.world} processes')
-            import datetime
-            import torch.distributed as dist
-            self.dist = dist
-            if cuda:
-                self.device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-                torch.cuda.set_device(self.device)
-            dist.init_process_group('nccl' if cuda else 'gloo', timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT))
-        mine = cfg['n_pairs'] // self.world
-        self.slots = torch.arange(self.rank * mine, (self.rank + 1) * mine)
-
-    def say(self, message):
-        """Print a line, from the leader only (one log, however many processes)."""
-        if self.leader:
-            print(message, flush=True)
-
-    def gather(self, tensor, dim=0):
-        """Every process's tensor, concatenated along dim in process order (the tensor itself in one process)."""
-        if self.world == 1:
-            return tensor
-        parts = [torch.empty_like(tensor) for _ in range(self.world)]
-        self.dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts, dim)
-
-    def anyone(self, flag):
-        """Whether flag is set in any process (so that all stop together)."""
-        if self.world == 1:
-            return bool(flag)
-        flag = torch.tensor([float(bool(flag))], device=self.device)
-        self.dist.all_reduce(flag, op=self.dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def close(self, finished):
-        if self.world > 1 and self.dist.is_initialized():
-            if finished:
-                self.dist.barrier()  # nobody tears down while another still talks
-            self.dist.destroy_process_group()
-
-
-def copy_side(source, target, per_pair):
-    """Load target (a side: model and solver) with source's weights and Adam state, passing each
-    per-pair tensor through per_pair: slicing out this process's pairs, or gathering every process's."""
-    target['model'].load_state_dict({k: per_pair(v) for k, v in source['model'].state_dict().items()})
-    solver = source['solver'].state_dict()
-    solver['state'] = {i: {k: v if k == 'step' else per_pair(v) for k, v in s.items()} for i, s in solver['state'].items()}
-    target['solver'].load_state_dict(solver)
-    target['origin'] = list(source['origin'])  # every pair's
-
-
-def share_of_process(training, cfg, procs):
-    """(G, D): the pairs this process trains. In one process all of training's pairs; under torchrun copies of
-    its slots' slices, which collect_pairs gathers back. Every side takes today's --lr (a resume may change it)."""
-    G, D = training.G, training.D
-    if procs.world > 1:
-        G, D = make_pairs(cfg, data_dim(cfg['dataset']), procs.device, first_weight(G).dtype, n=len(procs.slots))
-        mine = lambda t: t[procs.slots.to(t.device)]
-        copy_side(training.G, G, mine)
-        copy_side(training.D, D, mine)
-    for side in (G, D, training.G, training.D):
-        for group in side['solver'].param_groups:
-            group['lr'] = cfg['lr']
-    return G, D
-
-
-def collect_pairs(training, G, D, procs):
-    """Bring training's G and D (every pair) up to date from every process's share (all processes must call it)."""
-    if procs.world > 1:
-        copy_side(G, training.G, procs.gather)
-        copy_side(D, training.D, procs.gather)
 
 # ------------------------------------------------------------------------------------
 # the run
 
-def pick_device(name):
-    return torch.device('cuda' if name == 'auto' and torch.cuda.is_available() else 'cpu' if name == 'auto' else name)
-
-
-def format_log(it, stats, rate, left):
-    """One line: the iteration, then per pair (G1/G2/...) D_loss, G_loss, mean D(x), mean D(G(z)); the speed
-    since the previous line (none on a run's first line, which times a single warm-up iteration)."""
-    join = lambda column, fmt: '/'.join(format(v, fmt) for v in stats[:, column].tolist())
+def format_log(it, means, rate, left):
+    """One line: the iteration, then each statistic of every pair (G1/G2/...), means since the previous line; the
+    speed since then (none on a run's first line, which times a single warm-up iteration)."""
     eta = f'{int(left // 3600)}h{int(left % 3600 // 60):02d}m' if left >= 3600 else f'{int(left // 60)}m{int(left % 60):02d}s'
     speed = 'first iteration' if rate is None else f'{rate:.0f} it/s, {eta} left'
-    return (f'it {it:>7} | D_loss {join(0, ".3f")} | G_loss {join(1, ".3f")} | '
-            f'D(x) {join(2, ".2f")} | D(G(z)) {join(3, ".2f")} | {speed}')
-
-
-def first_nonfinite(recent, first_it):
-    """(iteration, pair) of the first non-finite loss in the recorded stats, or None."""
-    bad = (~torch.isfinite(recent[:, :, :2])).any(2).nonzero()
-    return None if len(bad) == 0 else (first_it + int(bad[0, 0]), int(bad[0, 1]) + 1)
-
-
-def nonfinite_sides(sides):
-    """Which of the sides ({'G': side, 'D': side}) hold a non-finite weight: one reduction per weight tensor."""
-    return [name for name, side in sides.items()
-            if not torch.stack([p.isfinite().all() for p in side['model'].parameters()]).all()]
+    columns = ' | '.join(f'{name} {"/".join(f"{v:.3f}" for v in values)}' for name, values in means.items())
+    return f'it {it:>7} | {columns} | {speed}'
 
 
 class LossLog:
-    """Each pair's step statistics (D_loss, G_loss, mean D(x), mean D(G(z))) since the last log line, and one
-    row of means per log line so far: what a resumed run needs to log exactly as the uninterrupted one."""
+    """Every pair's step statistics since the last log line, and one row of means per log line so far ({'iteration':
+    it, name: every pair's mean}): what a resumed run needs to log exactly as the uninterrupted one."""
 
-    def __init__(self, log_every, n_pairs, slots, dev, dtype):
-        self.slots = slots  # this process's pairs
-        self.recent = torch.zeros(log_every, len(slots), 4, device=dev, dtype=dtype)
-        self.n = 0
-        self.history = torch.zeros(0, 1 + 4 * n_pairs, dtype=torch.float64)  # iteration, then every pair's means
+    def __init__(self):
+        self.names, self.recent, self.history = [], [], []
 
     def add(self, stats):
-        """Record the stats of one or more iterations, (iterations, pairs, 4)."""
-        while self.n + len(stats) > len(self.recent):  # resumed with a smaller log_every: saved rows come on top
-            self.recent = torch.cat([self.recent, torch.zeros_like(self.recent)])
-        self.recent[self.n:self.n + len(stats)] = stats
-        self.n += len(stats)
+        """Record one iteration's statistics, {name: (pairs,)}."""
+        self.names = list(stats)
+        self.recent.append(torch.stack(list(stats.values()), 1))
 
-    def unlogged(self, procs):
-        """Every pair's stats since the last log line, (iterations, n_pairs, 4) (every process must call it)."""
-        return procs.gather(self.recent[:self.n], dim=1)
+    def unlogged(self):
+        """Every pair's statistics since the last log line, (iterations, n_pairs, statistics) (every process must
+        call it)."""
+        return procs.gather(torch.stack(self.recent), dim=1) if self.recent else torch.zeros(0, 0, len(self.names))
 
-    def close(self, it, stats):
-        """Record the means of stats (every pair's, since the last log line) as iteration it's row; start anew."""
-        means = stats.mean(0).cpu().double()
-        self.history = torch.cat([self.history, torch.cat([torch.tensor([it]), means.flatten()])[None]])
-        self.n = 0
+    def first_nonfinite(self, unlogged, first_it):
+        """(iteration, pair) of the first non-finite statistic since the last log line, or None."""
+        bad = (~torch.isfinite(unlogged)).any(2).nonzero()
+        return None if len(bad) == 0 else (first_it + int(bad[0, 0]), int(bad[0, 1]) + 1)
+
+    def close(self, it, unlogged):
+        """Record the means of unlogged as iteration it's row, and start anew; returns that row's means."""
+        means = dict(zip(self.names, unlogged.double().mean(0).T.cpu().tolist()))
+        self.history.append({'iteration': it, **means})
+        self.recent = []
         return means
 
     def state_dict(self, unlogged):
-        return {'history': self.history, 'recent': unlogged.cpu()}
+        return {'history': self.history, 'names': self.names, 'recent': unlogged.cpu()}
 
     def load_state_dict(self, state):
-        self.history, self.n = state['history'], 0
-        self.add(state['recent'][:, self.slots].to(self.recent))
+        self.history, self.names = state['history'], state['names']
+        recent = state['recent'] if procs.world == 1 else state['recent'][:, procs.slots]
+        self.recent = list(recent.to(procs.device))
 
 
 RUN_FILES = ('checkpoint.pt', 'NNN.png', 'losses.png', 'metrics.csv', 'metrics.png')  # all a run writes in out_dir
@@ -1959,98 +1597,168 @@ def claim_out_dir(cfg):
         lock.close()  # releases the lock at once, also where train() was called from Python and goes on
 
 
-class Training:
-    """What a run trains and what a resume must find as it was: every pair's networks and Adam states (all pairs, in
-    every process, each side with its origin: which pair each network started in), the noise and data streams,
-    the swaps and the sides they moved, the loss log and the last iteration done.
-    state_dict() is what a checkpoint keeps of it, load_state_dict() a resume."""
 
-    def __init__(self, cfg, procs, images, dev, dtype):
+def build_pairs(cfg, x_dim, dev, dtype):
+    """make_pairs, or a refusal in one line where the networks cannot be built or a weight is not one per pair."""
+    try:
+        pairs = make_pairs(cfg, x_dim, dev, dtype)
+    except ValueError as error:
+        refuse(f'cannot build the networks: {error}')
+    flat = [f'{name}.{k}' for name, side in pairs.items()
+            for k, t in (*side.model.named_parameters(), *side.model.named_buffers()) if t.shape[:1] != (cfg['n_pairs'],)]
+    if flat:
+        refuse(f'{", ".join(flat)} has no leading pairs dimension: every weight of the networks is (n_pairs, ...); '
+               f'use Linear, SpectralLinear (spectral norm per pair), BatchNorm, or PerPair(n, lambda: your_layer)')
+    return pairs
+
+
+def attempt(what, f, said):
+    """f(), or, where an edited network cannot take what it is given, None and one line saying so (once: said)."""
+    try:
+        return f()
+    except Exception as error:  # an edited network: the run goes on, measuring what it still can
+        if what not in said:
+            said.add(what)
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            procs.say(f'cannot {what}: {reason}')
+
+
+class Training:
+    """What a run trains and what a resume must find as it was: every pair's networks and optimisers (all pairs, in
+    every process; each side with its origin), the noise and data streams, the swaps and the sides they moved, the
+    loss log and the last iteration done. state_dict() is what a checkpoint keeps, load_state_dict() a resume."""
+
+    def __init__(self, cfg, images, labels, dev, dtype):
         # seeding: one seed, one stream per purpose, the same in every process: the weights from torch's global
         # generator, the data order seed + 1 (each pair's own, with own_noise, in make_batches), the noise and the
-        # input noise seed + 2 (the fixed noise of the samples seed + 3, in Recorder; each swap's pairing the seed
-        # and its iteration, in random_stream)
+        # input noise seed + 2 (the fixed noise of the sample grids seed + 3, in Recorder; each swap's pairing the
+        # seed and its iteration, in random_stream)
         seed = cfg['seed']
         torch.manual_seed(seed)
-        self.batches = make_batches(used_for_training(images, cfg).to(dev), cfg, seed + 1)
-        self.G, self.D = make_pairs(cfg, images.shape[1], dev, dtype)
+        self.data = make_batches(used_for_training(images, cfg).to(dev), used_for_training(labels, cfg).to(dev), cfg,
+                                 seed + 1, dtype)
+        self.pairs = build_pairs(cfg, images.shape[1], dev, dtype)
         self.noise_rng = torch.Generator(device=dev).manual_seed(seed + 2)
         self.swaps = []  # the iterations after which networks changed partners
         self.moved = set()  # the sides whose networks the swaps moved: 'D' (GAP's swap), 'G' (an edit's)
-        self.log = LossLog(cfg['log_every'], cfg['n_pairs'], procs.slots, dev, dtype)
+        self.log = LossLog()
         self.iteration = -1  # the last iteration done
 
     def state_dict(self, unlogged):
-        """unlogged: every pair's stats since the last log line (LossLog.unlogged)."""
-        return {'iteration': self.iteration, 'pairing': self.D['origin'], 'generators': self.G['origin'],
-                'swaps': self.swaps, 'moved': sorted(self.moved),
-                **self.log.state_dict(unlogged), 'G': side_state(self.G), 'D': side_state(self.D),
-                'noise_rng': self.noise_rng.get_state(), 'batches': self.batches.state_dict()}
+        """unlogged: every pair's statistics since the last log line (LossLog.unlogged)."""
+        return {'iteration': self.iteration, 'swaps': self.swaps, 'moved': sorted(self.moved),
+                'log': self.log.state_dict(unlogged), 'pairs': {name: side.state_dict() for name, side in self.pairs.items()},
+                'noise_rng': self.noise_rng.get_state(), 'data': self.data.state_dict()}
 
     def load_state_dict(self, state, where):
-        for name, side in (('G', self.G), ('D', self.D)):
-            load_networks(side, state[name], where, name)
-            side['solver'].load_state_dict(state[name]['solver'])
+        load_pairs(self.pairs, state['pairs'], where)
         self.noise_rng.set_state(state['noise_rng'])
-        self.batches.load_state_dict(state['batches'])
-        self.log.load_state_dict(state)
-        self.D['origin'], self.iteration, self.swaps = list(state['pairing']), state['iteration'], state.get('swaps', [])
-        self.G['origin'] = list(state.get('generators', self.G['origin']))  # checkpoints before generator swaps: none
-        self.moved = set(state.get('moved', 'D' if self.swaps else ''))
+        self.data.load_state_dict(state['data'])
+        self.log.load_state_dict(state['log'])
+        self.iteration, self.swaps, self.moved = state['iteration'], state['swaps'], set(state['moved'])
+
+
+def evaluates_at(it, cfg):
+    """Whether iteration it is evaluated: every eval_every iterations, and the last one when the run reached one of
+    those or eval_at_end asks (so a try-run shorter than eval_every never trains the classifier that scores it)."""
+    every, last = cfg['eval_every'], cfg['iterations'] - 1
+    return bool(every and it % every == 0 and it > 0 or it == last and (cfg['eval_at_end'] or every and last >= every))
 
 
 class Recorder:
-    """What a run shows and writes to out_dir (only the leader process writes): log lines, sample grids of the
-    fixed noise, evaluations (metrics.csv, metrics.png), the checkpoint and losses.png."""
+    """What a run shows and writes to out_dir after each iteration (only the leader process writes): log lines,
+    evaluations (metrics.csv, metrics.png), sample grids of the fixed noise, the checkpoint and losses.png; and the
+    Ctrl-C that ends a run after a checkpoint."""
 
-    def __init__(self, cfg, procs, training, images, labels):
-        dev, dtype = training.noise_rng.device, first_weight(training.G).dtype
-        self.cfg, self.leader, self.say, self.training = cfg, procs.leader, procs.say, training
+    def __init__(self, cfg, training, share, images, labels, interrupted):
+        dev, dtype = training.noise_rng.device, getattr(torch, cfg['dtype'])
+        self.cfg, self.training, self.share, self.interrupted = cfg, training, share, interrupted
+        self.iteration, self.said = training.iteration, set()
+        self.origins = {name: side.origin for name, side in share.items()}
+        self.speed = Speed(training.iteration + 1)  # iterations per second, saving and evaluating not counted
         self.real = images[:2000] if cfg['dataset'] in MIXTURES else None  # drawn under 2-D samples
-        n_fixed = 16 if self.real is None else 1000  # the same latent points in every sample dump
+        n_fixed = 16 if self.real is None else 1000  # the same latent points in every sample grid
         self.fixed_z = draw_noise(cfg, n_fixed, torch.Generator().manual_seed(cfg['seed'] + 3), torch.float32).to(dev, dtype)
+        self.digits = max(3, len(str(math.ceil((cfg['iterations'] - 1) / cfg['sample_every']))))  # 001.png, ...
         evaluates = evaluates_at(cfg['iterations'] - 1, cfg)  # the last iteration does, when any does
-        self.evaluator = Evaluator(cfg, dev, dtype, images, labels) if evaluates and self.leader else None
+        self.evaluator = Evaluator(cfg, dev, dtype, images, labels) if evaluates and procs.leader else None
         if self.evaluator:  # a fresh run starts a fresh file; a resumed one redoes the evaluations after its checkpoint
             write_metrics(self.path('metrics.csv'), [], keep_until=training.iteration)
 
     def path(self, name):
         return os.path.join(self.cfg['out_dir'], name)
 
+    def after(self, it, stats):
+        """Record iteration it's statistics ({name: (pairs,)}); log, evaluate and save where the schedule says.
+        Returns whether to stop: interrupted, and saved."""
+        cfg, training, last = self.cfg, self.training, self.cfg['iterations'] - 1
+        training.iteration = self.iteration = it
+        training.log.add(stats)
+        moved = [name for name, side in self.share.items() if side.origin != self.origins[name]]
+        if moved:  # a swap moved the networks of these sides, and their origins with them
+            training.swaps.append(it)
+            training.moved.update(moved)
+            self.origins = {name: side.origin for name, side in self.share.items()}
+        logging = it % cfg['log_every'] == 0 or it == last
+        stopping = procs.anyone(self.interrupted) if logging or procs.world == 1 else False  # all processes agree
+        if logging:
+            unlogged = training.log.unlogged()
+            self.stop_if_nonfinite(unlogged, it)
+            rate = self.speed.rate(it)
+            procs.say(format_log(it, training.log.close(it, unlogged), rate, (last - it) / max(rate or 1, 1e-9)))
+        evaluate, saving = evaluates_at(it, cfg), it % cfg['sample_every'] == 0 or it == last or stopping
+        if evaluate or saving:
+            with self.speed.paused():
+                unlogged = training.log.unlogged()
+                self.stop_if_nonfinite(unlogged, it)
+                collect_pairs(training.pairs, self.share)  # under torchrun: every pair, in every process
+                if evaluate:  # before the checkpoint: a resume from an earlier one redoes it
+                    self.evaluate(it)
+                if saving:
+                    self.save(it, unlogged)
+        if stopping:
+            procs.say(f'interrupted: checkpoint saved after iteration {it}; continue with --resume=True')
+        if stopping or it == last:
+            self.losses()
+        return stopping
+
     def evaluate(self, it):
         """Score every generator and discriminator (the leader's copy of every pair must be up to date)."""
         if self.evaluator:
-            rows = self.evaluator(self.training.G, self.training.D, it)
+            rows = self.evaluator(self.training.pairs, it)
             write_metrics(self.path('metrics.csv'), rows, keep_until=it - 1)
-            save_metrics_plot(self.path('metrics.png'), read_metrics(self.path('metrics.csv')))
-            self.say(format_eval(rows, len(rows[0]['histogram'])))
+            save_metrics_plot(self.path('metrics.png'), read_csv(self.path('metrics.csv')))
+            n_modes = len(mixture(self.cfg['dataset'])[0]) if self.cfg['dataset'] in MIXTURES else 10
+            procs.say(format_eval(rows, n_modes))
 
     def save(self, it, unlogged):
         """The sample grid of iteration it, then the checkpoint; never of non-finite weights."""
-        if not self.leader:
+        if not procs.leader:
             return
-        G, D = self.training.G, self.training.D
-        bad = nonfinite_sides({'G': G, 'D': D})
+        pairs = self.training.pairs
+        bad = [name for name, side in pairs.items() if not all(p.isfinite().all() for p in side.model.parameters())]
         if bad:
             self.stop(f'a weight of {" and ".join(bad)} became non-finite by iteration {it}')
-        number = it // self.cfg['sample_every'] + (it % self.cfg['sample_every'] != 0)
-        by_generator = [G['origin'].index(g) for g in range(len(G['origin']))]  # the slot of G1, G2, ...
-        save_samples(self.path(f'{number:03d}.png'), generate(G, to_slots(self.fixed_z, G))[by_generator], it,
-                     [D['origin'][slot] for slot in by_generator], self.real)
+        attempt('draw the sample grid', lambda: self.samples(it), self.said)
         save_checkpoint(checkpoint_path(self.cfg), {'hyperparameters': self.cfg, 'block': block_values,
-                                                    'code': algorithm_code(),
-                                                    'device': self.fixed_z.device.type,
+                                                    'code': algorithm_code(), 'device': self.fixed_z.device.type,
                                                     **self.training.state_dict(unlogged)})
 
-    def losses(self):
-        if self.leader:
-            save_losses(self.path('losses.png'), self.training.log.history, self.cfg['n_pairs'], self.training.swaps,
-                        self.training.moved)
+    def samples(self, it):
+        G, D = self.training.pairs['G'], self.training.pairs['D']
+        order = [G.origin.index(g) for g in range(len(G.origin))]  # the slot of G1, G2, ...
+        number = math.ceil(it / self.cfg['sample_every'])
+        save_samples(self.path(f'{number:0{self.digits}d}.png'), generate(G, to_slots(self.fixed_z, G))[order], it,
+                     [D.origin[slot] for slot in order], self.real)
 
-    def stop_if_nonfinite(self, stats, first_it):
-        bad = first_nonfinite(stats, first_it)
+    def losses(self):
+        if procs.leader:
+            save_losses(self.path('losses.png'), self.training.log.history, self.training.swaps, self.training.moved)
+
+    def stop_if_nonfinite(self, unlogged, it):
+        bad = self.training.log.first_nonfinite(unlogged, it - len(unlogged) + 1)
         if bad:
-            self.stop(f'a loss of pair {bad[1]} became non-finite at iteration {bad[0]}')
+            self.stop(f'a statistic of pair {bad[1]} became non-finite at iteration {bad[0]}')
 
     def stop(self, message):
         self.losses()
@@ -2079,7 +1787,7 @@ class Speed:
 
 
 @contextmanager
-def interrupts_caught(procs):
+def interrupts_caught():
     """Ctrl-C (or torchrun's SIGTERM) finishes the current iteration, then saves; a second Ctrl-C stops at once.
     Yields the list that records them; the default handlers come back on leaving, except one: when a collective
     failed (another process died), torchrun's SIGTERM to the survivors follows at once, and it is ignored so
@@ -2101,13 +1809,12 @@ def interrupts_caught(procs):
         signal.signal(signal.SIGTERM, signal.SIG_IGN if lost_the_others else signal.SIG_DFL)
 
 
+
 def train(cfg):
-    check_losses()
-    procs = Processes(cfg)
-    check_backward(cfg, data_dim(cfg['dataset']), procs.say)
+    dev = procs.start(cfg)
     try:
         with claim_out_dir(cfg) if procs.leader else nullcontext():  # before any slow step; held until the end
-            status = run(cfg, procs)
+            status = run(cfg, dev)
         procs.close(finished=True)
     except WriteFailed as failure:
         sys.exit(f'parallel_gan.py: {failure}; stopped. {what_is_left(cfg)}')
@@ -2132,10 +1839,9 @@ def what_is_left(cfg):
             else f'No checkpoint had been written to {cfg["out_dir"]} yet.')
 
 
-def run(cfg, procs):
+def run(cfg, dev):
     """Set a run up (afresh or from its checkpoint) and train it; 0 when done, 130 when interrupted (and saved)."""
-    dev, dtype = procs.device, getattr(torch, cfg['dtype'])
-    say = procs.say
+    dtype, say = getattr(torch, cfg['dtype']), procs.say
     if cfg['threads']:
         torch.set_num_threads(cfg['threads'])
     state = load_checkpoint(checkpoint_path(cfg), cfg, dev) if cfg['resume'] else None
@@ -2145,124 +1851,25 @@ def run(cfg, procs):
         return 0
     say(f'loading the {cfg["dataset"]} training set' + (f' from {cfg["data_root"]}' if cfg['dataset'] in IMAGE_DATASETS else ''))
     images, labels = training_data(cfg)
-    training = Training(cfg, procs, images, dev, dtype)
+    training = Training(cfg, images, labels, dev, dtype)
     if state:
-        training.load_state_dict(state, checkpoint_path(cfg))  # refuses other networks, naming the layers
-        differ = code_differences(state.get('code'), algorithm_code())
-        if differ and not cfg['resume_edited']:
-            refuse(f'cannot resume from {checkpoint_path(cfg)}: the algorithm\'s code differs from the one that trained '
-                   f'it ({differ}); --resume_edited=True continues it with the code as it is now')
+        training.load_state_dict(state, checkpoint_path(cfg))  # refuses other networks
         saved = state['hyperparameters']
         changes = '; '.join(f'{k}={saved[k]!r} there, {cfg[k]!r} now' for k in RESUMABLE
                             if k != 'resume' and k in saved and saved[k] != cfg[k])
         say(f'resumed from {checkpoint_path(cfg)} after iteration {state["iteration"]}'
             + (f', with these changes: {changes}' if changes else ', with its own hyperparameters'))
-    G, D = share_of_process(training, cfg, procs)
-    with interrupts_caught(procs) as interrupted:  # from here on a Ctrl-C ends in a checkpoint
-        recorder = Recorder(cfg, procs, training, images, labels)
-        say(f'GAP: {cfg["n_pairs"]} pairs, K={cfg["K"]}, {len(training.batches.data)} {cfg["dataset"]} training points, '
+    share = share_of_process(training.pairs, cfg, images.shape[1])  # under torchrun, this process's pairs
+    with interrupts_caught() as interrupted:  # from here on a Ctrl-C ends in a checkpoint
+        recorder = Recorder(cfg, training, share, images, labels, interrupted)
+        say(f'GAP: {cfg["n_pairs"]} pairs, K={cfg["K"]}, {len(training.data.data)} {cfg["dataset"]} training points, '
             f'device {dev}, {cfg["dtype"]}, {count(procs.world, "process")} x {count(torch.get_num_threads(), "thread")}, '
             f'iterations {training.iteration + 1}..{cfg["iterations"] - 1}')
         if cfg['eval_every'] and not recorder.evaluator:
             say(f'no evaluation: the run ends before eval_every={cfg["eval_every"]}; for metrics of a short run, '
                 f'add --eval_at_end=True (or a smaller --eval_every)')
-        stopped = train_loop(cfg, procs, training, G, D, recorder, interrupted)
+        stopped = train_loop(cfg, share, training.data, training.noise_rng, recorder)
     return 130 if stopped else 0
-
-
-# ------------------------------------------------------------------------------------
-# CUDA graphs: on a GPU the loop is bound by launching small kernels, so stretches of iterations with
-# nothing for the host to do are captured once and replayed. The eager loop stays the definition.
-
-def quiet_stretch(it, cfg, batches):
-    """How many iterations from it on need nothing from the host: no log line, swap, evaluation, sample,
-    checkpoint or last iteration, and no batch that runs into a new epoch (whose shuffle runs eagerly)."""
-    periods = [cfg['log_every'], cfg['sample_every']] + [p for p in (cfg['eval_every'],) if p]
-    horizon = min(min((-it) % p for p in periods), cfg['iterations'] - 1 - it,
-                  (len(batches.order) - batches.pos) // batches.mb_size, GraphedIterations.BLOCKS[0])
-    return max(0, next((k for k in range(horizon) if swaps_at(it + k, cfg)), horizon))
-
-
-class GraphedIterations:
-    """Iterations as replays of captured CUDA graphs of BLOCKS[k] iterations each. What a graph captures is
-    gap_iteration itself, the loop's own iteration (so an edit there trains here too), reading the noise from the
-    same generator (registered with each graph, so every replay draws what the eager calls would) and its batches
-    through next(): the rows of a device copy of the epoch's order at a device cursor. The losses and weights
-    are the eager loop's, bit for bit. What gap_iteration decides on the host (its Python code, a schedule read
-    from `it`) is fixed when a graph is captured; quiet_stretch keeps swaps and epoch ends out of the graphs."""
-    BLOCKS = (64, 16, 4, 1)
-
-    def __init__(self, G, D, batches, noise_rng, cfg, procs):
-        self.G, self.D, self.batches, self.noise_rng, self.cfg, self.procs = G, D, batches, noise_rng, cfg, procs
-        dev, self.dtype = noise_rng.device, first_weight(G).dtype
-        self.order = batches.order.clone()  # the current epoch's order, where the graphs read it
-        self.order_of = batches.order  # which of Batches' orders self.order holds
-        self.cursor = torch.zeros((), dtype=torch.long, device=dev)  # batches.pos, on the device
-        self.rows = torch.arange(cfg['mb_size'], device=dev)
-        self.stats = torch.zeros(self.BLOCKS[0], G['model'].n_pairs, 4, device=dev, dtype=self.dtype)
-        self.pool, self.graphs, self.generators = None, {}, G['origin']
-
-    def next(self):
-        """The next minibatch as Batches.next gives it, read on the device: the epoch's order at the cursor."""
-        batch = self.batches.data.index_select(0, self.order.index_select(0, self.cursor + self.rows))
-        self.cursor += self.cfg['mb_size']
-        return batch
-
-    def iterations(self, it, length):
-        """The work of `length` quiet iterations from it on, all on the device: what a graph captures."""
-        for k in range(length):
-            self.stats[k] = gap_iteration(it + k, self.G, self.D, self, self.noise_rng, self.cfg, self.procs)[0]
-
-    def capture(self, it, length):
-        graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(self.noise_rng)  # each replay draws the noise the eager calls would
-        self.pool = self.pool or torch.cuda.graph_pool_handle()  # one memory pool for all the graphs
-        try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.iterations(it, length)
-        except RuntimeError as error:  # e.g. an edit that reads a value on the host (.item()) or draws on the CPU
-            sys.exit(f'parallel_gan.py: CUDA graphs cannot capture gap_iteration as it is '
-                     f'({str(error).splitlines()[0]}); run it eagerly with --cuda_graphs=False')
-        return graph
-
-    def run(self, it, n):
-        """Run the n iterations from it on (all quiet); returns their stats, (n, pairs, 4), valid until the next call."""
-        length = next(b for b in self.BLOCKS if b <= n)
-        if self.order_of is not self.batches.order:  # a new epoch began in an eager iteration
-            self.order.copy_(self.batches.order)
-            self.order_of = self.batches.order
-        if self.generators != self.G['origin'] and self.cfg['prior'] == 'mixed':  # generators moved (an edit's
-            self.pool, self.graphs = None, {}  # swap): which slot gets which prior is fixed when a graph is captured
-            self.generators = self.G['origin']
-        if length not in self.graphs:
-            self.graphs[length] = self.capture(it, length)
-        self.cursor.fill_(self.batches.pos)
-        self.graphs[length].replay()
-        self.batches.pos += length * self.cfg['mb_size']
-        return self.stats[:length]
-
-
-def use_cuda_graphs(dev, cfg):
-    """On a GPU unless cuda_graphs=False, with the shipped losses and both sides' written-out backward (autograd
-    runs eagerly), and every pair on the same batch and no input noise (whose draws run eagerly)."""
-    return (dev.type == 'cuda' and cfg['cuda_graphs'] and set(verified_closed_forms) == {d_loss, g_loss}
-            and written_out_confirmed == {'G': True, 'D': True} and not cfg['own_noise'] and not cfg['input_noise'])
-
-
-def iteration_runner(G, D, batches, noise_rng, cfg, procs):
-    """advance(it) -> (stats of each iteration done, partners of a swap at its last one or None): one eager
-    gap_iteration, or, on a GPU with cuda_graphs, as many quiet iterations as one graph replay does."""
-    graphs = GraphedIterations(G, D, batches, noise_rng, cfg, procs) if use_cuda_graphs(noise_rng.device, cfg) else None
-    warmed_up = []  # capture only after an eager iteration in this process: Adam's state, cuBLAS's set-up
-
-    def advance(it):
-        quiet = quiet_stretch(it, cfg, batches) if graphs and warmed_up else 0
-        if quiet:
-            return graphs.run(it, quiet), None
-        stats, partners = gap_iteration(it, G, D, batches, noise_rng, cfg, procs)
-        warmed_up[:] = [True]
-        return stats[None], partners
-    return advance
 
 
 if __name__ == '__main__':

@@ -1,16 +1,20 @@
-"""The study's tools: the sweep's parts hold the README's protocol, and tests/summarize_runs.py rebuilds the
-tables, intervals, verdicts and figures from a CSV of runs alone."""
+"""The study's tools (tests/study/): the sweep's parts hold the README's protocol, and summarize_runs.py rebuilds the
+tables, intervals, verdicts and figures from a CSV of runs alone, into RESULTS.md."""
 import csv
 import os
 import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+import backfill_commits
 import summarize_runs as summary
 import sweep
 from conftest import ROOT
+
+SUMMARIZE = os.path.join(ROOT, 'tests', 'study', 'summarize_runs.py')
 
 
 def test_every_part_holds_the_protocol():
@@ -31,18 +35,19 @@ def test_every_part_holds_the_protocol():
             assert seeds == arms[setting, 0, 'baseline'], (part, K)  # same seeds as K=0
 
 
-def write_runs(path, arms, metric_values):
+def write_runs(path, arms, metric_values, columns=sweep.COLUMNS, commit='abc1234'):
     """A study CSV: for each (part, dataset, train_size, condition, K, arm) a run per seed, 2 generators whose
     metrics average to the given value (one generator value + d, the other value - d)."""
     with open(path, 'w', newline='') as f:
-        writer = csv.DictWriter(f, sweep.COLUMNS)
+        writer = csv.DictWriter(f, columns, extrasaction='ignore')
         writer.writeheader()
         for (part, dataset, train_size, condition, K, arm), values in arms.items():
             for seed, v in enumerate(values):
                 for g, d in ((1, 0.5), (2, -0.5)):
-                    row = {c: '' for c in sweep.COLUMNS}
+                    row = {c: '' for c in columns}
                     row.update(part=part, condition=condition, arm=arm, dataset=dataset, train_size=train_size, K=K,
-                               seed=seed, lr=1e-3, h_dim=64, z_dim=10, run=f'K{K}-s{seed}', generator=g, iteration=100)
+                               seed=seed, lr=1e-3, h_dim=64, z_dim=10, run=f'K{K}-s{seed}', generator=g, iteration=100,
+                               commit=commit)
                     row.update({m: fn(v) + d for m, fn in metric_values.items()})
                     writer.writerow(row)
 
@@ -76,10 +81,89 @@ def test_summary_rebuilds_effects_intervals_verdicts_and_figures_from_the_csv(tm
     assert '| mode coverage | **no: fewer modes** on 1 of 1; R15, 100 points: -4.2 [' in text
     assert '**no difference detected** on 1 of 1; MNIST, 1,000: +0 [' in text
     assert '| generalisation | script | R15, 100 points | 2 | 5 / 5 | 0.08 | -0.042 [' in text
+    assert '| r15_script | R15, 100 points, the script\'s conditions | 10 | abc1234 |' in text  # the part's commit
     written = summary.figures(runs, str(tmp_path / 'figures'))
     assert [os.path.basename(p) for p in written] == ['study_forest.png', 'study_forest_small.png', 'study_seeds_coverage.png',
                                                        'study_seeds_gam2.png', 'study_seeds_generalisation.png']
     assert all(open(p, 'rb').read(8) == b'\x89PNG\r\n\x1a\n' for p in written)
+
+
+R15_ARMS = {('r15_script', 'r15', 100, 'script', 0, 'baseline'): [8, 9, 7, 8, 8],
+            ('r15_script', 'r15', 100, 'script', 2, 'primary'): [3, 4, 3, 5, 4],
+            ('r15_swap_matching', 'r15', 100, 'swap_matching', 2, 'primary'): [4, 5, 4, 4, 5]}
+R15_METRICS = {'modes_captured': lambda v: v, 'modes': lambda v: v, 'd_gap': lambda v: v / 100,
+               'pool_error': lambda v: v / 10, 'd_real_error': lambda v: 0.2}
+
+
+def test_each_condition_alone_pairs_the_matching_swap_with_the_scripts_k0(tmp_path):
+    """r15_swap_matching has only K=2 runs: its row compares them with r15_script's K=0 runs (and says so); a
+    condition whose part is not in the CSV yet is a row that says so."""
+    path = tmp_path / 'runs.csv'
+    write_runs(path, R15_ARMS, R15_METRICS)
+    runs = summary.read_runs(path)
+    found = {condition: cell for _, condition, cell in summary.alone_cells(runs)}
+    cell = found['swap_matching alone']
+    assert {r['part'] for r in cell['baseline']} == {'r15_script'} and [r['K'] for r in cell['baseline']] == [0] * 5
+    assert {r['part'] for r in cell['treated']} == {'r15_swap_matching'} and len(cell['treated']) == 5
+    assert summary.judge(cell, 'coverage')['effect'] == pytest.approx(4.4 - 8)  # K=2 of the swap rule - the script's K=0
+    assert found['own_noise alone'] is None and found['paper (all six)'] is None
+    table = summary.alone_table(runs)
+    assert '| R15, 100 points | swap_matching alone | 2 | 5 (r15_script) / 5 | 8.00 | -3.6 [' in table
+    assert '| R15, 100 points | script (none of the six) | 2 | 5 / 5 | 8.00 | -4.2 [' in table
+    assert '| R15, 100 points | own_noise alone | 2 | not run yet |' in table
+    assert '| MNIST, 1,000 | batch_norm alone | 16 | not run yet |' in table
+    assert len(table.splitlines()) == 2 + len(summary.ALONE)
+    assert summary.own_baseline_note(runs) == ''
+
+    # K=0 runs of its own change nothing: the table still borrows the script's, and a note compares the two
+    write_runs(path, {**R15_ARMS, ('r15_swap_matching', 'r15', 100, 'swap_matching', 0, 'baseline'): [8, 9, 7, 1, 1]},
+               R15_METRICS)
+    runs = summary.read_runs(path)
+    assert summary.alone_table(runs) == table
+    assert summary.own_baseline_note(runs).startswith('r15_swap_matching also holds K=0 runs of its own: 3 of 5 give')
+
+
+def test_the_summary_writes_results_md_and_prints_a_short_summary(tmp_path):
+    """The command line: every table into the results file (written whole, nothing left beside it), on the screen
+    only the answer, each condition alone and the path."""
+    path, results = tmp_path / 'runs.csv', tmp_path / 'out' / 'RESULTS.md'
+    arms = {**R15_ARMS, ('r15_paper_lr2e-4_z2', 'r15', 100, 'paper', 0, 'baseline'): [7, 8, 7, 6, 7, 8],
+            ('r15_paper_lr2e-4_z2', 'r15', 100, 'paper', 2, 'primary'): [7, 11, 8, 12, 7, 8]}
+    write_runs(path, arms, R15_METRICS)
+    shown = subprocess.run([sys.executable, SUMMARIZE, str(path), f'--results={results}'], capture_output=True,
+                           text=True, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert '| mode coverage | **no: fewer modes** on 1 of 1;' in shown.stdout
+    assert '| R15, 100 points | swap_matching alone | 2 | 5 (r15_script) / 5 |' in shown.stdout
+    assert shown.stdout.rstrip().endswith(f'every table: {results}')
+    assert '### r15_script' not in shown.stdout and 'robustness' not in shown.stdout.lower()
+    assert os.listdir(results.parent) == ['RESULTS.md']
+    text = results.read_text()
+    assert text.startswith('# The study\'s results\n\nGenerated by `python tests/study/summarize_runs.py` from '
+                           f'`{path}`')
+    for sentence in ('Higher means the generator fools the\n  pool more', 'mean D(x) on training data minus mean D(x) '
+                     'on held-out data', 'Smaller is better'):
+        assert sentence in text
+    assert "| R15, 100 points | swap_matching alone | 2 | 5 (r15_script) / 5 |" in text
+    assert '### r15_script: R15, 100 points, the script\'s conditions' in text  # a part's detail table
+    assert '| mode coverage | 6 / 6 | 7.17 | 8.83 | +1.67 [' in text  # the bimodal cell, 6 seeds here
+    assert 'K=0: 6, 7, 7, 7, 8, 8; K=2: 7, 7, 8, 8, 11, 12.' in text
+    assert '## The earlier study' in text and '| claim | blog conditions | paper\'s conditions |' in text
+    assert text.count('\n## ') >= 10
+
+
+def test_old_parts_get_the_commit_that_first_added_their_rows(tmp_path):
+    """A CSV from before the commit column: the column added, each part's rows filled from the history's first
+    commit with them, a part unknown to the history left empty, every other cell as it was."""
+    path = tmp_path / 'runs.csv'
+    write_runs(path, R15_ARMS, R15_METRICS, columns=[c for c in sweep.COLUMNS if c != 'commit'])
+    before = list(csv.DictReader(open(path)))
+    filled, unknown = backfill_commits.backfill(str(path), {'r15_script': 'c5d50ae', 'r15_paper': '0a83f88'})
+    assert filled == {'r15_script': (20, 'c5d50ae')} and unknown == ['r15_swap_matching']
+    after = list(csv.DictReader(open(path)))
+    assert [{k: v for k, v in r.items() if k != 'commit'} for r in after] == before
+    assert [r['commit'] for r in after] == ['c5d50ae'] * 20 + [''] * 10
+    assert os.listdir(tmp_path) == ['runs.csv']
 
 
 def test_judges_that_differ_on_real_data_give_no_gam_verdict(tmp_path):
@@ -101,6 +185,7 @@ def test_the_published_csv_regenerates_the_tables():
     assert runs and {r['part'] for r in runs} <= set(sweep.PARTS)
     assert '| mode coverage |' in summary.report(runs)
     assert os.path.dirname(path) == os.path.join(ROOT, '.assets')
+    assert all(r['commit'] for r in runs), 'rows without the commit that produced them: tests/study/backfill_commits.py'
 
 
 def test_the_sweep_runs_what_is_missing_resumes_what_stopped_and_publishes_its_rows(tmp_path, monkeypatch, capsys):

@@ -1,10 +1,10 @@
 """The study's sweeps, part by part: runs what is missing (a finished run is skipped, an interrupted one resumed),
 one thread per run, N at a time; then pools the part's runs with --compare and writes their rows into the
-study's CSV (.assets/study_runs.csv), from which tests/summarize_runs.py rebuilds the README's tables and figures.
+study's CSV (.assets/study_runs.csv), from which tests/study/summarize_runs.py rebuilds the study's tables and figures.
 
-    python tests/sweep.py --list                      # every part: its runs, how many are done, what it is
-    python tests/sweep.py r15_script                  # run one part, two runs at a time
-    python tests/sweep.py r15_script r15_paper --jobs=1
+    python tests/study/sweep.py --list                # every part: its runs, how many are done, what it is
+    python tests/study/sweep.py r15_script            # run one part, two runs at a time
+    python tests/study/sweep.py r15_script r15_paper --jobs=1
 
 Ctrl-C stops the runs at their next iteration with a checkpoint each; the same command continues them. Each run
 writes out/study/PART/RUN/ (its log in log.txt there). The protocol (seeds, lengths, K) is the README's.
@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/study/ -> the repository
 SCRIPT = os.path.join(ROOT, 'parallel_gan.py')
 STUDY_CSV = os.path.join(ROOT, '.assets', 'study_runs.csv')
 SHARED_MNIST = os.path.join(ROOT, '..', 'shared', 'mnist')
@@ -110,7 +110,7 @@ def defaults():
     """parallel_gan.py's hyperparameter block: name -> default."""
     sys.path.insert(0, ROOT)
     import parallel_gan
-    return {name: default for name, default, _ in parallel_gan.hyperparameters()}
+    return {name: default for name, default, _ in parallel_gan.read_block()}
 
 
 def checkpoint_iteration(folder):
@@ -229,10 +229,11 @@ def publish(part, args):
 
 
 def show_parts(args):
+    width = max(map(len, PARTS))
     for part, (what, runs, _) in PARTS.items():
         done = sum(checkpoint_iteration(os.path.join(args.study, part, name)) == hp['iterations'] - 1
                    for name, hp, *_ in runs)
-        print(f'{part:20} {done:3}/{len(runs):<3} runs done   {what}')
+        print(f'{part:{width}} {done:3}/{len(runs):<3} runs done   {what}')
 
 
 if __name__ == '__main__':

@@ -1,8 +1,8 @@
 """Speed of parallel_gan.py's training iteration against the plain reference loop.
 
-    python tests/benchmark.py                  # n_pairs 2, 4, 8 on the default device
-    python tests/benchmark.py --pairs=2 --rounds=3 --device=cpu --threads=1
-    python tests/benchmark.py --against=HEAD~1 --pairs=2,4      # this version's iteration against an older one's
+    python tests/study/benchmark.py                  # n_pairs 2, 4, 8 on the default device
+    python tests/study/benchmark.py --pairs=2 --rounds=3 --device=cpu --threads=1
+    python tests/study/benchmark.py --against=HEAD~1 --pairs=2,4      # this version's iteration against an older one's
 
 Both loops run in this process on the same data, in alternating timed rounds after a
 warm-up; each round times `--iterations` iterations (noise, batch and both updates).
@@ -23,11 +23,13 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]
+TESTS = os.path.dirname(HERE)  # tests/: reference.py and conftest.py
+ROOT = os.path.dirname(TESTS)  # the repository: parallel_gan.py
+sys.path[:0] = [ROOT, TESTS]
 import parallel_gan as pg  # noqa: E402
 from reference import ReferenceGAP  # noqa: E402
 
-SHARED_MNIST = os.environ.get('GAP_MNIST') or os.path.join(os.path.dirname(HERE), '..', 'shared', 'mnist')
+SHARED_MNIST = os.environ.get('GAP_MNIST') or os.path.join(ROOT, '..', 'shared', 'mnist')
 
 
 def training_images(dev):
@@ -76,7 +78,7 @@ def version(revision):
     """parallel_gan.py as it was at a git revision, imported as a module of its own."""
     from conftest import script_module
     source = subprocess.run(['git', 'show', f'{revision}:parallel_gan.py'], capture_output=True, text=True, check=True,
-                            cwd=os.path.dirname(HERE)).stdout
+                            cwd=ROOT).stdout
     return script_module(source, tempfile.mkdtemp(), f'parallel_gan_at_{revision}')[0]
 
 
@@ -134,7 +136,7 @@ def memory_child(which, dev):
 
 def script_rate(launcher, threads, data_root, out_dir, iterations=4001):
     """it/s that parallel_gan.py itself logs, averaged over its log windows after the first (no start-up)."""
-    command = [*launcher, os.path.join(os.path.dirname(HERE), 'parallel_gan.py'), f'--data_root={data_root}',
+    command = [*launcher, os.path.join(ROOT, 'parallel_gan.py'), f'--data_root={data_root}',
                f'--out_dir={out_dir}', f'--iterations={iterations}', '--log_every=1000', '--sample_every=1000000',
                '--eval_every=0', f'--threads={threads}', '--device=cpu']
     log = subprocess.run(command, capture_output=True, text=True, check=True).stdout

@@ -1,0 +1,494 @@
+"""Rebuild the study's tables, intervals and figures from the study's CSV alone (a row per run and generator, as
+tests/study/sweep.py writes it): every table into tests/study/RESULTS.md, a short summary on the screen.
+
+    python tests/study/summarize_runs.py                             # .assets/study_runs.csv -> tests/study/RESULTS.md
+    python tests/study/summarize_runs.py FILE.csv --results=R.md     # another CSV, another results file
+    python tests/study/summarize_runs.py --figures=.assets           # and the forest plot and the per-seed figures
+
+The README's protocol: a run's value is its generators' (or discriminators') mean in the claim's metric; the
+effect is mean(K>0) - mean(K=0) over seeds; its 95% interval a percentile bootstrap over seeds (each arm resampled
+with replacement, 10,000 times, numpy's default_rng(0)); the verdict says which way where the interval excludes 0,
+else "no difference detected".
+"""
+import argparse
+import csv
+import math
+import os
+from collections import defaultdict
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))  # tests/study/ -> the repository
+STUDY_CSV = os.path.join(ROOT, '.assets', 'study_runs.csv')
+RESULTS = os.path.join(HERE, 'RESULTS.md')
+EARLIER = os.path.join(HERE, 'earlier_study.md')  # the earlier study's tables: no CSV holds its runs
+RESAMPLES = 10_000
+# claim: (its name, the metric on images, on 2-D points, +1 where higher is better for GAP, what better/worse say)
+CLAIMS = {
+    'coverage': ('mode coverage', 'modes', 'modes_captured', +1, ('more modes', 'fewer modes')),
+    'gam2': ('GAM-II (one pool judges every generator)', 'pool_error', 'pool_error', +1,
+             ('fools the pool more', 'fools the pool less')),
+    'generalisation': ('generalisation (D(x) gap, train - held-out)', 'd_gap', 'd_gap', -1,
+                       ('smaller gap', 'larger gap')),
+}
+DATA_NAMES = {('mnist', 0): 'MNIST, 60,000', ('mnist', 1000): 'MNIST, 1,000', ('r15', 100): 'R15, 100 points',
+              ('grid25', 0): 'grid25, 60,000', ('grid25', 2500): 'grid25, 2,500', ('ring8', 0): 'ring8, 60,000'}
+CONDITION_NAMES = {'script': "script's conditions", 'paper': "paper's conditions"}
+SETTING = ('lr', 'h_dim', 'z_dim')  # what the robustness check varies
+BIMODAL = 'r15_paper_lr2e-4_z2'  # the robustness check's bimodal cell again, with 20 seeds per arm
+ROBUSTNESS_PARTS = ('robust_r15', BIMODAL)
+# each of the paper's conditions alone: (data, condition, the part of its K>0 runs, that K, the part of its K=0 runs).
+# r15_swap_matching's K=0 is r15_script's: without swaps the swap rule does nothing.
+ALONE = [('R15, 100 points', 'script (none of the six)', 'r15_script', 2, 'r15_script'),
+         *[('R15, 100 points', f'{c} alone', f'r15_{c}', 2, 'r15_script' if c == 'swap_matching' else f'r15_{c}')
+           for c in ('own_noise', 'prior_mixed', 'input_noise', 'clip', 'swap_matching', 'batch_norm')],
+         ('R15, 100 points', 'paper_without_batch_norm', 'r15_paper_without_batch_norm', 2, 'r15_paper_without_batch_norm'),
+         ('R15, 100 points', 'paper (all six)', 'r15_paper', 2, 'r15_paper'),
+         ('MNIST, 1,000', 'script (none of the six)', 'mnist1000_script', 16, 'mnist1000_script'),
+         ('MNIST, 1,000', 'batch_norm alone', 'mnist1000_batch_norm', 16, 'mnist1000_batch_norm'),
+         ('MNIST, 1,000', 'paper (all six)', 'mnist1000_paper', 16, 'mnist1000_paper')]
+
+
+def number(text):
+    return float(text) if text not in ('', None) else math.nan
+
+
+def read_runs(path):
+    """{(part, run): {'rows': its generator rows, plus its configuration}} of the CSV, in file order."""
+    runs = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            run = runs.setdefault((row['part'], row['run']), {**row, 'rows': []})
+            run['rows'].append(row)
+    for run in runs.values():
+        run['K'], run['seed'], run['train_size'] = int(run['K']), int(run['seed']), int(run['train_size'])
+        run.setdefault('commit', '')  # a CSV from before the column
+    return list(runs.values())
+
+
+def value(run, metric):
+    """A run's value in a metric: the mean over its generators' rows (nan where the metric is missing)."""
+    values = [number(r[metric]) for r in run['rows']]
+    return math.nan if any(math.isnan(v) for v in values) else float(np.mean(values))
+
+
+def metric_of(claim, dataset):
+    _, images, points, _, _ = CLAIMS[claim]
+    return images if dataset in ('mnist', 'fashion_mnist') else points
+
+
+def bootstrap(treated, baseline, resamples=RESAMPLES):
+    """(effect, low, high): mean(treated) - mean(baseline) and its 95% percentile interval, resampling each arm's
+    seeds with replacement."""
+    a, b = np.asarray(treated, float), np.asarray(baseline, float)
+    rng = np.random.default_rng(0)
+    diffs = (a[rng.integers(0, len(a), (resamples, len(a)))].mean(1)
+             - b[rng.integers(0, len(b), (resamples, len(b)))].mean(1))
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return float(a.mean() - b.mean()), float(low), float(high)
+
+
+def verdict(claim, effect, low, high):
+    """'yes: ...' / 'no: ...' where the interval excludes 0, else 'no difference detected'."""
+    better, worse = CLAIMS[claim][4]
+    if low <= 0 <= high:
+        return 'no difference detected'
+    return f'yes: {better}' if effect * CLAIMS[claim][3] > 0 else f'no: {worse}'
+
+
+def cells(runs):
+    """Every comparison of the study: a dict per (part, condition, data, setting, K>0) with each arm's runs."""
+    groups = defaultdict(list)
+    for run in runs:
+        groups[run['part'], run['condition'], run['dataset'], run['train_size'], *(run[k] for k in SETTING)].append(run)
+    found = []
+    for key, members in groups.items():
+        baseline = [r for r in members if r['arm'] == 'baseline']
+        arm_of = {r['K']: r['arm'] for r in members}
+        for K in sorted((K for K in arm_of if K > 0), key=lambda K: (arm_of[K] != 'primary', K)):
+            arm = [r for r in members if r['K'] == K]
+            if baseline and arm:
+                found.append({'part': key[0], 'condition': key[1], 'dataset': key[2], 'train_size': key[3],
+                              'setting': dict(zip(SETTING, key[4:])), 'K': K, 'arm': arm[0]['arm'],
+                              'baseline': baseline, 'treated': arm})
+    return found
+
+
+def judge(cell, claim):
+    """The cell's effect, interval and verdict for a claim; None where its runs lack the metric."""
+    metric = metric_of(claim, cell['dataset'])
+    treated, baseline = ([value(r, metric) for r in cell[arm]] for arm in ('treated', 'baseline'))
+    if any(math.isnan(v) for v in treated + baseline):
+        return None
+    effect, low, high = bootstrap(treated, baseline)
+    result = {'effect': effect, 'low': low, 'high': high, 'verdict': verdict(claim, effect, low, high),
+              'treated': treated, 'baseline': baseline}
+    if claim == 'gam2':  # the paper's condition for GAM: judges equally strict on held-out real data
+        real = [[value(r, 'd_real_error') for r in cell[arm]] for arm in ('treated', 'baseline')]
+        difference, lo, hi = bootstrap(*real)
+        result['judges'] = (float(np.mean(real[1])), float(np.mean(real[0])), lo, hi)
+        if not lo <= 0 <= hi:
+            result['verdict'] = (f'no verdict: the judges differ (held-out real error {np.mean(real[1]):.2f} for K=0 '
+                                 f'against {np.mean(real[0]):.2f})')
+    return result
+
+
+def data_name(cell):
+    return DATA_NAMES.get((cell['dataset'], cell['train_size']), f'{cell["dataset"]}, {cell["train_size"]}')
+
+
+def interval(r, fmt='.3g'):
+    return f'{r["effect"]:+{fmt}} [{r["low"]:+{fmt}}, {r["high"]:+{fmt}}]'
+
+
+def study_cells(runs):
+    """The main study's comparisons (the script's and the paper's conditions; the robustness and ablation parts
+    aside), primary K first."""
+    return [c for c in cells(runs) if c['part'] not in ROBUSTNESS_PARTS and c['condition'] in CONDITION_NAMES]
+
+
+def answer_table(runs, headline=('r15', 100)):
+    """The first screen's table: per claim and condition, how many data sets say what, and one data set's effect."""
+    lines = ['| claim | ' + ' | '.join(CONDITION_NAMES[c] for c in CONDITION_NAMES) + ' |', '|---|---|---|']
+    found = [c for c in study_cells(runs) if c['arm'] == 'primary']
+    for claim, (name, *_) in CLAIMS.items():
+        row = []
+        for condition in CONDITION_NAMES:
+            mine = [(c, judge(c, claim)) for c in found if c['condition'] == condition]
+            mine = [(c, r) for c, r in mine if r]
+            if not mine:
+                row.append('not yet run')
+                continue
+            counts = defaultdict(int)
+            for _, r in mine:
+                counts[r['verdict'].split(' (')[0].replace('no verdict: the judges differ', 'no verdict')] += 1
+            summary = ', '.join(f'**{word}** on {n}' for word, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+            shown = next(((c, r) for c, r in mine if (c['dataset'], c['train_size']) == headline), mine[0])
+            row.append(f'{summary} of {len(mine)}; {data_name(shown[0])}: {interval(shown[1])}')
+        lines.append(f'| {name.split(" (")[0]} | ' + ' | '.join(row) + ' |')
+    return '\n'.join(lines)
+
+
+def verdict_table(runs, arm='primary'):
+    """Every claim x data set x condition at the verdict's K (arm='primary') or at the secondary K: seeds, K=0's
+    mean, the effect, its interval and the verdict."""
+    lines = ['| claim | condition | data | K | seeds (K=0 / K) | K=0 mean | effect [95% interval] | verdict |',
+             '|---|---|---|---|---|---|---|---|']
+    for claim, (name, *_) in CLAIMS.items():
+        for c in study_cells(runs):
+            r = judge(c, claim) if c['arm'] == arm else None
+            if r:
+                lines.append(f'| {name.split(" (")[0]} | {c["condition"]} | {data_name(c)} | {c["K"]} | '
+                             f'{len(r["baseline"])} / {len(r["treated"])} | {np.mean(r["baseline"]):.3g} | '
+                             f'{interval(r)} | {r["verdict"]} |')
+    return '\n'.join(lines)
+
+
+def detail_table(runs, metrics=('modes', 'modes_captured', 'high_quality', 'score', 'fd', 'pool_error', 'd_real_error',
+                                'd_gap', 'd_acc_gap')):
+    """Per part and K: seeds and mean ± std over seeds of every metric its runs have."""
+    lines = []
+    for part in dict.fromkeys(r['part'] for r in runs if r['part'] != 'robust_r15'):  # its settings vary
+        mine = [r for r in runs if r['part'] == part]
+        shown = [m for m in metrics if not any(math.isnan(value(r, m)) for r in mine)]
+        what = part_description(part)
+        lines += [f'\n### {part}' + (f': {what}' if what else '') + '\n',
+                  '| K | seeds | ' + ' | '.join(shown) + ' |', '|---' * (2 + len(shown)) + '|']
+        for K in sorted({r['K'] for r in mine}):
+            arm = [r for r in mine if r['K'] == K]
+            cells_ = [f'{np.mean(v):.3g} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.2g}'
+                      for v in ([value(r, m) for r in arm] for m in shown)]
+            lines.append(f'| {K} | {len(arm)} | ' + ' | '.join(cells_) + ' |')
+    return '\n'.join(lines).lstrip('\n')
+
+
+def part_description(part):
+    """What a part is, as tests/study/sweep.py describes it ('' for a part it does not know)."""
+    try:
+        import sweep
+    except ImportError:
+        return ''
+    return sweep.PARTS[part][0] if part in sweep.PARTS else ''
+
+
+def robustness_cells(runs):
+    """R15's coverage comparisons at every setting of the robustness check: its own runs, and the study's setting
+    from the r15 parts' seeds 0 to 4."""
+    study = [r for r in runs if r['part'] in ('r15_script', 'r15_paper') and r['seed'] < 5 and r['K'] in (0, 2)]
+    found = [c for c in cells(study + [r for r in runs if r['part'] == 'robust_r15']) if c['K'] == 2]
+    return sorted(found, key=lambda c: (c['condition'] != 'script', [float(c['setting'][k]) for k in SETTING]))
+
+
+def robustness_table(runs):
+    lines = ['| condition | lr | h_dim | z_dim | seeds | modes captured, K=0 | effect of K=2 [95% interval] | verdict |',
+             '|---|---|---|---|---|---|---|---|']
+    for c in robustness_cells(runs):
+        r = judge(c, 'coverage')
+        s = c['setting']
+        lines.append(f'| {c["condition"]} | {float(s["lr"]):g} | {s["h_dim"]} | {s["z_dim"]} | {len(r["treated"])} | '
+                     f'{np.mean(r["baseline"]):.2f} | {interval(r)} | {r["verdict"]} |')
+    return '\n'.join(lines)
+
+
+def arm_of_part(runs, part, K):
+    return [r for r in runs if r['part'] == part and r['K'] == K]
+
+
+def alone_cells(runs):
+    """The comparisons of "each of the paper's conditions alone" (ALONE's rows, in its order): (data, condition,
+    cell), the cell None where its part or its K=0 part is not in the CSV yet."""
+    found = []
+    for data, condition, part, K, baseline_part in ALONE:
+        treated, baseline = arm_of_part(runs, part, K), arm_of_part(runs, baseline_part, 0)
+        cell = None
+        if treated and baseline:
+            for r in treated + baseline:  # a K=0 part borrowed from another must hold the same setting
+                mismatched = [k for k in ('dataset', 'train_size', *SETTING) if r[k] != treated[0][k]]
+                if mismatched:
+                    raise ValueError(f'{part} against the K=0 runs of {baseline_part}: their {", ".join(mismatched)} differ')
+            cell = {'part': part, 'baseline_part': baseline_part, 'condition': treated[0]['condition'],
+                    'dataset': treated[0]['dataset'], 'train_size': treated[0]['train_size'],
+                    'setting': {k: treated[0][k] for k in SETTING}, 'K': K, 'arm': treated[0]['arm'],
+                    'baseline': baseline, 'treated': treated}
+        found.append((data, condition, cell))
+    return found
+
+
+def alone_table(runs):
+    """Each of the paper's conditions alone on top of the script's (R15 with 100 points, and batch norm on 1,000
+    MNIST images), beside none and all six: per row the effect of swapping on coverage and on the D(x) gap, its
+    interval and verdict."""
+    lines = ['| data | condition | K | seeds (K=0 / K) | modes captured (R15) or classes (MNIST), K=0 | effect [95% interval] '
+             '| verdict | D(x) gap, K=0 | effect [95% interval] | verdict |', '|---' * 10 + '|']
+    for data, condition, c in alone_cells(runs):
+        K = next(k for d, cond, _, k, _ in ALONE if (d, cond) == (data, condition))
+        if c is None:
+            lines.append(f'| {data} | {condition} | {K} | not run yet |  |  |  |  |  |  |')
+            continue
+        coverage, gap = judge(c, 'coverage'), judge(c, 'generalisation')
+        borrowed = f' ({c["baseline_part"]})' if c['baseline_part'] != c['part'] else ''
+        row = [data, condition, str(K), f'{len(c["baseline"])}{borrowed} / {len(c["treated"])}']
+        for r, fmt in ((coverage, '.2f'), (gap, '.3g')):
+            row += ([f'{np.mean(r["baseline"]):{fmt}}', interval(r, '.3g'), r['verdict']] if r else ['-', '-', '-'])
+        lines.append('| ' + ' | '.join(row) + ' |')
+    return '\n'.join(lines)
+
+
+def own_baseline_note(runs, part='r15_swap_matching', borrowed='r15_script'):
+    """Where a part whose K=0 is borrowed has K=0 runs of its own: how many of them match the borrowed ones seed by
+    seed (modes captured and D(x) gap). '' where it has none."""
+    own = {r['seed']: r for r in arm_of_part(runs, part, 0)}
+    if not own:
+        return ''
+    theirs = {r['seed']: r for r in arm_of_part(runs, borrowed, 0)}
+    same = sum(s in theirs and all(value(r, m) == value(theirs[s], m) for m in ('modes_captured', 'd_gap'))
+               for s, r in own.items())
+    return (f'{part} also holds K=0 runs of its own: {same} of {len(own)} give the same modes captured and D(x) gap as '
+            f'{borrowed}\'s K=0 run of the same seed. The table compares its K=2 runs with {borrowed}\'s K=0 runs.')
+
+
+def bimodal_table(runs, part=BIMODAL):
+    """The robustness check's bimodal cell (the paper's conditions, lr 2e-4, h_dim 128, z_dim 2) with 20 seeds per
+    arm: per claim the seeds, each arm's mean, the effect, its interval and the verdict; then every seed's modes
+    captured. None where the part is not in the CSV yet."""
+    found = [c for c in cells([r for r in runs if r['part'] == part]) if c['arm'] == 'primary']
+    if not found:
+        return None
+    c = found[0]
+    lines = [f'| claim | seeds (K=0 / K={c["K"]}) | K=0 mean | K={c["K"]} mean | effect [95% interval] | verdict |',
+             '|---|---|---|---|---|---|']
+    for claim, (name, *_) in CLAIMS.items():
+        r = judge(c, claim)
+        if r:
+            lines.append(f'| {name.split(" (")[0]} | {len(r["baseline"])} / {len(r["treated"])} | '
+                         f'{np.mean(r["baseline"]):.3g} | {np.mean(r["treated"]):.3g} | {interval(r)} | {r["verdict"]} |')
+    seeds = {arm: ', '.join(f'{v:g}' for v in sorted(value(r, 'modes_captured') for r in c[arm]))
+             for arm in ('baseline', 'treated')}
+    lines.append(f'\nModes captured, every seed in order: K=0: {seeds["baseline"]}; K={c["K"]}: {seeds["treated"]}.')
+    return '\n'.join(lines)
+
+
+def parts_table(runs):
+    """Every part of the CSV: what it is, its runs and the commit that produced its rows."""
+    lines = ['| part | what | runs | commit |', '|---|---|---|---|']
+    for part in dict.fromkeys(r['part'] for r in runs):
+        mine = [r for r in runs if r['part'] == part]
+        commits = ', '.join(dict.fromkeys(r['commit'] or 'not recorded' for r in mine))
+        lines.append(f'| {part} | {part_description(part)} | {len(mine)} | {commits} |')
+    return '\n'.join(lines)
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def forest_plot(runs, path):
+    """Every claim x data set x condition (primary K): the effect and its interval, the zero line marked."""
+    plt = pyplot()
+    found = [c for c in study_cells(runs) if c['arm'] == 'primary']
+    fig, axes = plt.subplots(1, len(CLAIMS), figsize=(4.2 * len(CLAIMS), 0.42 * max(len(found), 4) + 1.2), sharey=True)
+    labels = [f'{data_name(c)}, {c["condition"]} (K={c["K"]})' for c in found]
+    for ax, (claim, (name, _, _, better, words)) in zip(axes, CLAIMS.items()):
+        for y, c in enumerate(found):
+            r = judge(c, claim)
+            if r is None:
+                continue
+            decided = not r['low'] <= 0 <= r['high'] and not r['verdict'].startswith('no verdict')
+            colour = ('tab:green' if r['effect'] * better > 0 else 'tab:red') if decided else 'grey'
+            ax.errorbar(r['effect'], y, xerr=[[r['effect'] - r['low']], [r['high'] - r['effect']]], fmt='o',
+                        color=colour, capsize=3)
+        ax.axvline(0, color='black', lw=0.8)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(f'K>0 minus K=0 (GAP better: {"right" if better > 0 else "left"})', fontsize=8)
+    axes[0].set_yticks(range(len(found)), labels, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle('Effect of swapping, 95% bootstrap interval over seeds (green: GAP better, red: worse, grey: no '
+                 'difference detected or no verdict)', fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    fig.savefig(path.replace('.png', '_small.png'), dpi=48)  # for the first screen
+    plt.close(fig)
+
+
+def seeds_plot(runs, claim, path):
+    """Every seed's value as a dot, K=0 beside each K>0, per data set and condition."""
+    plt = pyplot()
+    found = study_cells(runs)
+    parts = list(dict.fromkeys((c['part'], data_name(c), c['condition']) for c in found))
+    fig, axes = plt.subplots(1, len(parts), figsize=(2.1 * len(parts) + 0.6, 3.3), squeeze=False)
+    jitter = np.random.default_rng(0)
+    for ax, (part, data, condition) in zip(axes[0], parts):
+        mine = [c for c in found if c['part'] == part]
+        arms = [('K=0', mine[0]['baseline'])] + [(f'K={c["K"]}', c['treated']) for c in mine]
+        metric = metric_of(claim, mine[0]['dataset'])
+        for x, (label, arm) in enumerate(arms):
+            values = [value(r, metric) for r in arm]
+            ax.scatter(x + jitter.uniform(-0.12, 0.12, len(values)), values, s=14, color=f'C{x}', alpha=0.8)
+            ax.hlines(np.mean(values), x - 0.3, x + 0.3, color='black', lw=1.2)
+        ax.set_xticks(range(len(arms)), [label for label, _ in arms], fontsize=8)
+        ax.set_xlim(-0.6, len(arms) - 0.4)
+        ax.set_title(f'{data}\n{CONDITION_NAMES[condition]}', fontsize=8)
+        ax.set_ylabel(metric, fontsize=8)
+    fig.suptitle(f'{CLAIMS[claim][0]}: every seed (dots) and the mean (bar)', fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def figures(runs, folder):
+    """The forest plot (and a small copy) and one per-seed figure per claim, as PNGs in folder. Returns their paths."""
+    os.makedirs(folder, exist_ok=True)
+    paths = [os.path.join(folder, 'study_forest.png'), os.path.join(folder, 'study_forest_small.png')]
+    forest_plot(runs, paths[0])
+    for claim in CLAIMS:
+        paths.append(os.path.join(folder, f'study_seeds_{claim}.png'))
+        seeds_plot(runs, claim, paths[-1])
+    return paths
+
+
+METRICS = """\
+- **Modes captured** (`modes_captured`, 2-D data): the mixture's modes nearest to at least one high-quality sample
+  (one within 3 standard deviations of its nearest mode). Higher is better.
+- **Modes** (`modes`): on MNIST the classes covered (by the classifier's label), on 2-D data the modes covered by
+  the high-quality samples, each with at least a third of its fair share of the samples. Higher is better.
+- **High quality** (`high_quality`, 2-D data): the share of samples within 3 standard deviations of their nearest
+  mode. Higher is better.
+- **Score** (`score`, MNIST): the classifier score, exp of the mean KL divergence of each sample's class
+  probabilities from their average. Higher is better.
+- **Fréchet distance** (`fd`): between the samples and real data (MNIST: the classifier's features; 2-D: the
+  points). Lower is better.
+- **GAM-II pool error** (`pool_error`): the share of a generator's samples that a pool of every run's
+  discriminators (all of one part's runs, by `--compare`) takes for real. Higher means the generator fools the
+  pool more, which is better for the generator.
+- **The judges' error on held-out real data** (`d_real_error`): the share of held-out real examples that the
+  discriminator which started in the generator's pair rejects. Neither direction is better for GAP: a GAM-II
+  verdict needs the two arms' judges alike in it (where they differ, "no verdict").
+- **Generalisation gap** (`d_gap`): mean D(x) on training data minus mean D(x) on held-out data, for the
+  discriminator that started in the generator's pair. Smaller is better (the discriminator memorises less).
+- **Accuracy gap** (`d_acc_gap`): the share of training data minus the share of held-out data that the same
+  discriminator takes for real. Smaller is better."""
+
+PROTOCOL = """\
+A run's value is the mean of its generators' rows; the effect is mean(K>0) − mean(K=0) over seeds; its 95% interval
+a percentile bootstrap over seeds (each arm resampled with replacement, 10,000 times, numpy's `default_rng(0)`); the
+verdict says which way where the interval excludes 0, else "no difference detected"."""
+
+
+def shown_path(path):
+    """A path as the results file names it: from the repository's root where it lies inside it."""
+    path = os.path.abspath(path)
+    return os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
+
+
+def report(runs):
+    """Every table of the study that the CSV rebuilds, as markdown."""
+    bimodal = bimodal_table(runs)
+    note = own_baseline_note(runs)
+    return '\n\n'.join([
+        '## The answer (primary K per cell)', answer_table(runs),
+        "## Each of the paper's conditions alone", "Each condition on top of the script's, K=0 against the verdict's "
+        "K, beside none of them (script) and all six (paper); paper_without_batch_norm is all but batch norm.",
+        alone_table(runs) + (f'\n\n{note}' if note else ''),
+        '## The bimodal robustness cell with 20 seeds: R15, the paper\'s conditions, lr 2e-4, h_dim 128, z_dim 2',
+        bimodal or f'({BIMODAL}: not run yet)',
+        "## Every claim, data set and condition at the verdict's K", verdict_table(runs),
+        '## The secondary K', verdict_table(runs, 'secondary'),
+        '## Robustness of the coverage verdicts: R15, K=0 against K=2', robustness_table(runs)
+        if any(r['part'] == 'robust_r15' for r in runs) else '(robustness check not run yet)',
+        '## Each part: mean ± std over seeds', detail_table(runs),
+        '## The parts and the commits that produced them',
+        "The commit of the code that ran a part's runs, as tests/study/sweep.py recorded it when it wrote the part's "
+        "rows (a '+' where parallel_gan.py differed from it); for the parts written before the CSV had that column, "
+        "the commit that first added the part's rows to `.assets/study_runs.csv` (their runs ran on that commit's "
+        "code or on an earlier commit's).", parts_table(runs)])
+
+
+def results(runs, source):
+    """The whole results file: a header (where it comes from, the metrics, the protocol), every table the CSV
+    rebuilds, and the earlier study's tables (tests/study/earlier_study.md, which no CSV rebuilds)."""
+    header = (f'# The study\'s results\n\nGenerated by `python tests/study/summarize_runs.py` from '
+              f'`{shown_path(source)}` ({sum(len(r["rows"]) for r in runs)} rows: a row per run and generator); '
+              f'rerun it rather than edit this file.\n\n## The metrics\n\n{METRICS}\n\n## The protocol\n\n{PROTOCOL}')
+    parts = [header, report(runs)]
+    if os.path.exists(EARLIER):
+        with open(EARLIER) as f:
+            parts.append('## The earlier study: 3 seeds on MNIST, 5 on 2-D, judged by whether mean ± std ranges '
+                         'overlap\n\nCopied as it is from tests/study/earlier_study.md (its runs were not kept, so '
+                         'no CSV rebuilds these tables; they were made by `git show 1d9b8fc:tests/summarize_runs.py`).'
+                         '\n\n' + f.read().strip())
+    return '\n\n'.join(parts) + '\n'
+
+
+def write_results(runs, source, path=RESULTS):
+    """The results file written at path atomically (a temporary file beside it, then renamed over it)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    text, tmp = results(runs, source), f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'w') as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def summary(runs, path):
+    """The screen's short summary: the answer, each condition alone, and where every table went."""
+    return '\n\n'.join(['## The answer (primary K per cell)', answer_table(runs),
+                         "## Each of the paper's conditions alone", alone_table(runs),
+                         f'every table: {shown_path(path)}'])
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('csv', nargs='?', default=STUDY_CSV)
+    parser.add_argument('--results', default=RESULTS, help='where every table goes, as markdown (default '
+                        'tests/study/RESULTS.md)')
+    parser.add_argument('--figures', help='also write the forest plot and per-seed figures into this folder')
+    args = parser.parse_args()
+    runs = read_runs(args.csv)
+    print(summary(runs, write_results(runs, args.csv, args.results)))
+    if args.figures:
+        for path in figures(runs, args.figures):
+            print(f'wrote {path}')

@@ -94,6 +94,11 @@ PARTS = {  # name: (what it is, its runs, whether its runs share one pool of dis
                                      cell(TOY, 'paper_without_batch_norm', (2,), TEN, **R15), True),
     'mnist1000_batch_norm': ("MNIST, 1,000 images, the script's conditions plus batch norm alone",
                              cell(SCARCE, 'batch_norm', (16,), TEN, dataset='mnist'), True),
+    # r15_script and r15_paper again, run by the plain-PyTorch code (the same maths; no longer bit for bit)
+    'r15_script_plain': ("R15, 100 points, the script's conditions (plain code)", cell(TOY, 'script', (2, 1), TEN, **R15),
+                         True),
+    'r15_paper_plain': ("R15, 100 points, the paper's conditions (plain code)", cell(TOY, 'paper', (2, 1), TEN, **R15),
+                        True),
     'r15_paper_lr2e-4_z2': ("R15, 100 points, the paper's conditions at lr 2e-4, h_dim 128, z_dim 2, 20 seeds",
                             cell({**TOY, 'lr': 2e-4, 'h_dim': 128, 'z_dim': 2}, 'paper', (2,), range(20), **R15), True),
 }

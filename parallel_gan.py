@@ -398,7 +398,11 @@ POOL_KEYS = ('z_dim', 'h_dim', 'layers', 'dataset')  # runs that differ in these
 IMAGE_DATASETS = {'mnist': 'MNIST', 'fashion_mnist': 'FashionMNIST'}  # torchvision's class and folder names
 R15_CENTRE = (10.0, 9.96)  # where R15's own coordinates put the centre of the mixture that mixture('r15') centres
 MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
-ACCEPTED = {bool: 'True or False', int: 'a whole number', float: 'a number', str: 'a string'}
+ACCEPTED = {bool: 'True or False', int: 'a whole number', float: 'a number', str: 'a string',
+            None: 'a number, True/False or a string'}
+KINDS_OF = {int: COUNTS, float: ('lr', 'beta1', 'input_noise', 'clip'),  # what the block's names take, as shipped
+            bool: ('paper', 'own_noise', 'batch_norm', 'resume', 'resume_edited', 'eval_at_end'),
+            str: ('prior', 'swap', 'out_dir', 'dataset', 'data_root', 'classifier_dir', 'compare', 'device', 'dtype')}
 
 # ------------------------------------------------------------------------------------
 # command line: --name=value, checked against the kind of value each name takes
@@ -412,7 +416,7 @@ def read_block():
     for number, line in enumerate(lines[first:], first + 1):
         if line.startswith('# --- end of hyperparameters'):
             return table
-        found = re.fullmatch(r'(\w+) = [^#]+?(?:\s+#\s*(.*))?', line)
+        found = re.fullmatch(r'(\w+) = [^#]+?(?:\s*#\s*(.*))?', line)
         where = f'{os.path.basename(__file__)} line {number}'
         if line.strip() and not line.startswith('#') and (not found or found[1] not in globals()):
             refuse(f'{where}: {line.strip()!r} is not a hyperparameter; write one `name = value  # meaning` per line')
@@ -424,8 +428,10 @@ def read_block():
 
 
 def kind_of(name, default):
-    """The kind of value a hyperparameter takes: a count (COUNTS), else a number, else its default's kind."""
-    return int if name in COUNTS else float if type(default) in (int, float) else type(default)
+    """The kind of value a hyperparameter takes: the one KINDS_OF gives it (whatever the block holds), else, for a
+    name added to the block, a number for a number, else its default's kind (None: no kind the block takes)."""
+    kind = next((kind for kind, names in KINDS_OF.items() if name in names), type(default))
+    return float if kind is int and name not in COUNTS else kind if kind in ACCEPTED else None
 
 
 def of_kind(kind, value):
@@ -873,18 +879,17 @@ def load_pairs(pairs, saved, where):
             refuse(f'{where} holds other networks than this script builds ({name}: {reason})')
 
 
-# ------------------------------------------------------------------------------------
-# evaluation: does each generator cover the data's modes, and how good are its samples?
+# evaluation: does each generator cover the data's modes, how good are its samples, does each D generalise?
 
 class Classifier(nn.Module):
-    """A small convolutional digit classifier; its 128-unit penultimate layer gives the features
-    for the Frechet distance."""
+    """A small convolutional digit classifier; its 128-unit penultimate layer gives the Frechet distance's features."""
 
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
             nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU())
+            nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 7 * 7, 128),
+            nn.ReLU())
         self.head = nn.Linear(128, 10)
 
     def forward(self, x):
@@ -897,14 +902,14 @@ def fit_classifier(images, labels, epochs, dev, batch_size=128, seed=0):
     """Train a Classifier on uint8 (N, 784) images with Adam."""
     torch.manual_seed(seed)
     model = Classifier().to(dev)
-    solver = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     images, labels = images.to(dev), labels.to(dev).long()
     for _ in range(epochs):
         for batch in torch.randperm(len(images), device=dev).split(batch_size):
             loss = F.cross_entropy(model(images[batch].float() / 255)[0], labels[batch])
-            solver.zero_grad()
+            optimizer.zero_grad()
             loss.backward()
-            solver.step()
+            optimizer.step()
     return model.eval()
 
 
@@ -916,13 +921,11 @@ def classify(model, pixels, chunk=500):
 
 
 def load_classifier(cfg, dev, images, labels):
-    """The classifier for cfg's image dataset (training images and labels given): from the cache when it was
-    trained on the same data, else trained now (and cached when the folder is writable). Prints its test-set
-    accuracy; returns it and the test set's feature statistics."""
+    """The classifier of cfg's image dataset: cached when trained on the same data, else trained now (and cached
+    where it can be). Prints its test accuracy; returns it and the test set's feature statistics."""
     test_images, test_labels = load_images(cfg['dataset'], cfg['data_root'], train=False)
     fingerprint = [CLASSIFIER_VERSION, *(zlib.crc32(t.contiguous().numpy()) for t in (images, labels, test_images))]
-    path = os.path.join(cfg['classifier_dir'], f'{cfg["dataset"]}.pt')
-    model = Classifier().to(dev)
+    path, model = os.path.join(cfg['classifier_dir'], f'{cfg["dataset"]}.pt'), Classifier().to(dev)
     try:
         cached = torch.load(path, map_location=dev, weights_only=True)
         if cached['fingerprint'] != fingerprint:
@@ -931,8 +934,8 @@ def load_classifier(cfg, dev, images, labels):
         model.eval()
         how = f'cached in {path}'
     except Exception:
-        print(f'training the classifier that scores samples ({CLASSIFIER_EPOCHS[cfg["dataset"]]} epochs on {len(images)} '
-              f'images: about a minute on 2 CPU cores, seconds on a GPU; once, then cached in {path})', flush=True)
+        print(f'training the classifier that scores samples ({CLASSIFIER_EPOCHS[cfg["dataset"]]} epochs on '
+              f'{len(images)} images: about a minute on 2 CPU cores; once, then cached in {path})', flush=True)
         start = time.perf_counter()
         model = fit_classifier(images, labels, CLASSIFIER_EPOCHS[cfg['dataset']], dev)
         how = f'trained in {time.perf_counter() - start:.0f}s'
@@ -950,13 +953,12 @@ def load_classifier(cfg, dev, images, labels):
 
 def feature_stats(features):
     """Mean and covariance of (N, d) features, in float64."""
-    features = features.double()
-    return features.mean(0), torch.cov(features.T)
+    return features.double().mean(0), torch.cov(features.double().T)
 
 
 def frechet_distance(stats_a, stats_b):
-    """|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), with Tr (S_a S_b)^(1/2) from the eigenvalues
-    of S_a^(1/2) S_b S_a^(1/2) (symmetric, so no general matrix square root is needed)."""
+    """|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), the trace from the eigenvalues of the symmetric
+    S_a^(1/2) S_b S_a^(1/2)."""
     (mu_a, cov_a), (mu_b, cov_b) = stats_a, stats_b
     values, vectors = torch.linalg.eigh(cov_a)
     root_a = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
@@ -966,12 +968,10 @@ def frechet_distance(stats_a, stats_b):
 
 def coverage(counts, n_samples):
     """Modes covered (at least a third of their fair share of the samples) and KL(histogram || uniform)."""
-    modes = len(counts)
-    covered = int((counts >= n_samples / (3 * modes)).sum())
-    share = counts.double() / max(float(counts.sum()), 1.0)
+    modes, share = len(counts), counts.double() / max(float(counts.sum()), 1.0)
     nonzero = share[share > 0]
-    kl = float((nonzero * (nonzero * modes).log()).sum()) if len(nonzero) else float('nan')
-    return covered, kl
+    kl = float((nonzero * (nonzero * modes).log()).sum()) if len(nonzero) else math.nan
+    return int((counts >= n_samples / (3 * modes)).sum()), kl
 
 
 def image_metrics(probs, features, test_stats):
@@ -980,24 +980,21 @@ def image_metrics(probs, features, test_stats):
     covered, kl = coverage(counts, len(probs))
     marginal = probs.mean(0, keepdim=True)
     score = torch.exp((probs * (probs.clamp_min(1e-12).log() - marginal.log())).sum(1).mean()).item()
-    return {'modes': covered, 'modes_captured': float('nan'), 'kl': kl, 'score': score,
-            'confidence': probs.max(1).values.mean().item(),
-            'fd': frechet_distance(feature_stats(features), test_stats), 'high_quality': float('nan'),
-            'histogram': (counts.double() / len(probs)).tolist()}
+    return {'modes': covered, 'modes_captured': math.nan, 'kl': kl, 'score': score,
+            'confidence': probs.max(1).values.mean().item(), 'fd': frechet_distance(feature_stats(features), test_stats),
+            'high_quality': math.nan, 'histogram': (counts.double() / len(probs)).tolist()}
 
 
 def mixture_metrics(points, dataset, real_stats):
-    """For 2-D samples, the literature's two numbers: the share of "high quality" samples (within 3 standard
-    deviations of their nearest mode) and the modes captured (the nearest mode of at least one high-quality
-    sample); and ours: modes covered (at least a third of their fair share of the samples, high-quality ones),
-    KL of the high-quality histogram to uniform, and the Frechet distance of the points to the real mixture."""
+    """2-D samples: the share of high-quality samples (within 3 std of their nearest mode), the modes captured (the
+    nearest mode of a high-quality sample), modes covered and KL of the high-quality histogram, Frechet distance."""
     centres, std = mixture(dataset)
     distance, nearest = torch.cdist(points.double().cpu(), centres.double()).min(1)
     close = distance <= 3 * std
     counts = torch.bincount(nearest[close], minlength=len(centres))
     covered, kl = coverage(counts, len(points))
-    return {'modes': covered, 'modes_captured': int((counts > 0).sum()), 'kl': kl, 'score': float('nan'),
-            'confidence': float('nan'), 'fd': frechet_distance(feature_stats(points.cpu()), real_stats),
+    return {'modes': covered, 'modes_captured': int((counts > 0).sum()), 'kl': kl, 'score': math.nan,
+            'confidence': math.nan, 'fd': frechet_distance(feature_stats(points.cpu()), real_stats),
             'high_quality': close.double().mean().item(), 'histogram': (counts.double() / len(points)).tolist()}
 
 
@@ -1022,16 +1019,14 @@ def generate(G, z):
 
 @torch.no_grad()
 def cross_scores(D, samples):
-    """The paper's cross-scoring (GAM-II style): scores[d, g] = mean D_d(G_g(z)), every discriminator's mean
-    output on every generator's samples; rows follow the discriminators' slots."""
+    """The paper's cross-scoring: scores[d, g] = mean D_d(G_g(z)), d by slot, g by samples' order."""
     with evaluating(D):
         return torch.stack([torch.sigmoid(D.model(s)).mean((1, 2)) for s in samples], 1).double().cpu()
 
 
 @torch.no_grad()
 def judge_real(D, points, chunk=1000):
-    """Each discriminator's mean D(x) and its accuracy (the share it takes for real, D > 0.5) on real points
-    (N, x_dim): two (n_pairs,) tensors, in slot order."""
+    """Each discriminator's mean D(x) and accuracy (D > 0.5) on real points (N, x_dim), in slot order."""
     with evaluating(D):
         prob = torch.cat([torch.sigmoid(D.model(part)) for part in points.split(chunk)], 1)
     return prob.mean((1, 2)).double().cpu(), (prob > 0.5).double().mean((1, 2)).cpu()
@@ -1044,9 +1039,15 @@ def held_out_data(cfg, n):
     return load_images(cfg['dataset'], cfg['data_root'], train=False)[0][:n]
 
 
+METRIC_COLUMNS = ('iteration', 'generator', 'modes', 'modes_captured', 'kl', 'score', 'confidence', 'fd',
+                  'high_quality', 'pool_mean', 'pool_worst', 'd_train', 'd_heldout', 'd_gap', 'd_train_acc',
+                  'd_heldout_acc', 'd_acc_gap', 'histogram', 'd_scores')
+
+
 class Evaluator:
-    """Scores every generator on eval_samples samples: coverage, quality and the discriminator pool's verdict;
-    and every discriminator on real training and held-out examples (does it generalise or memorise?)."""
+    """Scores every generator on eval_samples samples (coverage, quality, the pool of discriminators' verdict) and
+    every discriminator on real training and held-out examples. An edited network that cannot take what it is
+    given leaves its columns nan, and one line says so (once)."""
 
     def __init__(self, cfg, dev, dtype, train_data, train_labels):
         self.cfg, self.dev, self.dtype, self.cannot = cfg, dev, dtype, set()
@@ -1065,16 +1066,6 @@ class Evaluator:
             return mixture_metrics(samples.cpu(), self.cfg['dataset'], self.reference)
         return image_metrics(*classify(self.classifier, as_unit_pixels(samples)), self.reference)
 
-    def measure(self, what, f):
-        """f() or, where an edited network cannot take what it is given, None and one line that says so (once)."""
-        try:
-            return f()
-        except Exception as error:  # an edited network: measure what still can be
-            if what not in self.cannot:
-                self.cannot.add(what)
-                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                print(f'cannot measure {what}: {reason}', flush=True)
-
     def samples(self, G, it):
         """eval_samples samples of every generator, by the pair it started in: (n_pairs, eval_samples, x_dim)."""
         rng = torch.Generator(device=self.dev).manual_seed(self.cfg['seed'] * 1_000_003 + it + 7)  # not training's
@@ -1084,45 +1075,39 @@ class Evaluator:
 
     def pool(self, D, samples):
         """scores[d, g]: discriminator d's mean output on generator g's samples, both by the pair they started in."""
-        by_slot = sum(cross_scores(D, part) * part.shape[1] for part in samples.split(1000, dim=1)) / samples.shape[1]
-        scores = torch.empty_like(by_slot)
-        scores[D.origin] = by_slot
+        scores = torch.empty(len(D.origin), len(samples), dtype=torch.float64)
+        scores[D.origin] = sum(cross_scores(D, part) * part.shape[1] for part in samples.split(1000, 1)) / samples.shape[1]
         return scores
 
     def judged(self, D):
         """How each discriminator (by the pair it started in) judges real training and held-out examples."""
         judged = {}
         for split, points in self.real.items():
-            for key, in_slots in zip(('', '_acc'), judge_real(D, points)):
-                judged[f'd_{split}{key}'] = torch.empty_like(in_slots)
-                judged[f'd_{split}{key}'][D.origin] = in_slots
-        judged['d_gap'], judged['d_acc_gap'] = judged['d_train'] - judged['d_heldout'], judged['d_train_acc'] - judged['d_heldout_acc']
+            for key, in_slots in zip((f'd_{split}', f'd_{split}_acc'), judge_real(D, points)):
+                judged[key] = torch.empty_like(in_slots)
+                judged[key][D.origin] = in_slots
+        judged['d_gap'], judged['d_acc_gap'] = judged['d_train'] - judged['d_heldout'], judged['d_train_acc'] - judged[
+            'd_heldout_acc']
         return judged
 
     def __call__(self, pairs, it):
-        """One row per generator (by the pair it started in): its metrics, its mean and worst score over the pool of
-        discriminators, and how the discriminator that started in its pair judges real training and held-out
-        examples. What an edited network cannot take is left out, and said once."""
+        """One row per generator (by the pair it started in): its metrics, its mean and worst score over the pool,
+        and how the discriminator that started in its pair judges real training and held-out examples."""
         G, D = pairs['G'], pairs['D']
-        blank = {key: math.nan for key in METRIC_COLUMNS[2:-2]}  # what cannot be measured stays nan
-        rows = [{'iteration': it, 'generator': g + 1, **blank} for g in range(len(G.origin))]
-        samples = self.measure("the generators' samples (noise of z_dim in, x_dim out)", lambda: self.samples(G, it))
+        rows = [{'iteration': it, 'generator': g + 1, **dict.fromkeys(METRIC_COLUMNS[2:-2], math.nan)}
+                for g in range(len(G.origin))]
+        samples = attempt('measure the generators (their samples)', lambda: self.samples(G, it), self.cannot)
         if samples is not None:
             for row, mine in zip(rows, samples):
-                row.update(self.measure("the generators' coverage and quality", lambda: self.generator_metrics(mine)) or {})
-            scores = self.measure('the pool of discriminators on the samples', lambda: self.pool(D, samples))
+                row.update(attempt('measure coverage and quality', lambda: self.generator_metrics(mine), self.cannot) or {})
+            scores = attempt('measure the pool of discriminators', lambda: self.pool(D, samples), self.cannot)
             for g, row in enumerate(rows if scores is not None else []):
                 row.update(pool_mean=scores[:, g].mean().item(), pool_worst=scores[:, g].min().item(),
                            d_scores=scores[:, g].tolist())
-        judged = self.measure('the discriminators on real data', lambda: self.judged(D))
+        judged = attempt('measure the discriminators on real data', lambda: self.judged(D), self.cannot)
         for g, row in enumerate(rows if judged is not None else []):
             row.update({key: value[g].item() for key, value in judged.items()})
         return rows
-
-
-METRIC_COLUMNS = ('iteration', 'generator', 'modes', 'modes_captured', 'kl', 'score', 'confidence', 'fd', 'high_quality',
-                  'pool_mean', 'pool_worst', 'd_train', 'd_heldout', 'd_gap', 'd_train_acc', 'd_heldout_acc',
-                  'd_acc_gap', 'histogram', 'd_scores')
 
 
 def write_metrics(path, rows, keep_until):
@@ -1132,14 +1117,14 @@ def write_metrics(path, rows, keep_until):
 
 
 def format_eval(rows, n_modes):
-    """One compact log line for an evaluation: per generator (G1/G2/...), then per discriminator (D1/D2/...)."""
+    """One log line for an evaluation: per generator (G1/G2/...), then per discriminator (D1/D2/...)."""
     join = lambda key, fmt: '/'.join(format(row.get(key, math.nan), fmt) for row in rows)
-    images = math.isfinite(rows[0].get('score', math.nan))
-    quality = (f'score {join("score", ".2f")}' if images else
+    quality = (f'score {join("score", ".2f")}' if math.isfinite(rows[0].get('score', math.nan)) else
                f'captured {join("modes_captured", ".0f")} | high quality {join("high_quality", ".2f")}')
     return (f'eval {rows[0]["iteration"]:>5} | modes {join("modes", ".0f")} of {n_modes} | {quality} | '
-            f'KL {join("kl", ".3f")} | FD {join("fd", ".3g")} | D-pool mean {join("pool_mean", ".2f")} '
-            f'worst {join("pool_worst", ".2f")} | D(x) train {join("d_train", ".2f")} held-out {join("d_heldout", ".2f")}')
+            f'KL {join("kl", ".3f")} | FD {join("fd", ".3g")} | D-pool mean {join("pool_mean", ".2f")} worst '
+            f'{join("pool_worst", ".2f")} | D(x) train {join("d_train", ".2f")} held-out {join("d_heldout", ".2f")}')
+
 
 # ------------------------------------------------------------------------------------
 # comparing runs: every generator judged by one pool of discriminators from every run (the paper's GAM-II)
@@ -1150,39 +1135,34 @@ def find_runs(folder):
     paths = sorted(glob.glob(os.path.join(folder, '**', 'checkpoint.pt'), recursive=True))
     if not paths:
         refuse(f'--compare={folder}: no checkpoint.pt in or below it' + ('' if os.path.isdir(folder) else ' (no such folder)'))
-    defaults = {name: default for name, default, _ in read_block()}
-    runs, damaged = [], []
+    defaults, runs, damaged = {name: default for name, default, _ in read_block()}, [], []
     for path in paths:
         try:
             state = torch.load(path, map_location='cpu', weights_only=True)
             state['hyperparameters'] = {**defaults, **state['hyperparameters']}
-            state['pairs']['G']['model'], state['pairs']['D']['model']
+            runs.append((os.path.relpath(os.path.dirname(path), folder), state, state['pairs']['D']['model']))
         except Exception as error:
             damaged.append(f'{path} ({type(error).__name__})')
-            continue
-        runs.append((os.path.relpath(os.path.dirname(path), folder), state))
     if not runs:
         refuse(f'--compare={folder}: none of its {len(paths)} checkpoint(s) could be read: {", ".join(damaged)}')
     for path in damaged:
         print(f'parallel_gan.py: warning: skipping {path}: damaged or not a checkpoint of this script', file=sys.stderr)
-    differ = []
-    for key in POOL_KEYS:
-        values = sorted({repr(state['hyperparameters'][key]) for _, state in runs})
-        if len(values) > 1:
-            differ.append(f'{key} ({" vs ".join(values)})')
+    values = {key: sorted({repr(state['hyperparameters'][key]) for _, state, _ in runs}) for key in POOL_KEYS}
+    differ = [f'{key} ({" vs ".join(v)})' for key, v in values.items() if len(v) > 1]
     if differ:
         refuse(f'--compare={folder}: these runs cannot share a pool of discriminators, they differ in {", ".join(differ)}')
-    return runs
+    return [(name, state) for name, state, _ in runs]
 
 
 def configurations(runs):
-    """Each run's configuration: the hyperparameters that differ between the runs, seeds and output settings aside."""
+    """Each run's configuration: the hyperparameters that differ between the runs, seeds and output settings aside;
+    runs trained by other code are other configurations, whatever their settings."""
     keys = [k for k in runs[0][1]['hyperparameters'] if k not in NOT_CONFIGURATION
             and len({repr(state['hyperparameters'][k]) for _, state in runs}) > 1]
     configs = [' '.join(f'{k}={state["hyperparameters"][k]}' for k in keys) for _, state in runs]
     codes = [state.get('code') for _, state in runs]
     versions = list(dict.fromkeys(repr(sorted(code.items())) if code else 'unknown' for code in codes))
-    if len(versions) > 1:  # runs trained by different code are different configurations, whatever their settings
+    if len(versions) > 1:
         print(f'these runs were trained by {len(versions)} versions of the code; each is its own configuration '
               f'(code=1 to {len(versions)}): {code_differences(codes[0], next(c for c in codes if c != codes[0]) or {})}')
         configs = [f'{c} code={versions.index(repr(sorted(code.items())) if code else "unknown") + 1}'.strip()
@@ -1202,22 +1182,34 @@ def restore_pairs(state, dev, where):
 def pool_errors(pairs, noises, chunk=1000):
     """errors[d, g]: the share of generator g's samples (of its run's noise) that discriminator d takes for real,
     D > 0.5, over every discriminator and every generator of every run, in run order."""
-    Ds = [D for _, D in pairs]
-    columns = []
+    Ds, columns = [D for _, D in pairs], []
     for (G, _), z in zip(pairs, noises):
         fooled = 0
         for part in z.split(chunk, dim=1):
-            fake = generate(G, part)  # (generators, chunk, x_dim)
             with evaluating(*Ds):
-                fooled = fooled + torch.stack([torch.cat([(torch.sigmoid(D.model(sample.to(next(D.model.parameters())))) > 0.5)
-                                                          .sum((1, 2)) for D in Ds]) for sample in fake], 1)
+                fooled = fooled + torch.stack([torch.cat([(torch.sigmoid(D.model(sample.to(next(D.model.parameters()))))
+                                                           > 0.5).sum((1, 2)) for D in Ds]) for sample in generate(G, part)], 1)
         columns.append(fooled)
     return torch.cat(columns, 1).double().cpu() / noises[0].shape[1]
 
 
+def print_table(title, keys, rows, configs):
+    """A markdown table of mean ± std over the runs of each configuration, one row of keys per run."""
+    print(f'{title}\n| configuration | runs | ' + ' | '.join(keys) + ' |\n' + '|---' * (2 + len(keys)) + '|')
+    table = []
+    for config in dict.fromkeys(configs):
+        mine = torch.tensor([[row[k] for k in keys] for row, c in zip(rows, configs) if c == config], dtype=torch.float64)
+        spread = mine.std(0) if len(mine) > 1 else torch.zeros(len(keys), dtype=torch.float64)
+        table.append({'configuration': config, 'runs': len(mine), **{k + s: v for k, m, d in zip(keys, mine.mean(0), spread)
+                                                                     for s, v in (('', m.item()), ('_std', d.item()))}})
+        print(f'| {config} | {len(mine)} | ' + ' | '.join(f'{m:.3f} ± {s:.3f}' for m, s in zip(mine.mean(0), spread)) + ' |')
+    return table
+
+
 def compare_runs(cfg):
     """--compare=folder: score every generator of every run with the pool of every run's discriminators (GAM-II);
-    print the table by configuration and write compare.csv, compare_matrix.csv and compare.png in the folder."""
+    print the tables by configuration; write compare.csv, compare_matrix.csv, compare_generators.csv,
+    compare_best.csv and compare.png in the folder."""
     folder, dev = cfg['compare'], pick_device(cfg['device'])
     if cfg['threads']:
         torch.set_num_threads(cfg['threads'])
@@ -1225,21 +1217,52 @@ def compare_runs(cfg):
     configs = configurations(runs)
     pairs = [restore_pairs(state, dev, os.path.join(folder, name, 'checkpoint.pt')) for name, state in runs]
     run_of = torch.tensor([r for r, (G, _) in enumerate(pairs) for _ in G.origin])  # each slot's run
-    hp = runs[0][1]['hyperparameters']
     print(f'comparing {len(runs)} runs ({len(run_of)} generators, as many discriminators) '
           f'on {cfg["eval_samples"]} samples per generator', flush=True)
-    noises = [to_slots(draw_noise(state['hyperparameters'], cfg['eval_samples'], torch.Generator().manual_seed(cfg['seed']),
-                                  getattr(torch, state['hyperparameters']['dtype'])), G).to(dev) for (_, state), (G, _) in zip(runs, pairs)]  # each G's own
-    errors = pool_errors(pairs, noises)
-    real = held_out_data(hp, cfg['eval_samples'])
-    real_error = torch.cat([1 - judge_real(D, as_inputs(real.to(dev), next(D.model.parameters()).dtype))[1] for _, D in pairs])
+    noises = [to_slots(draw_noise(state['hyperparameters'], cfg['eval_samples'], torch.Generator().manual_seed(
+        cfg['seed']), getattr(torch, state['hyperparameters']['dtype'])), G).to(dev) for (_, state), (G, _) in zip(runs, pairs)]
+    try:
+        errors = pool_errors(pairs, noises)
+        real = held_out_data(runs[0][1]['hyperparameters'], cfg['eval_samples'])
+        real_error = torch.cat([1 - judge_real(D, as_inputs(real.to(dev), next(D.model.parameters()).dtype))[1]
+                                for _, D in pairs])
+    except RuntimeError as error:  # an edited network that does not take a sample alone
+        refuse(f'--compare={folder}: cannot score the samples ({str(error).strip().splitlines()[0]})')
     names = [(f'{runs[r][0]}:G{g + 1}', f'{runs[r][0]}:D{d + 1}')  # slot by slot: the networks each holds
              for r, (G, D) in enumerate(pairs) for g, d in zip(G.origin, D.origin)]
-    table = compare_table(errors, real_error, run_of, configs)
-    write_comparison(folder, errors, names, run_of, configs, table)
-    write_per_generator(os.path.join(folder, 'compare_generators.csv'), errors, real_error, names, run_of)
-    best_of_runs(cfg, hp, errors, run_of, [G for G, _ in pairs], noises, names, configs)
+    write_comparison(folder, errors, real_error, names, run_of, configs)
+    best_of_runs(cfg, runs[0][1]['hyperparameters'], errors, run_of, [G for G, _ in pairs], noises, names, configs)
     return 0
+
+
+def write_comparison(folder, errors, real_error, names, run_of, configs):
+    """Per run, its generators' mean and worst (lowest) error rate over the pool and over other runs' discriminators,
+    and its discriminators' error on fakes and real data: printed by configuration and written to compare.csv; the
+    per-generator numbers to compare_generators.csv, the matrix to compare_matrix.csv and compare.png."""
+    started_in = {d: slot for slot, (_, d) in enumerate(names)}  # 'run:Dk' -> its row (slot) in errors
+    per_generator, per_run = [], []
+    for g, (name, _) in enumerate(names):
+        run, k = name.rsplit(':G', 1)
+        others, d = run_of != run_of[g], started_in[f'{run}:D{k}']
+        per_generator.append([run, k, *(f'{v:.6g}' for v in (
+            errors[:, g].mean().item(), errors[others, g].mean().item() if others.any() else math.nan,
+            errors[d].mean().item(), real_error[d].item()))])
+    for r in range(len(configs)):
+        mine, others, g = run_of == r, run_of != r, errors[:, run_of == r]
+        g_others = g[others] if others.any() else torch.full((1, int(mine.sum())), math.nan, dtype=torch.float64)
+        per_run.append({'g_mean': g.mean().item(), 'g_worst': g.min(0).values.mean().item(),
+                        'g_mean_others': g_others.mean().item(), 'g_worst_others': g_others.min(0).values.mean().item(),
+                        'd_fake_error': errors[mine].mean().item(), 'd_real_error': real_error[mine].mean().item()})
+    table = print_table('error rate = share of samples a discriminator takes for real (fakes) or for fake (real test '
+                        'data);\ngenerators: mean and worst (lowest) over the pool, and over other runs\' discriminators '
+                        'only', list(per_run[0]), per_run, configs)
+    write_csv(os.path.join(folder, 'compare.csv'), list(table[0]), table)
+    write_csv(os.path.join(folder, 'compare_generators.csv'),
+              ['run', 'generator', 'pool_error', 'pool_error_others', 'd_fake_error', 'd_real_error'], per_generator)
+    write_csv(os.path.join(folder, 'compare_matrix.csv'), ['discriminator \\ generator', *(g for g, _ in names)],
+              [[d, *(f'{v:.4g}' for v in row.tolist())] for (_, d), row in zip(names, errors)])
+    save_comparison_plot(os.path.join(folder, 'compare.png'), errors, [configs[int(r)] for r in run_of])
+    print(f'wrote {folder}/compare.csv, compare_generators.csv, compare_matrix.csv and compare.png')
 
 
 def best_of_runs(cfg, hp, errors, run_of, Gs, noises, names, configs):
@@ -1259,68 +1282,10 @@ def best_of_runs(cfg, hp, errors, run_of, Gs, noises, names, configs):
                      **{k: v for k, v in evaluator.generator_metrics(samples).items() if k != 'histogram'}})
     keys = [k for k in ('pool_error', 'modes', 'modes_captured', 'high_quality', 'score', 'fd')
             if all(math.isfinite(row[k]) for row in rows)]
-    print('the best generator of each run (by the pool): its error rate over the other runs\' discriminators, '
-          'and its own metrics\n| configuration | runs | ' + ' | '.join(keys) + ' |\n' + '|---' * (2 + len(keys)) + '|')
-    for config in dict.fromkeys(configs):
-        mine = torch.tensor([[row[k] for k in keys] for row in rows if row['configuration'] == config], dtype=torch.float64)
-        spread = mine.std(0) if len(mine) > 1 else torch.zeros(len(keys))
-        print(f'| {config} | {len(mine)} | ' + ' | '.join(f'{m:.3f} ± {s:.3f}' for m, s in zip(mine.mean(0), spread)) + ' |')
+    print_table('the best generator of each run (by the pool): its error rate over the other runs\' discriminators, '
+                'and its own metrics', keys, rows, configs)
     write_csv(os.path.join(cfg['compare'], 'compare_best.csv'), list(rows[0]), rows)
     print(f'wrote {cfg["compare"]}/compare_best.csv')
-
-
-def compare_table(errors, real_error, run_of, configs):
-    """Per configuration, mean and std over its runs of the run averages: generators' mean and worst (lowest)
-    error rate over the whole pool and over other runs' discriminators; discriminators' error on fakes and real."""
-    per_run = []
-    for r in range(len(configs)):
-        mine, others = run_of == r, run_of != r
-        g = errors[:, mine]
-        per_run.append({'g_mean': g.mean(0), 'g_worst': g.min(0).values,
-                        'g_mean_others': g[others].mean(0) if others.any() else torch.full((int(mine.sum()),), math.nan),
-                        'g_worst_others': g[others].min(0).values if others.any() else torch.full((int(mine.sum()),), math.nan),
-                        'd_fake_error': errors[mine].mean(1), 'd_real_error': real_error[mine]})
-    table = []
-    for config in dict.fromkeys(configs):
-        members = [run for run, c in zip(per_run, configs) if c == config]
-        row = {'configuration': config, 'runs': len(members)}
-        for key in per_run[0]:
-            values = torch.tensor([run[key].mean().item() for run in members], dtype=torch.float64)
-            row[key], row[f'{key}_std'] = values.mean().item(), (values.std().item() if len(values) > 1 else 0.0)
-        table.append(row)
-    return table
-
-
-def write_per_generator(path, errors, real_error, names, run_of):
-    """compare_generators.csv: a row per generator, its error rate over the whole pool and over other runs'
-    discriminators, and how the discriminator that started in its pair judges every generator's samples (its mean
-    error on fakes) and held-out real data (the share it takes for fake): the raw numbers of compare.csv."""
-    started_in = {d: slot for slot, (_, d) in enumerate(names)}  # 'run:Dk' -> its row (slot) in errors
-    rows = []
-    for g, (name, _) in enumerate(names):
-        run, k = name.rsplit(':G', 1)
-        others, d = run_of != run_of[g], started_in[f'{run}:D{k}']
-        rows.append([run, k, *(f'{v:.6g}' for v in (
-            errors[:, g].mean().item(), errors[others, g].mean().item() if others.any() else math.nan,
-            errors[d].mean().item(), real_error[d].item()))])
-    write_csv(path, ['run', 'generator', 'pool_error', 'pool_error_others', 'd_fake_error', 'd_real_error'], rows)
-
-
-def write_comparison(folder, errors, names, run_of, configs, table):
-    """Print the table; write it to compare.csv, the whole matrix to compare_matrix.csv, its heatmap to compare.png."""
-    keys = ('g_mean', 'g_worst', 'g_mean_others', 'g_worst_others', 'd_fake_error', 'd_real_error')
-    print('error rate = share of samples a discriminator takes for real (fakes) or for fake (real test data);\n'
-          'generators: mean and worst (lowest) over the pool, and over other runs\' discriminators only')
-    print('| configuration | runs | ' + ' | '.join(keys) + ' |\n' + '|---' * (2 + len(keys)) + '|')
-    for row in table:
-        print(f'| {row["configuration"]} | {row["runs"]} | '
-              + ' | '.join(f'{row[k]:.3f} ± {row[k + "_std"]:.3f}' for k in keys) + ' |')
-    write_csv(os.path.join(folder, 'compare.csv'), ['configuration', 'runs', *(k + s for k in keys for s in ('', '_std'))],
-              table)
-    write_csv(os.path.join(folder, 'compare_matrix.csv'), ['discriminator \\ generator', *(g for g, _ in names)],
-              [[d, *(f'{v:.4g}' for v in row.tolist())] for (_, d), row in zip(names, errors)])
-    save_comparison_plot(os.path.join(folder, 'compare.png'), errors, [configs[int(r)] for r in run_of])
-    print(f'wrote {folder}/compare.csv, compare_matrix.csv and compare.png')
 
 
 # ------------------------------------------------------------------------------------
@@ -1413,38 +1378,37 @@ def swaps_title(swaps, moved):
 
 
 def save_losses(path, history, swaps, moved='D', most=2000, long=200):
-    """Each pair's losses (every statistic whose name ends in _loss) over the run, means over each log interval,
-    with the swaps (iterations) of the sides that moved ('D', 'G' or both) marked; pair i is slot i, where the side
-    that does not move stays. A long run stays readable: at most `most` points a curve (means of consecutive log
-    lines); beyond `long` points, drawn faint under a moving median per pair, the y range set by the bulk of the
-    points (the rarest 0.5% at either end may fall outside it, and the axis says how many do)."""
+    """Each pair's losses (every statistic whose name ends in _loss), a mean per log line, with the swaps of the sides
+    that moved ('D', 'G' or both) marked; pair i is slot i. At most `most` points a curve (means of consecutive
+    lines); beyond `long`, faint under a moving median per pair, the y range the bulk of the points (the axis says
+    how many fall outside it)."""
     names = [name for name in (history[-1] if history else {}) if name.endswith('_loss')]
-    history = [row for row in history if all(name in row for name in names)]  # rows of an edit's other statistics
+    history = [row for row in history if all(name in row for name in names)]  # not rows of an edit's other statistics
     if not names or not history:
         return
     plt = pyplot()
     from matplotlib.ticker import EngFormatter
     its = torch.tensor([row['iteration'] for row in history], dtype=torch.float64)
-    stats = torch.tensor([[row[name] for name in names] for row in history], dtype=torch.float64)  # (rows, names, pairs)
+    values = torch.tensor([[row[name] for name in names] for row in history], dtype=torch.float64)  # (rows, names, pairs)
     faint = 'every log line' if len(its) <= most else f'means of {len(its) / most:.3g} log lines'
     if len(its) > most:  # consecutive rows averaged into `most` bins
-        bins, count = torch.arange(len(its)) * most // len(its), torch.bincount(torch.arange(len(its)) * most // len(its))
+        bins = torch.arange(len(its)) * most // len(its)
+        count = torch.bincount(bins, minlength=most).double()
         its = torch.zeros(most, dtype=its.dtype).index_add_(0, bins, its) / count
-        stats = torch.zeros(most, *stats.shape[1:], dtype=stats.dtype).index_add_(0, bins, stats) / count[:, None, None]
+        values = torch.zeros(most, *values.shape[1:], dtype=values.dtype).index_add_(0, bins, values) / count[:, None, None]
     smooth, window = len(its) > long, max(len(its) // 50, 2)
     fig, axes = plt.subplots(len(names), 1, figsize=(9, 3 * len(names)), sharex=True, squeeze=False)
-    for ax, (column, name) in zip(axes[:, 0], enumerate(names)):
-        for i in range(stats.shape[2]):
-            values = stats[:, column, i]
-            ax.plot(its.numpy(), values.numpy(), color=f'C{i}', lw=0.5 if smooth else 1, alpha=0.35 if smooth else 1,
+    for ax, column, name in zip(axes[:, 0], range(len(names)), names):
+        for i, pair in enumerate(values[:, column].T):
+            ax.plot(its.numpy(), pair.numpy(), color=f'C{i}', lw=0.5 if smooth else 1, alpha=0.35 if smooth else 1,
                     label=None if smooth else f'pair {i + 1}')
-            if smooth:  # a centred moving median over `window` points: a lone spike does not move it
-                medians = values.unfold(0, window, 1).median(1).values
+            if smooth:  # a centred moving median: a lone spike does not move it
+                medians = pair.unfold(0, window, 1).median(1).values
                 ax.plot(its[window // 2:window // 2 + len(medians)].numpy(), medians.numpy(), color=f'C{i}', lw=1.6,
                         label=f'pair {i + 1}')
         off = 0
         if smooth:
-            every = stats[:, column].flatten()
+            every = values[:, column].flatten()
             low, high = torch.quantile(every, torch.tensor([0.005, 0.995], dtype=every.dtype)).tolist()
             low, high = low - 0.1 * (high - low + 1e-9), high + 0.1 * (high - low + 1e-9)
             ax.set_ylim(low, high)
@@ -1485,22 +1449,37 @@ def save_metrics_plot(path, rows):
     save_figure(fig, path)
 
 
-
-
 # ------------------------------------------------------------------------------------
 # the run
 
-def format_log(it, means, rate, left):
-    """One line: the iteration, then each statistic of every pair (G1/G2/...), means since the previous line; the
-    speed since then (none on a run's first line, which times a single warm-up iteration)."""
-    eta = f'{int(left // 3600)}h{int(left % 3600 // 60):02d}m' if left >= 3600 else f'{int(left // 60)}m{int(left % 60):02d}s'
-    speed = 'first iteration' if rate is None else f'{rate:.0f} it/s, {eta} left'
-    columns = ' | '.join(f'{name} {"/".join(f"{v:.3f}" for v in values)}' for name, values in means.items())
-    return f'it {it:>7} | {columns} | {speed}'
+def build_pairs(cfg, x_dim, dev, dtype):
+    """make_pairs, or a refusal in one line where the networks cannot be built or a weight is not one per pair."""
+    try:
+        pairs = make_pairs(cfg, x_dim, dev, dtype)
+    except ValueError as error:
+        refuse(f'cannot build the networks: {error}')
+    flat = [f'{name}.{k}' for name, side in pairs.items()
+            for k, t in (*side.model.named_parameters(), *side.model.named_buffers()) if t.shape[:1] != (cfg['n_pairs'],)]
+    if flat:
+        refuse(f'{", ".join(flat)} has no leading pairs dimension: every weight of the networks is (n_pairs, ...); '
+               f'use Linear, SpectralLinear (spectral norm per pair), BatchNorm, or PerPair(n, lambda: your_layer)')
+    return pairs
+
+
+def attempt(what, f, said):
+    """f(), or, where an edited network cannot take what it is given, None and one line saying so (once: said)."""
+    try:
+        return f()
+    except WriteFailed:  # a full disk or an unwritable out_dir is no edit's doing: the run stops (train)
+        raise
+    except Exception as error:  # an edited network: the run goes on, measuring what it still can
+        if what not in said:
+            said.add(what)
+            procs.say(f'cannot {what}: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}')
 
 
 class LossLog:
-    """Every pair's step statistics since the last log line, and one row of means per log line so far ({'iteration':
+    """Every pair's step statistics since the last log line, and a row of means per log line so far ({'iteration':
     it, name: every pair's mean}): what a resumed run needs to log exactly as the uninterrupted one."""
 
     def __init__(self):
@@ -1512,17 +1491,11 @@ class LossLog:
         self.recent.append(torch.stack(list(stats.values()), 1))
 
     def unlogged(self):
-        """Every pair's statistics since the last log line, (iterations, n_pairs, statistics) (every process must
-        call it)."""
+        """Every pair's statistics since the last log line, (iterations, n_pairs, statistics) (every process calls it)."""
         return procs.gather(torch.stack(self.recent), dim=1) if self.recent else torch.zeros(0, 0, len(self.names))
 
-    def first_nonfinite(self, unlogged, first_it):
-        """(iteration, pair) of the first non-finite statistic since the last log line, or None."""
-        bad = (~torch.isfinite(unlogged)).any(2).nonzero()
-        return None if len(bad) == 0 else (first_it + int(bad[0, 0]), int(bad[0, 1]) + 1)
-
     def close(self, it, unlogged):
-        """Record the means of unlogged as iteration it's row, and start anew; returns that row's means."""
+        """Record the means of unlogged as iteration it's row, and start anew; returns that row."""
         means = dict(zip(self.names, unlogged.double().mean(0).T.cpu().tolist()))
         self.history.append({'iteration': it, **means})
         self.recent = []
@@ -1533,8 +1506,156 @@ class LossLog:
 
     def load_state_dict(self, state):
         self.history, self.names = state['history'], state['names']
-        recent = state['recent'] if procs.world == 1 else state['recent'][:, procs.slots]
+        recent = state['recent'][:, procs.slots] if procs.world > 1 and len(state['recent']) else state['recent']
         self.recent = list(recent.to(procs.device))
+
+
+class Training:
+    """What a run trains and what a resume must find as it was: every pair's networks and optimisers (all pairs, in
+    every process), the noise and data streams, the swaps and the sides they moved, the loss log and the last
+    iteration done. state_dict() is what a checkpoint keeps, load_state_dict() a resume."""
+
+    def __init__(self, cfg, images, labels, dev, dtype):
+        # seeding: one seed, one stream per purpose, the same in every process: the weights from torch's global
+        # generator, the data order seed + 1 (each pair's own, with own_noise), the noise and the input noise seed + 2,
+        # the fixed noise of the sample grids seed + 3 (Recorder), each swap's pairing the seed and its iteration
+        seed = cfg['seed']
+        torch.manual_seed(seed)
+        self.data = make_batches(used_for_training(images, cfg).to(dev), used_for_training(labels, cfg).to(dev), cfg,
+                                 seed + 1, dtype)
+        self.pairs = build_pairs(cfg, images.shape[1], dev, dtype)
+        self.noise_rng = torch.Generator(device=dev).manual_seed(seed + 2)
+        self.swaps, self.moved = [], set()  # the iterations after which networks moved; the sides that moved
+        self.log, self.iteration = LossLog(), -1  # the last iteration done
+
+    def state_dict(self, unlogged):
+        """unlogged: every pair's statistics since the last log line (LossLog.unlogged)."""
+        return {'iteration': self.iteration, 'swaps': self.swaps, 'moved': sorted(self.moved),
+                'log': self.log.state_dict(unlogged), 'noise_rng': self.noise_rng.get_state(),
+                'data': self.data.state_dict(), 'pairs': {name: side.state_dict() for name, side in self.pairs.items()}}
+
+    def load_state_dict(self, state, where):
+        load_pairs(self.pairs, state['pairs'], where)
+        self.noise_rng.set_state(state['noise_rng'])
+        self.data.load_state_dict(state['data'])
+        self.log.load_state_dict(state['log'])
+        self.iteration, self.swaps, self.moved = state['iteration'], state['swaps'], set(state['moved'])
+
+
+def evaluates_at(it, cfg):
+    """Whether iteration it is evaluated: every eval_every iterations, and the last one when the run reached one of
+    those or eval_at_end asks (so a try-run shorter than eval_every never trains the classifier that scores it)."""
+    every, last = cfg['eval_every'], cfg['iterations'] - 1
+    return bool(every and it % every == 0 and it > 0 or it == last and (cfg['eval_at_end'] or every and last >= every))
+
+
+class Recorder:
+    """What a run shows and writes to out_dir after each iteration (only the leader process writes): log lines with
+    the speed of training alone, evaluations (metrics.csv, metrics.png), sample grids of the fixed noise, the
+    checkpoint and losses.png; and the Ctrl-C that ends a run after a checkpoint."""
+
+    def __init__(self, cfg, training, share, images, labels, interrupted):
+        dev, dtype = training.noise_rng.device, getattr(torch, cfg['dtype'])
+        self.cfg, self.training, self.share, self.interrupted = cfg, training, share, interrupted
+        self.iteration, self.said, self.origins = training.iteration, set(), [s.origin for s in share.values()]
+        self.clock, self.since = time.perf_counter(), training.iteration + 1  # the speed since the last log line
+        self.start = self.since  # the first line times this run's first iteration alone: a warm-up, no rate
+        self.real = images[:2000] if cfg['dataset'] in MIXTURES else None  # drawn under 2-D samples
+        n_fixed = 16 if self.real is None else 1000  # the same latent points in every sample grid
+        self.fixed_z = draw_noise(cfg, n_fixed, torch.Generator().manual_seed(cfg['seed'] + 3), torch.float32).to(dev, dtype)
+        self.digits = max(3, len(str(math.ceil((cfg['iterations'] - 1) / cfg['sample_every']))))  # 001.png ...
+        evaluates = evaluates_at(cfg['iterations'] - 1, cfg)  # the last iteration does, when any does
+        self.evaluator = Evaluator(cfg, dev, dtype, images, labels) if evaluates and procs.leader else None
+        if self.evaluator:  # a fresh run starts a fresh file; a resumed one redoes the evaluations after its checkpoint
+            write_metrics(self.path('metrics.csv'), [], keep_until=training.iteration)
+
+    def path(self, name):
+        return os.path.join(self.cfg['out_dir'], name)
+
+    def after(self, it, stats):
+        """Record iteration it's statistics ({name: (pairs,)}); log, evaluate and save where the schedule says.
+        Returns whether to stop: interrupted, and saved."""
+        cfg, training, last = self.cfg, self.training, self.cfg['iterations'] - 1
+        training.iteration = self.iteration = it
+        training.log.add(stats)
+        origins = [side.origin for side in self.share.values()]
+        if origins != self.origins:  # a swap moved the networks of a side, and their origins with them
+            training.swaps.append(it)
+            training.moved.update(name for name, now, then in zip(self.share, origins, self.origins) if now != then)
+            self.origins = origins
+        logging = it % cfg['log_every'] == 0 or it == last
+        stopping = procs.anyone(self.interrupted) if logging or procs.world == 1 else False  # all processes agree
+        if logging:
+            unlogged = training.log.unlogged()
+            self.stop_if_nonfinite(unlogged, it)
+            now = time.perf_counter()
+            rate = (it + 1 - self.since) / max(now - self.clock, 1e-9) if it > self.start else None
+            self.clock, self.since = now, it + 1
+            procs.say(format_log(it, training.log.close(it, unlogged), rate, (last - it) / max(rate or 1, 1e-9)))
+        if evaluates_at(it, cfg) or it % cfg['sample_every'] == 0 or it == last or stopping:
+            began = time.perf_counter()
+            unlogged = training.log.unlogged()
+            self.stop_if_nonfinite(unlogged, it)
+            collect_pairs(training.pairs, self.share)  # under torchrun: every pair, in every process
+            if evaluates_at(it, cfg):  # before the checkpoint: a resume from an earlier one redoes it
+                self.evaluate(it)
+            if it % cfg['sample_every'] == 0 or it == last or stopping:
+                self.save(it, unlogged)
+            self.clock += time.perf_counter() - began  # the speed is training's alone
+        if stopping:
+            procs.say(f'interrupted: checkpoint saved after iteration {it}; continue with --resume=True')
+        if stopping or it == last:
+            self.losses()
+        return stopping
+
+    def evaluate(self, it):
+        """Score every generator and discriminator (the leader's copy of every pair must be up to date)."""
+        if self.evaluator:
+            rows = self.evaluator(self.training.pairs, it)
+            write_metrics(self.path('metrics.csv'), rows, keep_until=it - 1)
+            save_metrics_plot(self.path('metrics.png'), read_csv(self.path('metrics.csv')))
+            procs.say(format_eval(rows, len(mixture(self.cfg['dataset'])[0]) if self.cfg['dataset'] in MIXTURES else 10))
+
+    def save(self, it, unlogged):
+        """The sample grid of iteration it, then the checkpoint; never of non-finite weights."""
+        if not procs.leader:
+            return
+        pairs = self.training.pairs
+        bad = [name for name, side in pairs.items() if not all(p.isfinite().all() for p in side.model.parameters())]
+        if bad:
+            self.stop(f'a weight of {" and ".join(bad)} became non-finite by iteration {it}')
+        attempt('draw the sample grid', lambda: self.samples(it), self.said)
+        save_checkpoint(checkpoint_path(self.cfg), {'hyperparameters': self.cfg, 'block': block_values,
+                                                    'code': algorithm_code(), 'device': self.fixed_z.device.type,
+                                                    **self.training.state_dict(unlogged)})
+
+    def samples(self, it):
+        G, D = self.training.pairs['G'], self.training.pairs['D']
+        order = [G.origin.index(g) for g in range(len(G.origin))]  # the slot of G1, G2, ...
+        save_samples(self.path(f'{math.ceil(it / self.cfg["sample_every"]):0{self.digits}d}.png'),
+                     generate(G, to_slots(self.fixed_z, G))[order], it, [D.origin[slot] for slot in order], self.real)
+
+    def losses(self):
+        if procs.leader:
+            save_losses(self.path('losses.png'), self.training.log.history, self.training.swaps, self.training.moved)
+
+    def stop_if_nonfinite(self, unlogged, it):
+        bad = (~torch.isfinite(unlogged)).any(2).nonzero()
+        if len(bad):
+            self.stop(f'a statistic of pair {int(bad[0, 1]) + 1} became non-finite at iteration '
+                      f'{it - len(unlogged) + 1 + int(bad[0, 0])}')
+
+    def stop(self, message):
+        self.losses()
+        sys.exit(f'parallel_gan.py: {message}; stopped. The last good checkpoint ({checkpoint_path(self.cfg)}) is '
+                 f'untouched.')
+
+
+def format_log(it, means, rate, left):
+    """One line: the iteration, each statistic of every pair (1/2/...) as means since the previous line, the speed."""
+    eta = f'{int(left // 3600)}h{int(left % 3600 // 60):02d}m' if left >= 3600 else f'{int(left // 60)}m{int(left % 60):02d}s'
+    columns = ' | '.join(f'{name} {"/".join(f"{v:.3f}" for v in values)}' for name, values in means.items())
+    return f'it {it:>7} | {columns} | ' + ('first iteration' if rate is None else f'{rate:.0f} it/s, {eta} left')
 
 
 RUN_FILES = ('checkpoint.pt', 'NNN.png', 'losses.png', 'metrics.csv', 'metrics.png')  # all a run writes in out_dir
@@ -1597,195 +1718,6 @@ def claim_out_dir(cfg):
         lock.close()  # releases the lock at once, also where train() was called from Python and goes on
 
 
-
-def build_pairs(cfg, x_dim, dev, dtype):
-    """make_pairs, or a refusal in one line where the networks cannot be built or a weight is not one per pair."""
-    try:
-        pairs = make_pairs(cfg, x_dim, dev, dtype)
-    except ValueError as error:
-        refuse(f'cannot build the networks: {error}')
-    flat = [f'{name}.{k}' for name, side in pairs.items()
-            for k, t in (*side.model.named_parameters(), *side.model.named_buffers()) if t.shape[:1] != (cfg['n_pairs'],)]
-    if flat:
-        refuse(f'{", ".join(flat)} has no leading pairs dimension: every weight of the networks is (n_pairs, ...); '
-               f'use Linear, SpectralLinear (spectral norm per pair), BatchNorm, or PerPair(n, lambda: your_layer)')
-    return pairs
-
-
-def attempt(what, f, said):
-    """f(), or, where an edited network cannot take what it is given, None and one line saying so (once: said)."""
-    try:
-        return f()
-    except Exception as error:  # an edited network: the run goes on, measuring what it still can
-        if what not in said:
-            said.add(what)
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            procs.say(f'cannot {what}: {reason}')
-
-
-class Training:
-    """What a run trains and what a resume must find as it was: every pair's networks and optimisers (all pairs, in
-    every process; each side with its origin), the noise and data streams, the swaps and the sides they moved, the
-    loss log and the last iteration done. state_dict() is what a checkpoint keeps, load_state_dict() a resume."""
-
-    def __init__(self, cfg, images, labels, dev, dtype):
-        # seeding: one seed, one stream per purpose, the same in every process: the weights from torch's global
-        # generator, the data order seed + 1 (each pair's own, with own_noise, in make_batches), the noise and the
-        # input noise seed + 2 (the fixed noise of the sample grids seed + 3, in Recorder; each swap's pairing the
-        # seed and its iteration, in random_stream)
-        seed = cfg['seed']
-        torch.manual_seed(seed)
-        self.data = make_batches(used_for_training(images, cfg).to(dev), used_for_training(labels, cfg).to(dev), cfg,
-                                 seed + 1, dtype)
-        self.pairs = build_pairs(cfg, images.shape[1], dev, dtype)
-        self.noise_rng = torch.Generator(device=dev).manual_seed(seed + 2)
-        self.swaps = []  # the iterations after which networks changed partners
-        self.moved = set()  # the sides whose networks the swaps moved: 'D' (GAP's swap), 'G' (an edit's)
-        self.log = LossLog()
-        self.iteration = -1  # the last iteration done
-
-    def state_dict(self, unlogged):
-        """unlogged: every pair's statistics since the last log line (LossLog.unlogged)."""
-        return {'iteration': self.iteration, 'swaps': self.swaps, 'moved': sorted(self.moved),
-                'log': self.log.state_dict(unlogged), 'pairs': {name: side.state_dict() for name, side in self.pairs.items()},
-                'noise_rng': self.noise_rng.get_state(), 'data': self.data.state_dict()}
-
-    def load_state_dict(self, state, where):
-        load_pairs(self.pairs, state['pairs'], where)
-        self.noise_rng.set_state(state['noise_rng'])
-        self.data.load_state_dict(state['data'])
-        self.log.load_state_dict(state['log'])
-        self.iteration, self.swaps, self.moved = state['iteration'], state['swaps'], set(state['moved'])
-
-
-def evaluates_at(it, cfg):
-    """Whether iteration it is evaluated: every eval_every iterations, and the last one when the run reached one of
-    those or eval_at_end asks (so a try-run shorter than eval_every never trains the classifier that scores it)."""
-    every, last = cfg['eval_every'], cfg['iterations'] - 1
-    return bool(every and it % every == 0 and it > 0 or it == last and (cfg['eval_at_end'] or every and last >= every))
-
-
-class Recorder:
-    """What a run shows and writes to out_dir after each iteration (only the leader process writes): log lines,
-    evaluations (metrics.csv, metrics.png), sample grids of the fixed noise, the checkpoint and losses.png; and the
-    Ctrl-C that ends a run after a checkpoint."""
-
-    def __init__(self, cfg, training, share, images, labels, interrupted):
-        dev, dtype = training.noise_rng.device, getattr(torch, cfg['dtype'])
-        self.cfg, self.training, self.share, self.interrupted = cfg, training, share, interrupted
-        self.iteration, self.said = training.iteration, set()
-        self.origins = {name: side.origin for name, side in share.items()}
-        self.speed = Speed(training.iteration + 1)  # iterations per second, saving and evaluating not counted
-        self.real = images[:2000] if cfg['dataset'] in MIXTURES else None  # drawn under 2-D samples
-        n_fixed = 16 if self.real is None else 1000  # the same latent points in every sample grid
-        self.fixed_z = draw_noise(cfg, n_fixed, torch.Generator().manual_seed(cfg['seed'] + 3), torch.float32).to(dev, dtype)
-        self.digits = max(3, len(str(math.ceil((cfg['iterations'] - 1) / cfg['sample_every']))))  # 001.png, ...
-        evaluates = evaluates_at(cfg['iterations'] - 1, cfg)  # the last iteration does, when any does
-        self.evaluator = Evaluator(cfg, dev, dtype, images, labels) if evaluates and procs.leader else None
-        if self.evaluator:  # a fresh run starts a fresh file; a resumed one redoes the evaluations after its checkpoint
-            write_metrics(self.path('metrics.csv'), [], keep_until=training.iteration)
-
-    def path(self, name):
-        return os.path.join(self.cfg['out_dir'], name)
-
-    def after(self, it, stats):
-        """Record iteration it's statistics ({name: (pairs,)}); log, evaluate and save where the schedule says.
-        Returns whether to stop: interrupted, and saved."""
-        cfg, training, last = self.cfg, self.training, self.cfg['iterations'] - 1
-        training.iteration = self.iteration = it
-        training.log.add(stats)
-        moved = [name for name, side in self.share.items() if side.origin != self.origins[name]]
-        if moved:  # a swap moved the networks of these sides, and their origins with them
-            training.swaps.append(it)
-            training.moved.update(moved)
-            self.origins = {name: side.origin for name, side in self.share.items()}
-        logging = it % cfg['log_every'] == 0 or it == last
-        stopping = procs.anyone(self.interrupted) if logging or procs.world == 1 else False  # all processes agree
-        if logging:
-            unlogged = training.log.unlogged()
-            self.stop_if_nonfinite(unlogged, it)
-            rate = self.speed.rate(it)
-            procs.say(format_log(it, training.log.close(it, unlogged), rate, (last - it) / max(rate or 1, 1e-9)))
-        evaluate, saving = evaluates_at(it, cfg), it % cfg['sample_every'] == 0 or it == last or stopping
-        if evaluate or saving:
-            with self.speed.paused():
-                unlogged = training.log.unlogged()
-                self.stop_if_nonfinite(unlogged, it)
-                collect_pairs(training.pairs, self.share)  # under torchrun: every pair, in every process
-                if evaluate:  # before the checkpoint: a resume from an earlier one redoes it
-                    self.evaluate(it)
-                if saving:
-                    self.save(it, unlogged)
-        if stopping:
-            procs.say(f'interrupted: checkpoint saved after iteration {it}; continue with --resume=True')
-        if stopping or it == last:
-            self.losses()
-        return stopping
-
-    def evaluate(self, it):
-        """Score every generator and discriminator (the leader's copy of every pair must be up to date)."""
-        if self.evaluator:
-            rows = self.evaluator(self.training.pairs, it)
-            write_metrics(self.path('metrics.csv'), rows, keep_until=it - 1)
-            save_metrics_plot(self.path('metrics.png'), read_csv(self.path('metrics.csv')))
-            n_modes = len(mixture(self.cfg['dataset'])[0]) if self.cfg['dataset'] in MIXTURES else 10
-            procs.say(format_eval(rows, n_modes))
-
-    def save(self, it, unlogged):
-        """The sample grid of iteration it, then the checkpoint; never of non-finite weights."""
-        if not procs.leader:
-            return
-        pairs = self.training.pairs
-        bad = [name for name, side in pairs.items() if not all(p.isfinite().all() for p in side.model.parameters())]
-        if bad:
-            self.stop(f'a weight of {" and ".join(bad)} became non-finite by iteration {it}')
-        attempt('draw the sample grid', lambda: self.samples(it), self.said)
-        save_checkpoint(checkpoint_path(self.cfg), {'hyperparameters': self.cfg, 'block': block_values,
-                                                    'code': algorithm_code(), 'device': self.fixed_z.device.type,
-                                                    **self.training.state_dict(unlogged)})
-
-    def samples(self, it):
-        G, D = self.training.pairs['G'], self.training.pairs['D']
-        order = [G.origin.index(g) for g in range(len(G.origin))]  # the slot of G1, G2, ...
-        number = math.ceil(it / self.cfg['sample_every'])
-        save_samples(self.path(f'{number:0{self.digits}d}.png'), generate(G, to_slots(self.fixed_z, G))[order], it,
-                     [D.origin[slot] for slot in order], self.real)
-
-    def losses(self):
-        if procs.leader:
-            save_losses(self.path('losses.png'), self.training.log.history, self.training.swaps, self.training.moved)
-
-    def stop_if_nonfinite(self, unlogged, it):
-        bad = self.training.log.first_nonfinite(unlogged, it - len(unlogged) + 1)
-        if bad:
-            self.stop(f'a statistic of pair {bad[1]} became non-finite at iteration {bad[0]}')
-
-    def stop(self, message):
-        self.losses()
-        sys.exit(f'parallel_gan.py: {message}; stopped. The last good checkpoint ({checkpoint_path(self.cfg)}) is untouched.')
-
-
-class Speed:
-    """Iterations per second of training alone: time spent evaluating and saving does not count."""
-
-    def __init__(self, start):
-        self.start, self.since, self.clock = start, start, time.perf_counter()
-
-    def rate(self, it):
-        """The rate since the previous call, iteration it included; None when only the run's first iteration was
-        timed (a warm-up, not a rate)."""
-        now = time.perf_counter()
-        rate = (it + 1 - self.since) / max(now - self.clock, 1e-9) if it > self.start else None
-        self.since, self.clock = it + 1, now
-        return rate
-
-    @contextmanager
-    def paused(self):
-        began = time.perf_counter()
-        yield
-        self.clock += time.perf_counter() - began
-
-
 @contextmanager
 def interrupts_caught():
     """Ctrl-C (or torchrun's SIGTERM) finishes the current iteration, then saves; a second Ctrl-C stops at once.
@@ -1807,7 +1739,6 @@ def interrupts_caught():
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_IGN if lost_the_others else signal.SIG_DFL)
-
 
 
 def train(cfg):

@@ -45,17 +45,19 @@ def test_compare_pools_every_discriminator_and_matches_a_direct_computation(two_
     states = [load(two_runs / 'a' / 'checkpoint.pt'), load(two_runs / 'nested' / 'b' / 'checkpoint.pt')]
     Gs, Ds, names = [], [], []
     for run, state in zip(('a', 'nested/b'), states):
-        G, D = pg.make_pairs(state['hyperparameters'], 2, torch.device('cpu'), torch.float32)
-        G['model'].load_state_dict(state['G']['model'])
-        D['model'].load_state_dict(state['D']['model'])
+        pairs = pg.make_pairs(state['hyperparameters'], 2, torch.device('cpu'), torch.float32)
+        G, D = pairs['G'], pairs['D']
+        G.model.load_state_dict(state['pairs']['G']['model'])
+        D.model.load_state_dict(state['pairs']['D']['model'])
+        assert state['pairs']['G']['origin'] == [0, 1]  # GAP's swap moves discriminators only
         Gs += [pg.generate(G, z)[i] for i in range(2)]
         Ds += [(D, i) for i in range(2)]
-        names += [f'{run}:D{state["pairing"][i] + 1}' for i in range(2)]
+        names += [f'{run}:D{state["pairs"]["D"]["origin"][i] + 1}' for i in range(2)]
     with torch.no_grad():
         for d, (D, slot) in enumerate(Ds):
             assert matrix[d][0] == names[d]
             for g, samples in enumerate(Gs):
-                expected = (torch.sigmoid(D['model'](samples)[slot]) > 0.5).double().mean().item()
+                expected = (torch.sigmoid(D.model(samples)[slot]) > 0.5).double().mean().item()
                 assert float(matrix[d][g + 1]) == pytest.approx(expected, abs=1e-3)
 
     table = {row.split(',')[0]: row.split(',') for row in open(two_runs / 'compare.csv').read().splitlines()}
@@ -113,16 +115,19 @@ def test_the_held_out_gap_shows_a_discriminator_that_memorised_its_training_set(
                          f'--classifier_dir={tiny_mnist}/cls'])
     images, labels = pg.training_data(cfg)
     torch.manual_seed(0)
-    G, D = pg.make_pairs(cfg, 784, torch.device('cpu'), torch.float32)
+    pairs = pg.make_pairs(cfg, 784, torch.device('cpu'), torch.float32)
+    D = pairs['D']
     seen, others = pg.as_inputs(images[:20], torch.float32), pg.as_inputs(images[20:], torch.float32)
-    for step in range(300):
-        pg.d_step(D, seen, others[torch.randperm(len(others))[:20]].expand(2, -1, -1), (None, None))
-        D['solver'].step()
+    for step in range(300):  # D's half of train_step: the seen images real, other training images fake
+        fake = others[torch.randperm(len(others))[:20]].expand(2, -1, -1)
+        D.optimizer.zero_grad()
+        pg.d_loss(D.model(seen), D.model(fake)).sum().backward()
+        D.optimizer.step()
     with torch.no_grad():
-        D['model'][2].weight[1].zero_()
-        D['model'][2].bias[1].fill_(torch.logit(torch.tensor(0.7)).item())
-    D['origin'] = [1, 0]  # slot 0 holds the discriminator of pair 2
-    rows = pg.Evaluator(cfg, torch.device('cpu'), torch.float32, images, labels)(G, D, it=0)
+        D.model[2].weight[1].zero_()
+        D.model[2].bias[1].fill_(torch.logit(torch.tensor(0.7)).item())
+    D.origin = [1, 0]  # slot 0 holds the discriminator of pair 2
+    rows = pg.Evaluator(cfg, torch.device('cpu'), torch.float32, images, labels)(pairs, 0)
     memoriser, constant = rows[1], rows[0]
     assert memoriser['d_train'] > 0.9 and memoriser['d_heldout'] < 0.3 and memoriser['d_gap'] > 0.6
     assert memoriser['d_train_acc'] > 0.9 and memoriser['d_acc_gap'] > 0.6
@@ -134,7 +139,7 @@ def test_train_size_limits_the_data_the_batches_draw_from(tiny_mnist, tmp_path, 
     train(f'--data_root={tiny_mnist}', '--train_size=40', '--h_dim=16', '--iterations=5', '--eval_every=0',
           f'--out_dir={tmp_path}')
     assert '40 mnist training points' in capsys.readouterr().out
-    order = load(tmp_path / 'checkpoint.pt')['batches']['order']
+    order = load(tmp_path / 'checkpoint.pt')['data']['order']
     assert sorted(order.tolist()) == list(range(40))
     with pytest.raises(SystemExit) as stop:
         train(f'--data_root={tiny_mnist}', '--train_size=301', '--iterations=5', f'--out_dir={tmp_path}/b')
@@ -143,20 +148,21 @@ def test_train_size_limits_the_data_the_batches_draw_from(tiny_mnist, tmp_path, 
 
 def test_the_loop_knows_which_discriminator_each_generator_faces(monkeypatch, tmp_path):
     """4 pairs, where a random derangement is not its own inverse: each discriminator carries a mark (its output
-    bias, 10 x its starting pair; a tiny lr leaves it in place), and after a run the checkpoint's pairing must
+    bias, 10 x its starting pair; a tiny lr leaves it in place), and after a run the checkpoint's D origin must
     name the mark found in each slot."""
     make_pairs = pg.make_pairs
 
     def marked(*args, **options):
-        G, D = make_pairs(*args, **options)
-        if D['model'].n_pairs == 4:  # the run's, not the start-up check's small copies
-            D['model'][2].bias.copy_(10 * torch.arange(4.0).reshape(4, 1, 1))
-        return G, D
+        pairs = make_pairs(*args, **options)
+        if pairs['D'].model.n_pairs == 4:  # the run's, not a torchrun process's share
+            with torch.no_grad():
+                pairs['D'].model[2].bias.copy_(10 * torch.arange(4.0).reshape(4, 1, 1))
+        return pairs
     monkeypatch.setattr(pg, 'make_pairs', marked)
     train(*TINY, '--n_pairs=4', '--K=3', '--lr=1e-9', '--iterations=40', f'--out_dir={tmp_path}')
     state = load(tmp_path / 'checkpoint.pt')
-    marks = (state['D']['model']['2.bias'].flatten() / 10).round().long().tolist()
+    marks = (state['pairs']['D']['model']['2.bias'].flatten() / 10).round().long().tolist()
     assert sorted(marks) == [0, 1, 2, 3] and marks != [0, 1, 2, 3]
-    assert marks == state['pairing']
+    assert marks == state['pairs']['D']['origin'] and state['pairs']['G']['origin'] == [0, 1, 2, 3]
     assert len({tuple(pg.new_partners(pg.parse_args(['--n_pairs=4']), it).tolist()) for it in range(3, 40, 3)}) > 1
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import parallel_gan as pg
-from conftest import SHARED_MNIST, make_mnist, toy_digits
+from conftest import SHARED_MNIST, edited_copy, make_mnist, toy_digits
 
 
 @pytest.fixture(scope='module')
@@ -108,10 +108,11 @@ def test_coverage_counts_a_mode_from_a_third_of_its_fair_share():
 
 def test_cross_scores_hold_every_discriminator_on_every_generator():
     cfg = pg.parse_args(['--n_pairs=3', '--dataset=ring8'])
-    G, D = pg.make_pairs(cfg, 2, torch.device('cpu'), torch.float32)
+    pairs = pg.make_pairs(cfg, 2, torch.device('cpu'), torch.float32)
+    D = pairs['D']
     with torch.no_grad():  # discriminator d says sigmoid(d - 1) to everything; generator g's samples don't matter
-        D['model'][2].weight.zero_()
-        D['model'][2].bias.copy_(torch.arange(3.0).reshape(3, 1, 1) - 1)
+        D.model[2].weight.zero_()
+        D.model[2].bias.copy_(torch.arange(3.0).reshape(3, 1, 1) - 1)
     samples = torch.rand(3, 50, 2)
     scores = pg.cross_scores(D, samples)
     assert scores.shape == (3, 3)
@@ -119,8 +120,8 @@ def test_cross_scores_hold_every_discriminator_on_every_generator():
 
     cfg = pg.parse_args(['--n_pairs=3', '--dataset=ring8', '--eval_samples=200'])
     evaluator = pg.Evaluator(cfg, torch.device('cpu'), torch.float32, *pg.training_data(cfg))
-    D['origin'] = [2, 0, 1]  # slot 0 holds discriminator 3, slot 1 D1, slot 2 D2
-    rows = evaluator(G, D, it=10)
+    D.origin = [2, 0, 1]  # slot 0 holds discriminator 3, slot 1 D1, slot 2 D2
+    rows = evaluator(pairs, 10)
     assert [r['generator'] for r in rows] == [1, 2, 3]
     expected = torch.sigmoid(torch.tensor([0.0, 1.0, -1.0])).tolist()  # D1, D2, D3 in that order
     assert rows[0]['d_scores'] == pytest.approx(expected, abs=1e-6)
@@ -136,7 +137,7 @@ def test_a_run_writes_metrics_csv_and_png_and_logs_a_summary(tiny_mnist, tmp_pat
     log = capsys.readouterr().out
     assert 'accuracy on the 100 test images' in log
     assert [line.split()[1] for line in log.splitlines() if line.startswith('eval')] == ['15', '30']
-    rows = pg.read_metrics(out / 'metrics.csv')
+    rows = pg.read_csv(out / 'metrics.csv')
     assert [(int(r['iteration']), int(r['generator'])) for r in rows] == [(15, 1), (15, 2), (30, 1), (30, 2)]
     for row in rows:
         assert 0 <= int(row['modes']) <= 10 and float(row['fd']) >= 0 and 1 <= float(row['score']) <= 10
@@ -149,7 +150,42 @@ def test_a_run_writes_metrics_csv_and_png_and_logs_a_summary(tiny_mnist, tmp_pat
                             '--iterations=20', '--sample_every=20']))
     pg.train(pg.parse_args([*[f'--{k}={v}' for k, v in cfg.items() if k not in ('iterations', 'resume')],
                             '--iterations=31', '--resume=True']))
-    assert [int(r['iteration']) for r in pg.read_metrics(out / 'metrics.csv')] == [15, 15, 19, 19, 30, 30]
+    assert [int(r['iteration']) for r in pg.read_csv(out / 'metrics.csv')] == [15, 15, 19, 19, 30, 30]
+
+
+CONDITIONAL_D = (  # a conditional GAN's discriminator: the sample and its label, one-hot, side by side
+    ("for fan_in in [x_dim] + [h]", "for fan_in in [x_dim + 10] + [h]"),
+    ("    real_logit = D.model(noisy(x, input_noise[0]))",
+     "    label = F.one_hot(y.long(), 10).to(x.dtype)\n"
+     "    real_logit = D.model(torch.cat([noisy(x, input_noise[0]), label], -1))"),
+    ("fake_logit = D.model(noisy(fake.detach(), input_noise[1]))",
+     "fake_logit = D.model(torch.cat([noisy(fake.detach(), input_noise[1]), label.expand(len(fake), -1, -1)], -1))"),
+    ("G_loss = g_loss(D.model(noisy(fake, input_noise[2])))",
+     "G_loss = g_loss(D.model(torch.cat([noisy(fake, input_noise[2]), label.expand(len(fake), -1, -1)], -1)))"))
+
+
+def test_a_conditional_gan_edit_trains_and_evaluates_what_it_still_can(tiny_mnist, tmp_path, capsys):
+    """Its discriminators take x_dim + 10 inputs, which the evaluation's plain samples and real data are not: the
+    run goes on, says once per evaluation part what it cannot measure, and still writes the generators' metrics."""
+    module, _ = edited_copy(tmp_path, *CONDITIONAL_D)
+    out = tmp_path / 'out'
+    status = module.train(module.parse_args([
+        f'--data_root={tiny_mnist}', f'--out_dir={out}', f'--classifier_dir={tiny_mnist}/cls', '--h_dim=16',
+        '--iterations=12', '--eval_every=10', '--eval_at_end=True', '--eval_samples=200', '--log_every=5']))
+    assert status == 0
+    captured = capsys.readouterr()
+    assert 'Traceback' not in captured.out + captured.err
+    cannot = [line for line in captured.out.splitlines() if line.startswith('cannot ')]
+    assert cannot and all(line.startswith('cannot measure ') for line in cannot)
+    assert len(cannot) == len(set(cannot))  # each said once, not at every evaluation
+    assert any('pool of discriminators' in line for line in cannot)
+    assert any('discriminators on real data' in line for line in cannot)
+    rows = pg.read_csv(out / 'metrics.csv')
+    assert [(int(r['iteration']), int(r['generator'])) for r in rows] == [(10, 1), (10, 2), (11, 1), (11, 2)]
+    for row in rows:  # the generators' own metrics are there; what needs a discriminator is not
+        assert 0 <= int(row['modes']) <= 10 and math.isfinite(float(row['fd'])) and len(row['histogram'].split()) == 10
+        assert math.isnan(float(row['pool_mean'])) and math.isnan(float(row['d_train']))
+    assert (out / 'metrics.png').stat().st_size > 1000 and (out / 'checkpoint.pt').exists()
 
 
 def test_the_classifier_cache_is_reused_and_rebuilt_when_stale(tmp_path, monkeypatch, capsys):
@@ -212,15 +248,15 @@ def test_the_r15_mixture_has_the_real_r15_clusters_means():
 def test_a_discriminators_accuracy_is_the_share_it_takes_for_real_at_one_half():
     """judge_real: mean D(x) and the share with D(x) > 0.5; logits placed just either side of 0.5 and of 0.4."""
     cfg = pg.parse_args(['--n_pairs=2', '--dataset=ring8'])
-    _, D = pg.make_pairs(cfg, 2, torch.device('cpu'), torch.float32)
+    D = pg.make_pairs(cfg, 2, torch.device('cpu'), torch.float32)['D']
     logit = torch.logit(torch.tensor([0.45, 0.55, 0.35, 0.62]))
     with torch.no_grad():  # D's output is its input's first coordinate: the points carry the logits
-        D['model'][0].weight.zero_()
-        D['model'][0].weight[:, 0, 0] = 1
-        D['model'][0].bias.fill_(10)  # through the ReLU unchanged, shifted by 10 ...
-        D['model'][2].weight.zero_()
-        D['model'][2].weight[:, 0, 0] = 1
-        D['model'][2].bias.fill_(-10)  # ... and back
+        D.model[0].weight.zero_()
+        D.model[0].weight[:, 0, 0] = 1
+        D.model[0].bias.fill_(10)  # through the ReLU unchanged, shifted by 10 ...
+        D.model[2].weight.zero_()
+        D.model[2].weight[:, 0, 0] = 1
+        D.model[2].bias.fill_(-10)  # ... and back
     points = torch.stack([logit, torch.zeros(4)], 1)
     mean, accuracy = pg.judge_real(D, points)
     assert accuracy.tolist() == [0.5, 0.5]  # 0.55 and 0.62 are taken for real; 0.45 (and 0.35) not

@@ -65,17 +65,21 @@ def test_a_resume_may_change_the_log_cadence_and_goes_on_exactly(tiny_mnist, tmp
     ctrl_c_at(monkeypatch, 31)
     assert train(*common, '--log_every=7', f'--out_dir={tmp_path / "split"}') == 130
     monkeypatch.undo()
-    assert len(load(tmp_path / 'split' / 'checkpoint.pt')['recent']) == 3
+    assert len(load(tmp_path / 'split' / 'checkpoint.pt')['log']['recent']) == 3
     train(*common, '--log_every=2', '--sample_every=9', '--lr=0.001', f'--out_dir={tmp_path / "split"}', '--resume=True')
     whole, split = load(tmp_path / 'whole' / 'checkpoint.pt'), load(tmp_path / 'split' / 'checkpoint.pt')
     for side in ('G', 'D'):
-        for name, value in whole[side]['model'].items():
-            assert torch.equal(value, split[side]['model'][name])
-    assert whole['pairing'] == split['pairing']
-    logged = split['history'][:, 0].tolist()
+        for name, value in whole['pairs'][side]['model'].items():
+            assert torch.equal(value, split['pairs'][side]['model'][name])
+        assert whole['pairs'][side]['origin'] == split['pairs'][side]['origin']
+    logged = [row['iteration'] for row in split['log']['history']]
     assert logged == [0, 7, 14, 21, 28] + list(range(32, 60, 2)) + [59]
-    every = load(tmp_path / 'every' / 'checkpoint.pt')['history']
-    assert torch.allclose(split['history'][5, 1:], every[29:33, 1:].mean(0), atol=1e-6)
+    every = load(tmp_path / 'every' / 'checkpoint.pt')['log']['history']
+    assert [row['iteration'] for row in every[29:33]] == [29, 30, 31, 32]
+    names = [name for name in every[0] if name != 'iteration']
+    assert names == ['D_loss', 'G_loss', 'D(x)', 'D(G(z))']
+    stats = lambda rows: torch.tensor([[row[name] for name in names] for row in rows], dtype=torch.float64)
+    assert torch.allclose(stats(split['log']['history'][5:6])[0], stats(every[29:33]).mean(0), atol=1e-6)
 
 
 @pytest.mark.parametrize('change, named', [(['--K=7'], 'K=5 there, 7 now'), (['--seed=3'], 'seed=0 there, 3 now'),
@@ -93,10 +97,10 @@ def test_non_finite_weights_are_never_saved(tiny_mnist, tmp_path, monkeypatch, c
     loss stays finite): the save at iteration 15 stops the run, and the checkpoint of iteration 10 stays."""
     step = pg.gap_iteration
 
-    def poisoned(it, G, D, *args, **kwargs):
-        result = step(it, G, D, *args, **kwargs)
+    def poisoned(it, pairs, *args, **kwargs):
+        result = step(it, pairs, *args, **kwargs)
         if it == 12:
-            G['model'][0].bias.data[0, 0, 0] = -float('inf')
+            pairs['G'].model[0].bias.data[0, 0, 0] = -float('inf')
         return result
     common = [f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}', '--sample_every=5', '--log_every=100', *SMALL]
     train(*common, '--iterations=11')
@@ -163,9 +167,13 @@ def test_a_resume_may_change_lr_and_the_run_length(tiny_mnist, tmp_path):
     train(*common, f'--out_dir={tmp_path / "slower"}', '--iterations=40', '--resume=True', '--lr=1e-4',
           '--eval_every=10', '--eval_samples=100', f'--classifier_dir={tmp_path / "cls"}')
     same, slower = load(tmp_path / 'same' / 'checkpoint.pt'), load(tmp_path / 'slower' / 'checkpoint.pt')
-    assert slower['iteration'] == 39 and [g['lr'] for g in slower['G']['solver']['param_groups']] == [1e-4]
-    assert torch.equal(same['history'][:3], slower['history'][:3])  # the same run up to the resume
-    assert not torch.allclose(same['history'][-1], slower['history'][-1])  # then a slower one
+    assert slower['iteration'] == 39
+    for side in ('G', 'D'):
+        assert [g['lr'] for g in slower['pairs'][side]['optimizer']['param_groups']] == [1e-4]
+    same, slower = same['log']['history'], slower['log']['history']
+    assert [row['iteration'] for row in slower] == [row['iteration'] for row in same] == [0, 10, 20, 30, 39]
+    assert same[:3] == slower[:3]  # the same run up to the resume
+    assert same[-1]['D_loss'] != pytest.approx(slower[-1]['D_loss'])  # then a slower one
     assert (tmp_path / 'slower' / 'metrics.csv').exists()
 
 
@@ -234,7 +242,7 @@ def test_a_resume_applies_the_changes_given_and_says_them_in_one_line(tiny_mnist
     assert said == [f'resumed from {tmp_path / "checkpoint.pt"} after iteration 11, with these changes: '
                     f'lr=0.001 there, 0.0005 now; iterations=12 there, 20 now']
     state = load(tmp_path / 'checkpoint.pt')
-    assert state['iteration'] == 19 and [g['lr'] for g in state['G']['solver']['param_groups']] == [5e-4]
+    assert state['iteration'] == 19 and [g['lr'] for g in state['pairs']['G']['optimizer']['param_groups']] == [5e-4]
     assert (state['hyperparameters']['n_pairs'], state['hyperparameters']['K'], state['hyperparameters']['seed']) == (4, 50, 3)
 
 

@@ -3,6 +3,8 @@
     python tests/study/benchmark.py                  # n_pairs 2, 4, 8 on the default device
     python tests/study/benchmark.py --pairs=2 --rounds=3 --device=cpu --threads=1
     python tests/study/benchmark.py --against=HEAD~1 --pairs=2,4      # this version's iteration against an older one's
+    python tests/study/benchmark.py --against=paper --pairs=2          # what --paper=True costs
+    python tests/study/benchmark.py --against=hinge --pairs=2          # an edit: hinge loss and LeakyReLU in D
 
 Both loops run in this process on the same data, in alternating timed rounds after a
 warm-up; each round times `--iterations` iterations (noise, batch and both updates).
@@ -11,7 +13,6 @@ whole default-sized run of each (measured in child processes, so one cannot hide
 Not collected by pytest: it is a measurement, not a test.
 """
 import argparse
-import inspect
 import os
 import re
 import tempfile
@@ -40,37 +41,46 @@ def training_images(dev):
 
 
 def reference_loop(n_pairs, images, dev):
-    """The reference: its own nets, its reader's float32 copy of the data, one step per call."""
+    """The reference: its own nets, the classic op sequence pair after pair, one step per call."""
     cfg = pg.parse_args([f'--n_pairs={n_pairs}'])
     ref = ReferenceGAP(n_pairs, cfg['z_dim'], cfg['h_dim'], images.shape[1], cfg['lr']).to(dev)
-    batches = pg.Batches(images.float() / 255, cfg['mb_size'], 1)
+    batches = pg.Batches(images, torch.zeros(len(images), dtype=torch.long, device=dev), cfg['mb_size'], 1,
+                         torch.float32)
     noise = torch.Generator(device=dev).manual_seed(2)
     state = {'it': 0}
 
     def step():
         it = state['it'] = state['it'] + 1
         z = torch.randn(cfg['mb_size'], cfg['z_dim'], generator=noise, device=dev)
-        ref.iteration(z, batches.next())
+        ref.iteration(z, batches.next()[0][0])
         if pg.swaps_at(it, cfg):
             ref.swap(pg.new_partners(cfg, it).tolist())
     return step
 
 
 def parallel_gan_loop(n_pairs, images, dev, module=pg, options=()):
-    """parallel_gan.py's iteration (or another version's: module), exactly as its training loop runs it."""
+    """parallel_gan.py's iteration (or another version's: module), as its training loop runs it."""
     cfg = module.parse_args([f'--n_pairs={n_pairs}', *options])
-    module.check_losses()  # as train() does: the shipped losses' gradients in closed form
-    if 'x_dim' in inspect.signature(module.check_backward).parameters:  # versions that choose the backward
+    noise, state = torch.Generator(device=dev).manual_seed(2), {'it': 0}
+    if not hasattr(module, 'Side'):  # a version before the plain redesign: its own API, its written-out backward
+        module.check_losses()
         module.check_backward(cfg, images.shape[1], say=lambda message: None)
-    G, D = module.make_pairs(cfg, images.shape[1], dev, torch.float32)
-    batches = module.Batches(images, cfg['mb_size'], 1) if not cfg.get('own_noise') else module.make_batches(images, cfg, 1)
-    noise = torch.Generator(device=dev).manual_seed(2)
-    recent = torch.zeros(cfg['log_every'], n_pairs, 4, device=dev)
-    state = {'it': 0}
+        G, D = module.make_pairs(cfg, images.shape[1], dev, torch.float32)
+        batches = module.make_batches(images, cfg, 1)
+        advance = lambda it: module.gap_iteration(it, G, D, batches, noise, cfg)[0]
+    else:
+        pairs = module.make_pairs(cfg, images.shape[1], dev, torch.float32)
+        batches = module.make_batches(images, torch.zeros(len(images), dtype=torch.long, device=dev), cfg, 1,
+                                      torch.float32)
+        advance = lambda it: module.gap_iteration(it, pairs, batches, noise, cfg)
+    recent = []  # as the recorder keeps them
 
     def step():
         it = state['it'] = state['it'] + 1
-        recent[it % len(recent)] = module.gap_iteration(it, G, D, batches, noise, cfg)[0]
+        stats = advance(it)
+        recent.append(torch.stack(list(stats.values()), 1) if isinstance(stats, dict) else stats)
+        if len(recent) == 1000:
+            recent.clear()
     return step
 
 
@@ -82,24 +92,21 @@ def version(revision):
     return script_module(source, tempfile.mkdtemp(), f'parallel_gan_at_{revision}')[0]
 
 
-def graphed_loop(n_pairs, images, dev):
-    """parallel_gan.py's loop on a GPU: quiet stretches as replays of captured CUDA graphs, the iterations
-    with a host event (log, sample, swap, epoch end) eager, as the training loop runs them."""
-    cfg = pg.parse_args([f'--n_pairs={n_pairs}'])
-    pg.check_losses()
-    G, D = pg.make_pairs(cfg, images.shape[1], dev, torch.float32)
-    batches = pg.Batches(images, cfg['mb_size'], 1)
-    noise = torch.Generator(device=dev).manual_seed(2)
-    advance = pg.iteration_runner(G, D, batches, noise, cfg, None)
-    recent = torch.zeros(cfg['log_every'], n_pairs, 4, device=dev)
-    state = {'it': -1}
+HINGE = (  # the README's recipe: hinge losses, and LeakyReLU(0.2) in the discriminators
+    ('return F.softplus(-real_logit).mean((1, 2)) + F.softplus(fake_logit).mean((1, 2))',
+     'return F.relu(1 - real_logit).mean((1, 2)) + F.relu(1 + fake_logit).mean((1, 2))'),
+    ('return F.softplus(-fake_logit).mean((1, 2))', 'return -fake_logit.mean((1, 2))'),
+    ("""            layers.append(BatchNorm(n, h))
+        layers.append(nn.ReLU(inplace=True))
+    return Networks(*layers, Linear(n, h, 1))""", """            layers.append(BatchNorm(n, h))
+        layers.append(nn.LeakyReLU(0.2, inplace=True))
+    return Networks(*layers, Linear(n, h, 1))"""))
 
-    def step():
-        stats, _ = advance(state['it'] + 1)
-        recent[:len(stats)] = stats
-        state['it'] += len(stats)
-        return len(stats)
-    return step
+
+def edited(edits):
+    """This parallel_gan.py with (old, new) text edits, imported as a module of its own."""
+    from conftest import edited_copy
+    return edited_copy(tempfile.mkdtemp(), *edits)[0]
 
 
 def rate(step, iterations, dev):
@@ -169,9 +176,10 @@ def main():
     parser.add_argument('--device', default='auto')
     parser.add_argument('--threads', type=int, default=0, help='torch threads (0: default)')
     parser.add_argument('--process_rounds', type=int, default=2, help='rounds of the processes row (0: skip it)')
-    parser.add_argument('--against', default='', help='a git revision: time its iteration against this one instead '
-                        'of the reference loop (alternating rounds, default networks)')
-    parser.add_argument('--options', default='', help='hyperparameters of both loops, e.g. --options=--paper=True')
+    parser.add_argument('--against', default='', help='instead of the reference loop, time against: a git revision '
+                        '(its parallel_gan.py), "paper" (this one with --paper=True) or "hinge" (this one edited: '
+                        'hinge losses, LeakyReLU in D); alternating rounds')
+    parser.add_argument('--options', default='', help='hyperparameters of both loops, e.g. --options=--K=0')
     parser.add_argument('--memory_child', default='', help=argparse.SUPPRESS)
     args = parser.parse_args()
     dev = pg.pick_device(args.device)
@@ -185,30 +193,30 @@ def main():
     name = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'CPU ({os.cpu_count()} cores)'
     print(f'device {dev} [{name}], {torch.get_num_threads()} threads, torch {torch.__version__}, '
           f'data: {source}, batch 32, {args.rounds} alternating rounds, median')
-    graphs = dev.type == 'cuda'
-    print(f'{"n_pairs":>7} {"reference it/s":>15} {"parallel_gan it/s":>18} {"speed-up":>9}'
-          + (f'   {"with CUDA graphs it/s":>21} {"speed-up":>9}' if graphs else ''))
+    print(f'{"n_pairs":>7} {"baseline it/s":>15} {"parallel_gan it/s":>18} {"ratio":>9}')
     options = args.options.split() if args.options else []
-    if args.against:
-        print(f'(the "reference" column: parallel_gan.py at {args.against}; options {options or "none"})')
+    against = {'': 'the reference loop (the classic op sequence, pair after pair)', 'paper': 'parallel_gan.py with '
+               '--paper=True', 'hinge': 'parallel_gan.py edited: hinge losses, LeakyReLU in D'}
+    print(f'(the baseline: {against.get(args.against, f"parallel_gan.py at {args.against}")}; options {options or "none"})')
     for n_pairs in [int(p) for p in args.pairs.split(',')]:
-        old = (parallel_gan_loop(n_pairs, images, dev, version(args.against), options) if args.against
-               else reference_loop(n_pairs, images, dev))
-        loops = {'reference': old, 'parallel_gan': parallel_gan_loop(n_pairs, images, dev, options=options)}
-        if graphs:
-            loops['graphs'] = graphed_loop(n_pairs, images, dev)
+        if args.against in ('', 'paper', 'hinge'):
+            old = {'': lambda: reference_loop(n_pairs, images, dev),
+                   'paper': lambda: parallel_gan_loop(n_pairs, images, dev, options=[*options, '--paper=True']),
+                   'hinge': lambda: parallel_gan_loop(n_pairs, images, dev, edited(HINGE), options)}[args.against]()
+        else:
+            old = parallel_gan_loop(n_pairs, images, dev, version(args.against), options)
+        loops = {'baseline': old, 'parallel_gan': parallel_gan_loop(n_pairs, images, dev, options=options)}
         iterations = args.iterations or max(20, int(400 / n_pairs))
         for step in loops.values():
-            rate(step, 300 if graphs else 20, dev)  # warm-up (and the graphs' capture)
+            rate(step, 20, dev)  # warm-up
         rates = {name: [] for name in loops}
         for _ in range(args.rounds):
             for name, step in loops.items():
-                rates[name].append(rate(step, 2000 if name == 'graphs' else iterations, dev))  # graphs: whole blocks
-        ref, ours = statistics.median(rates['reference']), statistics.median(rates['parallel_gan'])
-        ratios = sorted(o / r for r, o in zip(rates['reference'], rates['parallel_gan']))
-        graphed = statistics.median(rates['graphs']) if graphs else 0
-        print(f'{n_pairs:>7} {ref:>15.1f} {ours:>18.1f} {ours / ref:>8.2f}x   (per round {ratios[0]:.2f}x..{ratios[-1]:.2f}x)'
-              + (f' {graphed:>21.1f} {graphed / ref:>8.2f}x' if graphs else ''), flush=True)
+                rates[name].append(rate(step, iterations, dev))
+        base, ours = statistics.median(rates['baseline']), statistics.median(rates['parallel_gan'])
+        ratios = sorted(o / r for r, o in zip(rates['baseline'], rates['parallel_gan']))
+        print(f'{n_pairs:>7} {base:>15.1f} {ours:>18.1f} {ours / base:>8.2f}x   (per round {ratios[0]:.2f}x..'
+              f'{ratios[-1]:.2f}x)', flush=True)
     if args.against:
         return
     ref_mem, our_mem = peak_memory('reference', dev), peak_memory('parallel_gan', dev)

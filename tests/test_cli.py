@@ -29,10 +29,10 @@ def test_help_lists_every_hyperparameter_with_default_and_meaning(capsys):
         pg.parse_args(['--help'])
     assert exit.value.code == 0
     text = capsys.readouterr().out
-    for name, default, meaning in pg.hyperparameters():
+    for name, default, meaning in pg.read_block():
         line = next(line for line in text.splitlines() if line.strip().startswith(f'--{name} '))
         assert repr(default) in line and meaning in line
-    names = {name for name, _, _ in pg.hyperparameters()}
+    names = {name for name, _, _ in pg.read_block()}
     assert {'mb_size', 'z_dim', 'h_dim', 'lr', 'K', 'iterations', 'log_every', 'sample_every', 'n_pairs',
             'seed', 'device', 'data_root', 'out_dir', 'resume'} <= names
 
@@ -126,7 +126,8 @@ def test_help_into_a_reader_that_stopped_early_is_no_error():
     ('lr, beta1 = 1e-3, 0.9', 'is not a hyperparameter'),
     ("print('hello')", 'is not a hyperparameter'),
     ('K *= 2', 'is not a hyperparameter'),
-    ('lr = [1e-3]', 'lr must be a number, True/False or a string'),
+    ('lr = [1e-3]', 'lr must be a number, not [0.001]'),
+    ('notes = [1e-3]', 'notes must be a number, True/False or a string, not [0.001]'),
 ])
 def test_a_line_the_block_cannot_hold_is_reported_with_its_number(tmp_path, line, words):
     edited, script = edited_copy(tmp_path, ('lr = 1e-3  # Adam learning rate of every network', line))
@@ -140,18 +141,20 @@ def test_a_line_the_block_cannot_hold_is_reported_with_its_number(tmp_path, line
 def test_the_command_line_takes_the_number_forms_of_the_block():
     cfg = pg.parse_args(['--iterations=1e3', '--K=1_0', '--seed=3.0', '--lr=1', '--eval_every=2E4'])
     assert (cfg['iterations'], cfg['K'], cfg['seed'], cfg['eval_every']) == (1000, 10, 3, 20000)
-    assert all(type(cfg[name]) is int for name, kind in pg.KINDS.items() if kind is int) and type(cfg['lr']) is float
+    assert all(type(cfg[name]) is int for name in pg.COUNTS) and type(cfg['lr']) is float
 
 
-def test_every_hyperparameter_of_the_block_has_one_row_of_rules():
-    """RULES is the one table every check reads: a name of the block without a row (or a row without a name)
-    would take rules by accident."""
-    names = [name for name, _, _ in pg.hyperparameters()]
-    assert sorted(names) == sorted(pg.RULES)
-    for name, default, _ in pg.hyperparameters():
-        kind, flags = pg.RULES[name]
-        assert type(default) is kind and set(flags) <= set('RSPC'), name
-    assert set(pg.SHAPE_KEYS) >= set(pg.POOL_KEYS) and 'K' not in pg.RESUMABLE and 'seed' in pg.NOT_CONFIGURATION
+def test_every_hyperparameter_of_the_block_has_one_kind_and_the_name_lists_name_only_hyperparameters():
+    """KINDS_OF gives each name of the block the kind it takes whatever the block holds (a name without one would
+    take its edited value's kind, a name in two would take the first); RESUMABLE, NOT_CONFIGURATION and POOL_KEYS
+    name only hyperparameters, and what fixes the run (K, the seed) cannot change on a resume."""
+    names = [name for name, _, _ in pg.read_block()]
+    declared = [name for kind_names in pg.KINDS_OF.values() for name in kind_names]
+    assert sorted(names) == sorted(declared) and pg.KINDS_OF[int] == pg.COUNTS
+    for name, default, _ in pg.read_block():
+        assert pg.kind_of(name, default) is type(default), name
+    assert set(pg.RESUMABLE) | set(pg.NOT_CONFIGURATION) | set(pg.POOL_KEYS) <= set(names)
+    assert 'K' not in pg.RESUMABLE and 'seed' not in pg.RESUMABLE and 'seed' in pg.NOT_CONFIGURATION
 
 
 def test_a_value_of_the_wrong_kind_in_the_block_is_refused_with_its_line_number(tmp_path):

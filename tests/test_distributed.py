@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +20,12 @@ COMMON = ['--dtype=float64', '--K=10', '--h_dim=32', '--log_every=1', '--sample_
 def torchrun(*args, **kwargs):
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', SCRIPT, *args]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def logged(state):
+    """A checkpoint's log as one tensor (log lines, statistics, pairs)."""
+    names = state['log']['names']
+    return torch.tensor([[row[name] for name in names] for row in state['log']['history']], dtype=torch.float64)
 
 
 def finish(proc, timeout=120):
@@ -47,15 +52,17 @@ def test_two_processes_with_a_resume_give_the_single_process_losses(tiny_mnist, 
         assert 'resumed from' in log and f'after iteration {split - 1}' in log
 
     single, two = load(tmp_path / 'single' / 'checkpoint.pt'), load(tmp_path / 'two' / 'checkpoint.pt')
-    assert two['history'].dtype == torch.float64 and len(two['history']) == iterations  # a dozen swaps and more
-    assert len(two['swaps']) >= 12 and two['swaps'] == single['swaps']
-    assert torch.allclose(two['history'], single['history'], rtol=0, atol=1e-9)
+    assert two['pairs']['G']['model']['0.weight'].dtype == torch.float64
+    assert len(two['log']['history']) == iterations and two['log']['names'] == single['log']['names']
+    assert len(two['swaps']) >= 12 and two['swaps'] == single['swaps']  # a dozen swaps and more
+    assert torch.allclose(logged(two), logged(single), rtol=0, atol=1e-9)
     for side in ('G', 'D'):
-        for name, value in single[side]['model'].items():
-            assert torch.allclose(two[side]['model'][name], value, rtol=0, atol=1e-9)
-        for i, moments in single[side]['solver']['state'].items():
-            assert torch.allclose(two[side]['solver']['state'][i]['exp_avg'], moments['exp_avg'], rtol=0, atol=1e-9)
-    assert two['pairing'] == single['pairing']
+        for name, value in single['pairs'][side]['model'].items():
+            assert torch.allclose(two['pairs'][side]['model'][name], value, rtol=0, atol=1e-9)
+        for i, moments in single['pairs'][side]['optimizer']['state'].items():
+            for key in ('exp_avg', 'exp_avg_sq'):
+                assert torch.allclose(two['pairs'][side]['optimizer']['state'][i][key], moments[key], rtol=0, atol=1e-9)
+        assert two['pairs'][side]['origin'] == single['pairs'][side]['origin']
     assert sorted(os.listdir(tmp_path / 'two')) == sorted(os.listdir(tmp_path / 'single'))
 
 
@@ -104,12 +111,13 @@ def test_ctrl_c_under_torchrun_stops_every_process_at_the_next_log_line_with_a_c
 @pytest.mark.parametrize('world, failure, after', [(2, RuntimeError('Connection reset by peer'), signal.SIG_IGN),
                                                    (1, RuntimeError('Connection reset by peer'), signal.SIG_DFL),
                                                    (2, None, signal.SIG_DFL), (2, ValueError('bad'), signal.SIG_DFL)])
-def test_only_a_failed_collective_leaves_sigterm_ignored_so_the_report_gets_out(world, failure, after):
+def test_only_a_failed_collective_leaves_sigterm_ignored_so_the_report_gets_out(world, failure, after, monkeypatch):
     """torchrun sends SIGTERM to the survivors the moment one process dies; it must not kill a survivor
     between its failed collective and its message."""
+    monkeypatch.setattr(pg.procs, 'world', world)
     try:
         with pytest.raises(type(failure)) if failure else nullcontext():
-            with pg.interrupts_caught(SimpleNamespace(world=world)):
+            with pg.interrupts_caught():
                 assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
                 if failure:
                     raise failure

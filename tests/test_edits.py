@@ -1,13 +1,18 @@
-"""Researchers' edits of the networks, each made in a copy of the script as the README's "Editing the script" says,
-and each checked to train the right gradients: against autograd on the real networks, or against the reference
-loop with the same edit."""
+"""Researchers' edits of the networks, the losses and the optimisers, each made in a copy of the script as the
+README's "Editing the script" says, and each checked to train the right gradients (against autograd on the real
+networks, or against the reference loop with the same edit), to swap and to resume."""
+import math
+from copy import deepcopy
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import parallel_gan as pg
-from conftest import edited_copy
+from conftest import edited_copy, load
 from test_gap import assert_matches_reference
+from test_run import assert_same_run
 
 F64, CPU = torch.float64, torch.device('cpu')
 
@@ -32,40 +37,27 @@ def edited(tmp_path, name):
     return edited_copy(tmp_path, EDITS[name])[0]
 
 
-def losses(module, cfg, iterations, written_out):
-    """Each iteration's losses of module's train_step on cfg's networks, trained by the written-out backward where
-    written_out confirms it (else autograd), with fixed weights, data and random draws."""
-    module.check_losses()
-    module.written_out_confirmed.clear()
-    module.written_out_confirmed.update(written_out)
-    torch.manual_seed(0)
-    G, D = module.make_pairs(cfg, 784, CPU, F64)
-    g = torch.Generator().manual_seed(1)
-    rows = []
-    for it in range(iterations):
-        z, x = torch.randn(32, 10, generator=g, dtype=F64), module.as_inputs(torch.randint(0, 256, (32, 784), generator=g).to(torch.uint8), F64)
-        torch.manual_seed(it)
-        rows.append(module.train_step(G, D, z, x)[:, :2])
-    return torch.stack(rows)
+def leaky_relu_in_D(ref):
+    """The reference's discriminators with the leaky_relu_in_D edit (and fresh optimisers for them)."""
+    ref.D = [nn.Sequential(d[0], nn.LeakyReLU(0.2), d[2]) for d in ref.D]
+    ref.D_solver = [torch.optim.Adam(d.parameters(), lr=1e-3) for d in ref.D]
 
 
-def chosen(module, cfg, capsys):
-    """What the start-up check chose for each side, and what it said."""
-    module.check_backward(cfg, 784)
-    return dict(module.written_out_confirmed), capsys.readouterr().out
+def test_leaky_relu_in_D_trains_as_its_reference_and_not_as_the_shipped_script(tmp_path):
+    leaky = assert_matches_reference(2, module=edited(tmp_path, 'leaky_relu_in_D'), iterations=60,
+                                     edit_reference=leaky_relu_in_D, h_dim=32)
+    assert not torch.allclose(leaky, assert_matches_reference(2, iterations=60, h_dim=32), atol=1e-3)
 
 
-@pytest.mark.parametrize('name, fast', [('leaky_relu_in_D', {'G': True, 'D': True}),
-                                        ('second_G_layer_of_256', {'G': True, 'D': True}),
-                                        ('tanh_output', {'G': True, 'D': True})])
-def test_edits_with_a_written_out_backward_train_it_and_it_equals_autograd(tmp_path, capsys, name, fast):
-    module = edited(tmp_path, name)
-    cfg = module.parse_args(['--h_dim=32'])
-    confirmed, said = chosen(module, cfg, capsys)
-    assert confirmed == fast and said == ''
-    written_out = losses(module, cfg, 30, confirmed)
-    assert torch.allclose(written_out, losses(module, cfg, 30, {}), rtol=0, atol=1e-9)
-    assert not torch.allclose(written_out, losses(pg, pg.parse_args(['--h_dim=32']), 30, fast), atol=1e-3)
+def test_a_second_generator_layer_trains_as_its_reference(tmp_path):
+    def second_layer(ref):
+        ref.G = [nn.Sequential(nn.Sequential(g[0][0], g[0][1], nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 784)), g[1])
+                 for g in ref.G]
+        ref.G_solver = [torch.optim.Adam(g.parameters(), lr=1e-3) for g in ref.G]
+    module = edited(tmp_path, 'second_G_layer_of_256')
+    assert [type(layer).__name__ for layer in module.generator(2, module.parse_args(['--h_dim=32']), 784)] == \
+        ['Linear', 'ReLU', 'Linear', 'ReLU', 'Linear', 'Sigmoid']
+    assert_matches_reference(2, module=module, iterations=60, edit_reference=second_layer, h_dim=32)
 
 
 def test_a_tanh_generator_with_data_in_minus_one_one_equals_its_reference_and_its_pixels_map_back(tmp_path):
@@ -76,10 +68,8 @@ def test_a_tanh_generator_with_data_in_minus_one_one_equals_its_reference_and_it
     assert module.as_unit_pixels(torch.tensor([-1.0, 0.0, 1.0])).tolist() == [0.0, 0.5, 1.0]
 
 
-def test_layer_norm_in_D_trains_through_autograd_as_its_reference(tmp_path, capsys):
+def test_layer_norm_in_D_trains_as_its_reference(tmp_path):
     module = edited(tmp_path, 'layer_norm_in_D')
-    confirmed, said = chosen(module, module.parse_args([]), capsys)
-    assert confirmed == {'G': True} and said.startswith('D trains through autograd (LayerNorm has no written-out')
 
     def with_layer_norm(ref):
         ref.D = [nn.Sequential(d[0], nn.LayerNorm(32, elementwise_affine=False), *d[1:]) for d in ref.D]
@@ -87,27 +77,29 @@ def test_layer_norm_in_D_trains_through_autograd_as_its_reference(tmp_path, caps
     assert_matches_reference(2, module=module, iterations=60, edit_reference=with_layer_norm, h_dim=32)
 
 
-def test_dropout_in_D_trains_the_gradient_of_its_own_masks_and_is_off_when_sampling(tmp_path, capsys):
+def test_dropout_in_D_trains_the_gradient_of_its_own_masks_and_is_off_when_sampling(tmp_path):
     module = edited(tmp_path, 'dropout_in_D')
     cfg = module.parse_args(['--h_dim=32'])
-    confirmed, said = chosen(module, cfg, capsys)  # never refused: autograd trains it
-    assert confirmed == {'G': True} and 'D trains through autograd (Dropout' in said
-    module.check_losses()
     torch.manual_seed(0)
-    G, D = module.make_pairs(cfg, 784, CPU, F64)
+    pairs = module.make_pairs(cfg, 784, CPU, F64)
+    G, D = pairs['G'], pairs['D']
     z, x = torch.randn(32, 10, dtype=F64), torch.rand(32, 784, dtype=F64)
-    fake = module.generate(G, z)
-    with torch.enable_grad():  # D's gradient by plain autograd, with the masks that seed 5 draws
-        torch.manual_seed(5)
-        logit = D['model'](torch.cat([x.expand(2, -1, -1), fake], 1))
-        expected = torch.autograd.grad(module.d_loss(logit[:, :32], logit[:, 32:]).sum(), list(D['model'].parameters()))
+    fake = G.model(z).detach()  # G has no dropout: the samples of the step
+
+    def d_gradient(seed):  # D's gradient by plain autograd on a copy, with the masks that seed draws
+        copy = deepcopy(D.model)
+        torch.manual_seed(seed)
+        real_logit, fake_logit = copy(x), copy(fake)  # in the step's order: real, then fake
+        return torch.autograd.grad(module.d_loss(real_logit, fake_logit).sum(), list(copy.parameters()))
+    expected, other_masks = d_gradient(5), d_gradient(6)
     torch.manual_seed(5)
-    module.d_step(D, x, fake, (None, None))
-    for p, grad in zip(D['model'].parameters(), expected):
+    module.train_step(G, D, z, x)
+    for p, grad, other in zip(D.model.parameters(), expected, other_masks):
         assert torch.allclose(p.grad, grad, rtol=0, atol=1e-12)
+        assert not torch.allclose(p.grad, other, rtol=0, atol=1e-6)  # the masks matter
     scores = [module.cross_scores(D, fake) for _ in range(2)]
     assert torch.equal(*scores)  # eval mode: no dropout when judging
-    assert D['model'].training  # and back to training afterwards
+    assert D.model.training  # and back to training afterwards
 
 
 def test_per_pair_runs_each_copy_of_a_torch_module_on_its_own_slice():
@@ -122,13 +114,15 @@ def test_per_pair_runs_each_copy_of_a_torch_module_on_its_own_slice():
     assert all(p.shape[0] == 3 for p in conv.parameters())
 
 
-def test_a_convolutional_D_trains_through_autograd_and_compare_works_on_its_runs(tmp_path, tiny_mnist, capsys):
+def test_a_convolutional_D_trains_swaps_and_compare_works_on_its_runs(tmp_path, tiny_mnist, capsys):
     module = edited(tmp_path, 'conv_D')
     common = [f'--data_root={tiny_mnist}', '--iterations=20', '--log_every=10', '--eval_every=0', '--h_dim=32']
     for seed, K in ((0, 0), (1, 10)):
         assert module.train(module.parse_args([*common, f'--out_dir={tmp_path}/runs/{seed}', f'--seed={seed}',
                                                f'--K={K}'])) == 0
-        assert 'D trains through autograd (PerPair has no written-out backward)' in capsys.readouterr().out
+    state = load(tmp_path / 'runs' / '1' / 'checkpoint.pt')
+    assert state['swaps'] == [10] and state['pairs']['D']['origin'] == [1, 0]
+    assert state['pairs']['D']['model']['0.1__weight'].shape == (2, 8, 1, 4, 4)  # Conv2d(1, 8, 4) per pair
     assert module.compare_runs(module.parse_args([f'--compare={tmp_path}/runs', '--eval_samples=200',
                                                   f'--data_root={tiny_mnist}', f'--classifier_dir={tmp_path}/cls'])) == 0
     assert '| K=0 | 1 |' in capsys.readouterr().out
@@ -140,29 +134,34 @@ def test_a_convolutional_D_trains_through_autograd_and_compare_works_on_its_runs
     assert len(err.strip().splitlines()) == 1
 
 
-def test_a_resume_by_a_script_whose_networks_differ_from_the_checkpoints_is_refused_in_one_line(tmp_path, tiny_mnist,
-                                                                                                 capsys):
-    args = [f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}/run', '--h_dim=16', '--eval_every=0']
-    assert pg.train(pg.parse_args([*args, '--iterations=5'])) == 0
-    module = edited(tmp_path, 'second_G_layer_of_256')
+def resume_refused(capsys, module, args):
+    """The one-line refusal (status 2) of module's resume with args."""
     capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:  # a run of the shipped networks, resumed by a script with another G
-        module.train(module.parse_args([*args, '--iterations=9', '--resume=True']))
+    with pytest.raises(SystemExit) as stop:
+        module.train(module.parse_args(args))
     err = capsys.readouterr().err
     assert stop.value.code == 2 and len(err.strip().splitlines()) == 1
-    assert 'holds other networks than this script builds (G: (3): Sigmoid() there, (3): ReLU(inplace=True) here)' in err
+    return err
+
+
+def test_a_resume_by_a_script_whose_networks_differ_from_the_checkpoints_is_refused_in_one_line(tmp_path, tiny_mnist,
+                                                                                                 capsys):
+    """By the code's fingerprint; and, when asked to go on with the edited code, by the networks' weights."""
+    args = [f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}/run', '--h_dim=16', '--eval_every=0']
+    assert pg.train(pg.parse_args([*args, '--iterations=5'])) == 0
+    module = edited(tmp_path, 'second_G_layer_of_256')  # a run of the shipped networks, resumed by a script with another G
+    err = resume_refused(capsys, module, [*args, '--iterations=9', '--resume=True'])
+    assert "the algorithm's code differs" in err and '(generator changed)' in err
+    err = resume_refused(capsys, module, [*args, '--iterations=9', '--resume=True', '--resume_edited=True'])
+    assert 'holds other networks than this script builds (G: size mismatch for 2.' in err
 
 
 def test_a_resume_by_a_script_with_another_activation_is_refused_though_no_weight_differs(tmp_path, tiny_mnist, capsys):
     args = [f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}/run', '--h_dim=16', '--eval_every=0']
     module = edited(tmp_path, 'leaky_relu_in_D')
     assert module.train(module.parse_args([*args, '--iterations=5'])) == 0
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        pg.train(pg.parse_args([*args, '--iterations=9', '--resume=True']))
-    err = capsys.readouterr().err
-    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1
-    assert '(D: (1): LeakyReLU(negative_slope=0.2, inplace=True) there, (1): ReLU(inplace=True) here)' in err
+    err = resume_refused(capsys, pg, [*args, '--iterations=9', '--resume=True'])
+    assert "the algorithm's code differs" in err and '(discriminator changed)' in err and '--resume_edited=True' in err
 
 
 HINGE = ('return F.softplus(-real_logit).mean((1, 2)) + F.softplus(fake_logit).mean((1, 2))',
@@ -229,28 +228,42 @@ def test_the_spectral_norm_recipe_trains_and_each_discriminator_keeps_its_own_es
     out = tmp_path / 'run'
     assert module.train(module.parse_args([*TINY, '--iterations=31', '--K=10', f'--out_dir={out}'])) == 0
     state = torch.load(out / 'checkpoint.pt', weights_only=True)
-    u = state['D']['model']['0.u']
+    u = state['pairs']['D']['model']['0.u']
     assert u.shape == (2, 1, 16) and not torch.allclose(u[0], u[1])
-    D = module.make_pairs(module.parse_args(TINY), 2, CPU, torch.float32)[1]
-    D['model'].load_state_dict(state['D']['model'])
-    D['solver'].load_state_dict(state['D']['solver'])
-    before = D['model'][0].u.clone()
+    D = module.make_pairs(module.parse_args(TINY), 2, CPU, torch.float32)['D']
+    D.load_state_dict(state['pairs']['D'])
+    before = D.model[0].u.clone()
     module.swap_discriminators(D, torch.tensor([1, 0]))
-    assert torch.equal(D['model'][0].u, before[[1, 0]])  # the estimate moves with its discriminator
-    assert [type(layer).__name__ for layer in D['model']].count('SpectralLinear') == 2
+    assert torch.equal(D.model[0].u, before[[1, 0]])  # the estimate moves with its discriminator
+    assert [type(layer).__name__ for layer in D.model].count('SpectralLinear') == 2
 
 
-@pytest.mark.parametrize('wrap', [nn.utils.spectral_norm, nn.utils.parametrizations.spectral_norm])
-def test_per_pair_refuses_parametrised_modules_pointing_to_spectral_linear(wrap, capsys):
+@pytest.mark.parametrize('wrap', ['spectral_norm', 'parametrizations.spectral_norm'])
+def test_per_pair_refuses_parametrised_modules_pointing_to_spectral_linear(tmp_path, wrap, capsys):
+    """PerPair raises; a run of a script whose D uses it is refused in one line, before any training."""
+    with pytest.raises(ValueError, match=r'SpectralLinear\(n, fan_in, fan_out\)'):
+        pg.PerPair(2, lambda: eval(f'nn.utils.{wrap}')(nn.Linear(3, 4)))
+    module, _ = edited_copy(tmp_path, ('return Networks(*layers, Linear(n, h, 1))',
+                                       f'return Networks(*layers, PerPair(n, lambda: nn.utils.{wrap}(nn.Linear(h, 1))))'))
     with pytest.raises(SystemExit) as stop:
-        pg.PerPair(2, lambda: wrap(nn.Linear(3, 4)))
+        module.train(module.parse_args([*TINY, '--iterations=5', f'--out_dir={tmp_path / "run"}']))
     err = capsys.readouterr().err.strip()
-    assert stop.value.code == 2 and len(err.splitlines()) == 1 and 'SpectralLinear(n, fan_in, fan_out)' in err
+    assert stop.value.code == 2 and len(err.splitlines()) == 1
+    assert 'cannot build the networks: PerPair cannot stack parametrised modules' in err
+    assert 'SpectralLinear(n, fan_in, fan_out)' in err and not (tmp_path / 'run' / 'checkpoint.pt').exists()
 
 
-SWAP_GENERATORS = ("""    partners = new_partners(cfg, it)
-    swap_discriminators(D, partners, procs)""", """    partners = new_partners(cfg, it)
-    swap_networks(G, partners, procs)""")
+def test_a_layer_whose_weights_are_not_one_per_pair_is_refused_in_one_line(tmp_path, capsys):
+    """A plain torch layer with weights (nn.LayerNorm(h)) in place of a pair-batched one."""
+    module, _ = edited_copy(tmp_path, (D_LINEAR, D_LINEAR + "\n        layers.append(nn.LayerNorm(h))"))
+    with pytest.raises(SystemExit) as stop:
+        module.train(module.parse_args([*TINY, '--iterations=5', f'--out_dir={tmp_path / "run"}']))
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1
+    assert 'D.1.weight, D.1.bias has no leading pairs dimension' in err and 'PerPair(n, lambda: your_layer)' in err
+
+
+SWAP_GENERATORS = ('        swap_discriminators(D, new_partners(cfg, it))', '        swap_networks(G, new_partners(cfg, it))')
 
 
 def test_a_swap_of_generators_keeps_each_generator_its_prior_labels_and_rows(tmp_path):
@@ -265,11 +278,13 @@ def test_a_swap_of_generators_keeps_each_generator_its_prior_labels_and_rows(tmp
     module, _ = edited_copy(tmp_path, SWAP_GENERATORS)
     assert module.train(module.parse_args([*args, f'--out_dir={tmp_path / "G"}'])) == 0
     by_d, by_g = (torch.load(tmp_path / side / 'checkpoint.pt', weights_only=True) for side in 'DG')
-    assert by_d['pairing'] == [1, 0] and by_d['generators'] == [0, 1] and by_d['moved'] == ['D']
-    assert by_g['pairing'] == [0, 1] and by_g['generators'] == [1, 0] and by_g['moved'] == ['G']
+    origins = lambda state: (state['pairs']['D']['origin'], state['pairs']['G']['origin'])
+    assert origins(by_d) == ([1, 0], [0, 1]) and by_d['moved'] == ['D']
+    assert origins(by_g) == ([0, 1], [1, 0]) and by_g['moved'] == ['G']
     for side in ('G', 'D'):  # network k of either run, wherever it sits
-        ours, theirs = (torch.cat([p.flatten(1) for p in state[side]['model'].values()], 1) for state in (by_g, by_d))
-        origin = by_g['generators' if side == 'G' else 'pairing'], by_d['generators' if side == 'G' else 'pairing']
+        ours, theirs = (torch.cat([p.flatten(1) for p in state['pairs'][side]['model'].values()], 1)
+                        for state in (by_g, by_d))
+        origin = by_g['pairs'][side]['origin'], by_d['pairs'][side]['origin']
         assert torch.allclose(ours[torch.tensor(origin[0]).argsort()], theirs[torch.tensor(origin[1]).argsort()],
                               rtol=0, atol=1e-6)
     rows = [(tmp_path / side / 'metrics.csv').read_text() for side in 'DG']
@@ -282,8 +297,8 @@ def test_a_swap_of_generators_keeps_each_generator_its_prior_labels_and_rows(tmp
     assert module.train(module.parse_args([*args, resumed, '--iterations=16'])) == 0
     assert module.train(module.parse_args([*args, resumed, '--resume=True'])) == 0
     again = torch.load(tmp_path / 'G, resumed' / 'checkpoint.pt', weights_only=True)
-    assert again['generators'] == [1, 0] and all(torch.equal(again['G']['model'][k], v)
-                                                 for k, v in by_g['G']['model'].items())
+    assert again['pairs']['G']['origin'] == [1, 0] and all(torch.equal(again['pairs']['G']['model'][k], v)
+                                                           for k, v in by_g['pairs']['G']['model'].items())
     assert pg.swaps_title(by_d['swaps'], set(by_d['moved'])) == '3 swaps of discriminators (grey lines)'
 
 
@@ -293,18 +308,102 @@ def test_each_generator_keeps_its_own_noise_and_prior_wherever_the_swaps_put_it(
     cfg = pg.parse_args(['--n_pairs=3', '--dataset=ring8', '--h_dim=16', '--own_noise=True', '--prior=mixed',
                          '--eval_samples=300'])
     torch.manual_seed(0)
-    G, D = pg.make_pairs(cfg, 2, CPU, torch.float32)
+    pairs = pg.make_pairs(cfg, 2, CPU, torch.float32)
     evaluator = pg.Evaluator(cfg, CPU, torch.float32, *pg.training_data(cfg))
-    before = evaluator(G, D, it=10)
+    before = evaluator(pairs, it=10)
     z = pg.draw_noise(cfg, 5, torch.Generator().manual_seed(1), torch.float32)
-    for side in (G, D):
-        side['solver'].step()  # zero gradients: Adam's state, the weights unchanged
+    for side in pairs.values():
+        for p in side.model.parameters():
+            p.grad = torch.zeros_like(p)
+        side.optimizer.step()  # zero gradients: Adam's state, the weights unchanged
         pg.swap_networks(side, torch.tensor([2, 0, 1]))
-    assert G['origin'] == [2, 0, 1] and D['origin'] == [2, 0, 1]
+    G, D = pairs['G'], pairs['D']
+    assert G.origin == [2, 0, 1] and D.origin == [2, 0, 1]
     assert torch.equal(pg.to_slots(z, G)[0], z[2])  # slot 0 holds G3: G3's draw, from its uniform prior
-    after = evaluator(G, D, it=10)
+    after = evaluator(pairs, it=10)
     for a, b in zip(before, after):
         assert a.keys() == b.keys() and a['generator'] == b['generator']
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9, nan_ok=True), key
     assert before[0]['fd'] != before[2]['fd']  # the generators differ
+
+
+# ------------------------------------------------------------------------------------
+# other optimisers and losses: any torch.optim optimiser over a side is one per network, moved by a swap and kept
+# by a checkpoint; settings the code gives it (its own lr) stay the code's
+
+ADAM = "    {side}_optimizer = torch.optim.Adam({side}.parameters(), lr=cfg['lr'], betas=(cfg['beta1'], 0.999), fused=True)"
+SGD_D = (ADAM.format(side='D'), "    D_optimizer = torch.optim.SGD(D.parameters(), lr=0.01, momentum=0.9)")
+RMSPROP = [(ADAM.format(side=side), f"    {side}_optimizer = torch.optim.RMSprop({side}.parameters(), lr=cfg['lr'])")
+           for side in 'GD']
+HINGE_G = ('return F.softplus(-fake_logit).mean((1, 2))', 'return -fake_logit.mean((1, 2))')
+
+
+def whole_and_split(module, tmp_path, *args, iterations=40):
+    """A run of `iterations`, and the same run stopped after its log line half-way and resumed: both checkpoints."""
+    for out, until, resume in (('whole', iterations, False), ('split', iterations // 2 + 1, False),
+                               ('split', iterations, True)):
+        assert module.train(module.parse_args([*TINY, *args, f'--out_dir={tmp_path / out}', f'--iterations={until}',
+                                               f'--resume={resume}'])) == 0
+    return load(tmp_path / 'whole' / 'checkpoint.pt'), load(tmp_path / 'split' / 'checkpoint.pt')
+
+
+def test_an_sgd_discriminator_keeps_its_momentum_through_swaps_and_its_own_lr_through_a_resume(tmp_path, monkeypatch,
+                                                                                                capsys):
+    module, _ = edited_copy(tmp_path, SGD_D)
+    cfg = module.parse_args([*TINY, '--n_pairs=3'])
+    torch.manual_seed(0)
+    pairs = module.make_pairs(cfg, 2, CPU, F64)
+    G, D = pairs['G'], pairs['D']
+    assert isinstance(D.optimizer, torch.optim.SGD) and isinstance(G.optimizer, torch.optim.Adam)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        module.train_step(G, D, torch.randn(3, 32, 10, generator=g, dtype=F64), torch.randn(32, 2, generator=g, dtype=F64))
+    momentum = [D.optimizer.state[p]['momentum_buffer'].clone() for p in D.model.parameters()]
+    weights = [p.detach().clone() for p in D.model.parameters()]
+    assert not torch.equal(momentum[0][0], momentum[0][1])
+    partners = torch.tensor([2, 0, 1])
+    module.swap_discriminators(D, partners)  # each slot's momentum moves with its network
+    for p, m, w in zip(D.model.parameters(), momentum, weights):
+        assert torch.equal(p, w[partners]) and torch.equal(D.optimizer.state[p]['momentum_buffer'], m[partners])
+    assert D.origin == [2, 0, 1]
+
+    lrs, step = [], module.train_step  # every step's (G's lr, D's lr)
+
+    def recording(G, D, *args):
+        lrs.append((G.optimizer.param_groups[0]['lr'], D.optimizer.param_groups[0]['lr']))
+        return step(G, D, *args)
+    monkeypatch.setattr(module, 'train_step', recording)
+    whole, split = whole_and_split(module, tmp_path, '--n_pairs=3', '--K=5', '--sample_every=10')
+    assert lrs == [(1e-3, 0.01)] * 80  # 40 iterations of the whole run, 21 + 19 of the split one
+    assert_same_run(whole, split)
+    assert whole['swaps'] == [5, 10, 15, 20, 25, 30, 35] and whole['moved'] == ['D']
+    saved = whole['pairs']['D']['optimizer']
+    assert saved['param_groups'][0]['lr'] == 0.01 and saved['state'][0]['momentum_buffer'].shape[0] == 3
+    lrs.clear()  # a resume with another lr: G's Adam takes it, D's SGD keeps the lr of its code
+    assert module.train(module.parse_args([f'--out_dir={tmp_path / "split"}', '--resume=True', '--iterations=45',
+                                           '--lr=2e-3'])) == 0
+    assert 'lr=0.001 there, 0.002 now' in capsys.readouterr().out
+    assert lrs == [(2e-3, 0.01)] * 5
+    assert load(tmp_path / 'split' / 'checkpoint.pt')['pairs']['D']['optimizer']['param_groups'][0]['lr'] == 0.01
+
+
+def test_rmsprop_on_both_sides_trains_swaps_and_resumes_exactly(tmp_path):
+    module, _ = edited_copy(tmp_path, *RMSPROP)
+    whole, split = whole_and_split(module, tmp_path, '--n_pairs=2', '--K=5', '--sample_every=15')
+    assert_same_run(whole, split)
+    for side in ('G', 'D'):
+        state = whole['pairs'][side]['optimizer']['state'][0]
+        assert set(state) == {'step', 'square_avg'} and state['square_avg'].shape[0] == 2 and state['step'] == 40
+    assert len(whole['swaps']) == 7 and all(math.isfinite(v) for row in whole['log']['history']
+                                            for name in whole['log']['names'] for v in row[name])
+
+
+def test_a_hinge_loss_and_leaky_relu_in_D_train_by_the_same_step_as_their_reference(tmp_path):
+    module, _ = edited_copy(tmp_path, HINGE, HINGE_G, EDITS['leaky_relu_in_D'])
+    hinge = (lambda real, fake: F.relu(1 - real).mean() + F.relu(1 + fake).mean(), lambda fake: -fake.mean())
+    assert_matches_reference(2, module=module, iterations=60, losses=hinge, edit_reference=leaky_relu_in_D, h_dim=32)
+    whole, split = whole_and_split(module, tmp_path, '--K=5', '--sample_every=15')
+    assert_same_run(whole, split)
+    first = whole['log']['history'][0]
+    assert all(abs(v - 2) < 0.5 for v in first['D_loss'])  # hinge: 2 - D(x) + D(G(z)) at logits near 0, not 1.39

@@ -95,9 +95,9 @@ R15_METRICS = {'modes_captured': lambda v: v, 'modes': lambda v: v, 'd_gap': lam
                'pool_error': lambda v: v / 10, 'd_real_error': lambda v: 0.2}
 
 
-def test_each_condition_alone_pairs_the_matching_swap_with_the_scripts_k0(tmp_path):
-    """r15_swap_matching has only K=2 runs: its row compares them with r15_script's K=0 runs (and says so); a
-    condition whose part is not in the CSV yet is a row that says so."""
+def test_each_condition_alone_pairs_the_matching_swap_with_a_k0_arm(tmp_path):
+    """r15_swap_matching with only K=2 runs: its row compares them with r15_script's K=0 runs (and says so); with
+    K=0 runs of its own, with those. A condition whose part is not in the CSV yet is a row that says so."""
     path = tmp_path / 'runs.csv'
     write_runs(path, R15_ARMS, R15_METRICS)
     runs = summary.read_runs(path)
@@ -115,12 +115,17 @@ def test_each_condition_alone_pairs_the_matching_swap_with_the_scripts_k0(tmp_pa
     assert len(table.splitlines()) == 2 + len(summary.ALONE)
     assert summary.own_baseline_note(runs) == ''
 
-    # K=0 runs of its own change nothing: the table still borrows the script's, and a note compares the two
+    # with K=0 runs of its own (made by the same code as its K=2 runs) it compares with those, and a note says how
+    # many repeat the script's K=0 runs seed by seed
     write_runs(path, {**R15_ARMS, ('r15_swap_matching', 'r15', 100, 'swap_matching', 0, 'baseline'): [8, 9, 7, 1, 1]},
                R15_METRICS)
     runs = summary.read_runs(path)
-    assert summary.alone_table(runs) == table
-    assert summary.own_baseline_note(runs).startswith('r15_swap_matching also holds K=0 runs of its own: 3 of 5 give')
+    cell = next(c for _, condition, c in summary.alone_cells(runs) if condition == 'swap_matching alone')
+    assert {r['part'] for r in cell['baseline']} == {'r15_swap_matching'}
+    assert summary.judge(cell, 'coverage')['effect'] == pytest.approx(4.4 - 5.2)
+    assert '| R15, 100 points | swap_matching alone | 2 | 5 / 5 | 5.20 |' in summary.alone_table(runs)
+    assert summary.own_baseline_note(runs).startswith('r15_swap_matching holds K=0 runs of its own')
+    assert ': 3 of 5 give the same' in summary.own_baseline_note(runs)
 
 
 def test_the_summary_writes_results_md_and_prints_a_short_summary(tmp_path):
@@ -210,3 +215,16 @@ def test_the_sweep_runs_what_is_missing_resumes_what_stopped_and_publishes_its_r
     assert len(rows) == 4 and {r['run'] for r in rows} == {'K0-s0', 'K5-s0'}
     assert all(r['iteration'] == '40' and r['pool_error'] and r['condition'] == 'script' for r in rows)
     assert sum(int(r['best_by_pool']) for r in rows) == 2  # one pick per run
+
+
+def test_a_part_run_again_by_later_code_stands_beside_the_original_and_stays_out_of_the_answer(tmp_path):
+    """r15_script_plain repeats r15_script: the rerun table gives both verdicts per claim, and the study's cells (the
+    answer, every cell) count R15 once."""
+    path = tmp_path / 'runs.csv'
+    write_runs(path, {**R15_ARMS, ('r15_script_plain', 'r15', 100, 'script', 0, 'baseline'): [8, 8, 9, 7, 8],
+                      ('r15_script_plain', 'r15', 100, 'script', 2, 'primary'): [8, 7, 9, 8, 8]}, R15_METRICS)
+    runs = summary.read_runs(path)
+    assert [c['part'] for c in summary.study_cells(runs)] == ['r15_script']
+    rows = [line for line in summary.rerun_table(runs).splitlines() if 'mode coverage' in line]
+    assert len(rows) == 1 and rows[0].startswith('| r15_script | mode coverage | 2 | 5 / 5 | -4.2 [')
+    assert '| no: fewer modes | +0 [' in rows[0] and rows[0].endswith('| no difference detected |')

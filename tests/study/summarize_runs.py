@@ -38,6 +38,7 @@ CONDITION_NAMES = {'script': "script's conditions", 'paper': "paper's conditions
 SETTING = ('lr', 'h_dim', 'z_dim')  # what the robustness check varies
 BIMODAL = 'r15_paper_lr2e-4_z2'  # the robustness check's bimodal cell again, with 20 seeds per arm
 ROBUSTNESS_PARTS = ('robust_r15', BIMODAL)
+RERUNS = {'r15_script_plain': 'r15_script', 'r15_paper_plain': 'r15_paper'}  # a part run again by later code
 # each of the paper's conditions alone: (data, condition, the part of its K>0 runs, that K, the part of its K=0 runs).
 # r15_swap_matching's K=0 is r15_script's: without swaps the swap rule does nothing.
 ALONE = [('R15, 100 points', 'script (none of the six)', 'r15_script', 2, 'r15_script'),
@@ -145,7 +146,7 @@ def interval(r, fmt='.3g'):
 def study_cells(runs):
     """The main study's comparisons (the script's and the paper's conditions; the robustness and ablation parts
     aside), primary K first."""
-    return [c for c in cells(runs) if c['part'] not in ROBUSTNESS_PARTS and c['condition'] in CONDITION_NAMES]
+    return [c for c in cells(runs) if c['part'] not in (*ROBUSTNESS_PARTS, *RERUNS) and c['condition'] in CONDITION_NAMES]
 
 
 def answer_table(runs, headline=('r15', 100)):
@@ -240,6 +241,7 @@ def alone_cells(runs):
     cell), the cell None where its part or its K=0 part is not in the CSV yet."""
     found = []
     for data, condition, part, K, baseline_part in ALONE:
+        baseline_part = part if arm_of_part(runs, part, 0) else baseline_part  # its own K=0 runs, where it has them
         treated, baseline = arm_of_part(runs, part, K), arm_of_part(runs, baseline_part, 0)
         cell = None
         if treated and baseline:
@@ -284,8 +286,9 @@ def own_baseline_note(runs, part='r15_swap_matching', borrowed='r15_script'):
     theirs = {r['seed']: r for r in arm_of_part(runs, borrowed, 0)}
     same = sum(s in theirs and all(value(r, m) == value(theirs[s], m) for m in ('modes_captured', 'd_gap'))
                for s, r in own.items())
-    return (f'{part} also holds K=0 runs of its own: {same} of {len(own)} give the same modes captured and D(x) gap as '
-            f'{borrowed}\'s K=0 run of the same seed. The table compares its K=2 runs with {borrowed}\'s K=0 runs.')
+    return (f'{part} holds K=0 runs of its own (the same settings as {borrowed}\'s, which ran on older code): {same} '
+            f'of {len(own)} give the same modes captured and D(x) gap as {borrowed}\'s K=0 run of the same seed. The '
+            f'table compares its K=2 runs with its own K=0 runs, made by the same code.')
 
 
 def bimodal_table(runs, part=BIMODAL):
@@ -424,6 +427,26 @@ def shown_path(path):
     return os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
 
 
+def rerun_table(runs):
+    """Each part run again by later code (RERUNS) beside the original: per claim and K, both effects and verdicts."""
+    by_part = defaultdict(list)
+    for c in cells(runs):
+        by_part[c['part']].append(c)
+    lines = ['| part | claim | K | seeds (K=0 / K) | before: effect [95% interval] | verdict | after: effect [95% '
+             'interval] | verdict |', '|---' * 8 + '|']
+    for again, first in RERUNS.items():
+        for before in by_part.get(first, []):
+            after = next((c for c in by_part.get(again, []) if c['K'] == before['K']), None)
+            for claim, (name, *_) in CLAIMS.items():
+                old = judge(before, claim)
+                new = judge(after, claim) if after else None
+                cells_ = [first, name, str(before['K']), f'{len(before["baseline"])} / {len(before["treated"])}',
+                          interval(old) if old else '-', old['verdict'] if old else '-',
+                          interval(new) if new else 'not run yet', new['verdict'] if new else '']
+                lines.append('| ' + ' | '.join(cells_) + ' |')
+    return '\n'.join(lines)
+
+
 def report(runs):
     """Every table of the study that the CSV rebuilds, as markdown."""
     bimodal = bimodal_table(runs)
@@ -437,6 +460,8 @@ def report(runs):
         bimodal or f'({BIMODAL}: not run yet)',
         "## Every claim, data set and condition at the verdict's K", verdict_table(runs),
         '## The secondary K', verdict_table(runs, 'secondary'),
+        '## The R15 parts run again by the plain-PyTorch code', 'The same maths and settings; the runs no longer '
+        'repeat bit for bit, so the effects move within their intervals.', rerun_table(runs),
         '## Robustness of the coverage verdicts: R15, K=0 against K=2', robustness_table(runs)
         if any(r['part'] == 'robust_r15' for r in runs) else '(robustness check not run yet)',
         '## Each part: mean ± std over seeds', detail_table(runs),
@@ -477,6 +502,7 @@ def summary(runs, path):
     """The screen's short summary: the answer, each condition alone, and where every table went."""
     return '\n\n'.join(['## The answer (primary K per cell)', answer_table(runs),
                          "## Each of the paper's conditions alone", alone_table(runs),
+                         '## The R15 parts run again by the plain-PyTorch code', rerun_table(runs),
                          f'every table: {shown_path(path)}'])
 
 

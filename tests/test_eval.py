@@ -188,6 +188,33 @@ def test_a_conditional_gan_edit_trains_and_evaluates_what_it_still_can(tiny_mnis
     assert (out / 'metrics.png').stat().st_size > 1000 and (out / 'checkpoint.pt').exists()
 
 
+CONDITIONAL_GAN = (  # the README's recipe: G and D both take the label, one-hot, beside their usual input
+    ("for fan_in in [cfg['z_dim']] + [h]", "for fan_in in [cfg['z_dim'] + 10] + [h]"),
+    ("for fan_in in [x_dim] + [h]", "for fan_in in [x_dim + 10] + [h]"),
+    ("    fake = G.model(z)", "    label = F.one_hot(y, 10).to(x.dtype)  # (1 or n_pairs, batch, 10)\n"
+     "    with_label = lambda t: torch.cat([t, label.expand(len(t), -1, -1)], -1)\n    fake = G.model(with_label(z))"),
+    ("D.model(noisy(x, input_noise[0]))", "D.model(with_label(noisy(x, input_noise[0])))"),
+    ("D.model(noisy(fake.detach(), input_noise[1]))", "D.model(with_label(noisy(fake.detach(), input_noise[1])))"),
+    ("D.model(noisy(fake, input_noise[2]))", "D.model(with_label(noisy(fake, input_noise[2])))"))
+
+
+@pytest.mark.parametrize('own_noise', [False, True])
+def test_the_conditional_gan_recipe_trains_resumes_and_says_what_it_cannot_draw(tiny_mnist, tmp_path, capsys, own_noise):
+    """G and D conditioned on the batch's labels (shared, or each pair's own batch): it trains and resumes; the
+    sample grid and the evaluation, which draw plain noise, say in one line each what they cannot do."""
+    module, _ = edited_copy(tmp_path, *CONDITIONAL_GAN)
+    common = [f'--data_root={tiny_mnist}', f'--out_dir={tmp_path / "out"}', f'--classifier_dir={tiny_mnist}/cls',
+              '--h_dim=16', '--eval_every=10', '--eval_samples=200', '--log_every=5', '--sample_every=5',
+              f'--own_noise={own_noise}']
+    assert module.train(module.parse_args([*common, '--iterations=11'])) == 0
+    assert module.train(module.parse_args([*common, '--iterations=16', '--resume=True'])) == 0
+    out = capsys.readouterr().out
+    cannot = [line for line in out.splitlines() if line.startswith('cannot ')]
+    assert len([line for line in cannot if line.startswith('cannot draw the sample grid')]) == 2  # once per run
+    assert any(line.startswith('cannot measure the generators') for line in cannot)
+    assert 'it      15 | D_loss' in out and 'Traceback' not in out
+
+
 def test_the_classifier_cache_is_reused_and_rebuilt_when_stale(tmp_path, monkeypatch, capsys):
     root = make_mnist(tmp_path / 'data', train=200, test=50)
     cfg = pg.parse_args([f'--data_root={root}', f'--classifier_dir={tmp_path / "cls"}'])

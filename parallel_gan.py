@@ -385,9 +385,8 @@ class PerPair(nn.Module):
         return torch.func.vmap(call)(tensors, x)
 
 
-CLASSIFIER_VERSION = 1  # bump when Classifier or its training changes, so caches are rebuilt
+CLASSIFIER_VERSION = 2  # bump when the classifier or its training changes, so caches are rebuilt
 CLASSIFIER_EPOCHS = {'mnist': 3, 'fashion_mnist': 6}
-COLLECTIVE_TIMEOUT = 300  # seconds a process waits for the others before it gives up
 COUNTS = ('z_dim', 'h_dim', 'layers', 'n_pairs', 'K', 'mb_size', 'iterations', 'seed', 'log_every', 'sample_every',
           'train_size', 'eval_every', 'eval_samples', 'threads')  # whole numbers (2e5 written in the block is one)
 # a resume may change these: the run continues exactly, only its schedule, its files or its lr change
@@ -397,19 +396,20 @@ NOT_CONFIGURATION = (*RESUMABLE, 'seed')  # runs that differ only in these are s
 POOL_KEYS = ('z_dim', 'h_dim', 'layers', 'dataset')  # runs that differ in these cannot share one pool in --compare
 IMAGE_DATASETS = {'mnist': 'MNIST', 'fashion_mnist': 'FashionMNIST'}  # torchvision's class and folder names
 R15_CENTRE = (10.0, 9.96)  # where R15's own coordinates put the centre of the mixture that mixture('r15') centres
-MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
+MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte',
+               't10k-labels-idx1-ubyte')
 ACCEPTED = {bool: 'True or False', int: 'a whole number', float: 'a number', str: 'a string',
             None: 'a number, True/False or a string'}
 KINDS_OF = {int: COUNTS, float: ('lr', 'beta1', 'input_noise', 'clip'),  # what the block's names take, as shipped
             bool: ('paper', 'own_noise', 'batch_norm', 'resume', 'resume_edited', 'eval_at_end'),
             str: ('prior', 'swap', 'out_dir', 'dataset', 'data_root', 'classifier_dir', 'compare', 'device', 'dtype')}
 
+
 # ------------------------------------------------------------------------------------
 # command line: --name=value, checked against the kind of value each name takes
 
 def read_block():
-    """(name, default, meaning) of each line `name = value  # meaning` of the hyperparameter block, read from this
-    file so that --help never drifts; a line of another form, or a value of the wrong kind, is refused."""
+    """(name, default, meaning) of each line of the hyperparameter block, read from this file; refuses another line."""
     with open(__file__) as f:
         lines = f.read().splitlines()
     first, table = next(i for i, line in enumerate(lines) if line.startswith('# --- hyperparameters')) + 1, []
@@ -428,8 +428,7 @@ def read_block():
 
 
 def kind_of(name, default):
-    """The kind of value a hyperparameter takes: the one KINDS_OF gives it (whatever the block holds), else, for a
-    name added to the block, a number for a number, else its default's kind (None: no kind the block takes)."""
+    """The kind a hyperparameter takes: KINDS_OF's; for a name added to the block, its default's (None: no kind)."""
     kind = next((kind for kind, names in KINDS_OF.items() if name in names), type(default))
     return float if kind is int and name not in COUNTS else kind if kind in ACCEPTED else None
 
@@ -448,8 +447,7 @@ def refuse(message):
 
 
 def convert(name, text, default):
-    """The text of --name=text as a value of name's kind, or a refusal saying what is accepted. Numbers take the
-    forms the block takes: 1000, 1_000, 1e3 (a count too, when it is whole)."""
+    """--name=text as a value of name's kind (numbers as the block writes them: 1000, 1_000, 1e3), or a refusal."""
     kind, value = kind_of(name, default), text
     if kind is bool:
         value = {'true': True, '1': True, 'false': False, '0': False}.get(text.lower())
@@ -470,14 +468,16 @@ def check(cfg):
     one_of = {'dataset': (*IMAGE_DATASETS, *MIXTURES), 'dtype': ('float32', 'float64'),
               'prior': ('gaussian', 'uniform', 'mixed'), 'swap': ('derangement', 'matching')}
     rules = [(cfg[k] >= low and math.isfinite(cfg[k]), f'{k} must be at least {low}' + ' (0: off)' * (low == 0))
-             for k, low in at_least.items()] + [(cfg[k] in values, f'{k} must be one of {", ".join(values)}')
-                                                for k, values in one_of.items()] + [
-        (cfg['K'] == 0 or cfg['n_pairs'] >= 2, 'K>0 swaps discriminators between pairs: it needs n_pairs >= 2 (or K=0)'),
+             for k, low in at_least.items()]
+    rules += [(cfg[k] in values, f'{k} must be one of {", ".join(values)}') for k, values in one_of.items()]
+    rules += [
+        (cfg['K'] == 0 or cfg['n_pairs'] >= 2, 'K>0 swaps discriminators between pairs: it needs n_pairs >= 2 '
+                                               '(or K=0)'),
         (cfg['mb_size'] >= 2 or not cfg['batch_norm'], 'batch_norm needs mb_size of at least 2'),
         (cfg['lr'] > 0 and math.isfinite(cfg['lr']), 'lr must be a positive number'),
         (0 <= cfg['beta1'] < 1, 'beta1 must be at least 0 and below 1'),
         (0 <= cfg['seed'] < 2 ** 32, 'seed must be a whole number from 0 to 2**32 - 1 (4294967295)'),
-        (re.fullmatch(r'auto|cpu|cuda(:\d+)?', cfg['device']) is not None, "device must be 'auto', 'cpu' or 'cuda[:N]'"),
+        (re.fullmatch(r'auto|cpu|cuda(:\d+)?', cfg['device']), "device must be 'auto', 'cpu' or 'cuda[:N]'"),
         (not cfg['device'].startswith('cuda') or torch.cuda.is_available(),
          f"device {cfg['device']!r} asked for, but CUDA is not available here (use --device=cpu or auto)")]
     for ok, message in rules:
@@ -490,15 +490,19 @@ explicit = set()  # the names given explicitly: on the command line, and, on a r
 
 
 def parse_args(argv):
-    """The hyperparameters: the block's, overridden by --name=value arguments; on a resume, the checkpoint's,
-    overridden only by those given explicitly (continued). Sets block_values and explicit."""
+    """The hyperparameters: the block's, overridden by --name=value arguments; on a resume, the checkpoint's but for
+    those given explicitly (on the command line, or edited in the block since its run). Sets block_values, explicit."""
     global block_values, explicit
     table = read_block()
     cfg = {name: default for name, default, _ in table}
     block_values, explicit = dict(cfg), set()
     for arg in argv:
         if arg in ('-h', '--help'):
-            show_help(table)
+            with suppress(BrokenPipeError):  # `--help | head`: the reader stopped early, which is no error
+                print(f'{__doc__.strip()}\n\nhyperparameters (--name=value):')
+                print('\n'.join(f'  --{name:<15} {default!r:<18} {meaning}' for name, default, meaning in table))
+                sys.stdout.flush()
+            sys.exit(0)
         name, eq, text = arg[2:].partition('=')
         if not (arg.startswith('--') and eq and name in cfg):
             refuse(f'unknown argument {arg!r}: use --name=value with a name from: {", ".join(cfg)}')
@@ -506,31 +510,14 @@ def parse_args(argv):
         explicit.add(name)
     if cfg['paper']:  # the paper's conditions, where the command line does not say otherwise
         cfg.update({name: value for name, value in PAPER.items() if name not in explicit})
-    if cfg['resume'] and not cfg['compare']:
-        cfg, explicit = continued(cfg, explicit)
+    with suppress(Exception):  # a missing or damaged checkpoint: load_checkpoint refuses it
+        if cfg['resume'] and not cfg['compare']:
+            state = torch.load(checkpoint_path(cfg), map_location='cpu', weights_only=True)
+            saved, then = state['hyperparameters'], state['block']
+            explicit |= {name for name, value in then.items() if name in block_values and value != block_values[name]}
+            cfg = {k: saved[k] if k in saved and k not in explicit | {'out_dir', 'resume'} else cfg[k] for k in cfg}
     check(cfg)
     return cfg
-
-
-def show_help(table):
-    lines = [__doc__.strip(), '', 'hyperparameters (--name=value):']
-    with suppress(BrokenPipeError):  # `--help | head`: the reader stopped early, which is no error
-        print('\n'.join(lines + [f'  --{name:<15} {default!r:<18} {meaning}' for name, default, meaning in table]))
-        sys.stdout.flush()
-    sys.exit(0)
-
-
-def continued(cfg, named):
-    """A resume's hyperparameters and the names given explicitly: the checkpoint's values, but for the names on the
-    command line and those edited in the block since the checkpoint's run. A missing or damaged checkpoint is left
-    to load_checkpoint to refuse."""
-    try:
-        state = torch.load(checkpoint_path(cfg), map_location='cpu', weights_only=True)
-        saved, then = state['hyperparameters'], state['block']
-    except Exception:
-        return cfg, named
-    given = named | {name for name, value in then.items() if name in block_values and value != block_values[name]}
-    return {k: cfg[k] if k in given or k in ('out_dir', 'resume') or k not in saved else saved[k] for k in cfg}, given
 
 
 # ------------------------------------------------------------------------------------
@@ -546,16 +533,15 @@ def load_images(dataset, root, train=True):
         quiet = StringIO()  # torchvision narrates every failed mirror; the message below says what matters
         with redirect_stdout(quiet), redirect_stderr(quiet):
             data = getattr(torchvision.datasets, folder)(root, train=train, download=True)
-        images, labels = data.data, data.targets
     except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        for folder_made in made:  # leave no empty folders behind, which would look like a half-done download
-            if os.path.isdir(folder_made) and not os.listdir(folder_made):
-                os.rmdir(folder_made)
+        for empty in made:  # leave no empty folders behind, which would look like a half-done download
+            with suppress(OSError):
+                os.rmdir(empty)
         sys.exit(f'parallel_gan.py: could not load {folder} from {raw}/ ({reason}).\n'
                  f'To run offline, put the four uncompressed files {", ".join(MNIST_FILES)}\n'
                  f'in {raw}/ (torchvision\'s raw layout), or point --data_root at a folder that has them.')
-    return images.reshape(len(images), -1), labels
+    return data.data.reshape(len(data.data), -1), data.targets
 
 
 def mixture(dataset):
@@ -581,11 +567,6 @@ def sample_mixture(dataset, n, seed):
     return centres[modes] + std * torch.randn(n, 2, generator=rng), modes
 
 
-def data_dim(dataset):
-    """The size of one example: 784 pixels, or a 2-D point."""
-    return 2 if dataset in MIXTURES else 784
-
-
 def training_data(cfg):
     """The whole training set and its labels: image pixels as uint8 (N, 784), or 60,000 points of a 2-D mixture."""
     if cfg['dataset'] in MIXTURES:
@@ -600,10 +581,16 @@ def used_for_training(data, cfg):
     return data[:cfg['train_size'] or len(data)]
 
 
+def held_out_data(cfg, n):
+    """n examples the networks never train on: the test split's first n images, or fresh draws of the mixture."""
+    if cfg['dataset'] in MIXTURES:
+        return sample_mixture(cfg['dataset'], n, seed=777)[0]
+    return load_images(cfg['dataset'], cfg['data_root'], train=False)[0][:n]
+
+
 class Batches:
-    """Minibatches of a data set on the training device, as D's inputs (dtype) with their labels, a fresh shuffle
-    each epoch: (1, batch, x_dim) and (1, batch), shared by every pair. Every example is used once per epoch (a
-    batch that runs past an epoch's end takes the rest from the next shuffle, as the reference's reader did)."""
+    """Minibatches as D's inputs and their labels, (1, batch, x_dim) and (1, batch), shared by every pair: every
+    example once per epoch, in a fresh shuffle each epoch (as the reference's reader, a batch may span two)."""
 
     def __init__(self, data, labels, mb_size, seed, dtype):
         self.data, self.labels, self.mb_size, self.dtype = data, labels, mb_size, dtype
@@ -613,18 +600,14 @@ class Batches:
     def shuffle(self):
         return torch.randperm(len(self.data), generator=self.rng, device=self.data.device)
 
-    def rows(self):
-        parts, need = [], self.mb_size
-        while need:
-            if self.pos == len(self.order):
-                self.order, self.pos = self.shuffle(), 0
-            take = min(need, len(self.order) - self.pos)
-            parts.append(self.order[self.pos:self.pos + take])
-            self.pos, need = self.pos + take, need - take
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
     def next(self):
-        rows = self.rows()  # index_select: a plain row gather, several times faster than data[rows]
+        rows = self.order[self.pos:self.pos + self.mb_size]
+        self.pos += len(rows)
+        while len(rows) < self.mb_size:  # past the epoch's end: the rest from the next shuffle
+            self.order = self.shuffle()
+            self.pos = min(self.mb_size - len(rows), len(self.order))
+            rows = torch.cat([rows, self.order[:self.pos]])
+        # index_select: a plain row gather, several times faster than data[rows]
         return as_inputs(self.data.index_select(0, rows), self.dtype)[None], self.labels.index_select(0, rows)[None]
 
     def state_dict(self):
@@ -635,21 +618,18 @@ class Batches:
         self.order, self.pos = state['order'].to(self.data.device), state['pos']
 
 
-class PairBatches:
+class PairBatches(list):
     """Each pair's own minibatches (own_noise): one Batches per pair, each its own shuffle; (n_pairs, batch, ...)."""
 
-    def __init__(self, data, labels, mb_size, seeds, dtype):
-        self.data, self.each = data, [Batches(data, labels, mb_size, seed, dtype) for seed in seeds]
-
     def next(self):
-        x, y = zip(*(batches.next() for batches in self.each))
+        x, y = zip(*(batches.next() for batches in self))
         return torch.cat(x), torch.cat(y)
 
     def state_dict(self):
-        return {'each': [batches.state_dict() for batches in self.each]}
+        return {'each': [batches.state_dict() for batches in self]}
 
     def load_state_dict(self, state):
-        for batches, saved in zip(self.each, state['each']):
+        for batches, saved in zip(self, state['each']):
             batches.load_state_dict(saved)
 
 
@@ -657,7 +637,8 @@ def make_batches(data, labels, cfg, seed, dtype):
     """One shuffle shared by every pair, or each pair its own (own_noise)."""
     if not cfg['own_noise']:
         return Batches(data, labels, cfg['mb_size'], seed, dtype)
-    return PairBatches(data, labels, cfg['mb_size'], [seed + 1_000_003 * (k + 1) for k in range(cfg['n_pairs'])], dtype)
+    seeds = [seed + 1_000_003 * (k + 1) for k in range(cfg['n_pairs'])]
+    return PairBatches(Batches(data, labels, cfg['mb_size'], seed, dtype) for seed in seeds)
 
 
 def as_inputs(batch, dtype):
@@ -695,11 +676,11 @@ class Processes:
             if self.device.type == 'cuda':
                 self.device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
                 torch.cuda.set_device(self.device)
-            self.dist = dist
+            self.dist = dist  # a process gives up on the others after 5 minutes without them
             dist.init_process_group('nccl' if self.device.type == 'cuda' else 'gloo',
-                                    timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT))
-        mine = cfg['n_pairs'] // self.world
-        self.slots = torch.arange(self.rank * mine, (self.rank + 1) * mine)
+                                    timeout=datetime.timedelta(seconds=300))
+            mine = cfg['n_pairs'] // self.world
+            self.slots = torch.arange(self.rank * mine, (self.rank + 1) * mine)
         return self.device
 
     def say(self, message):
@@ -724,6 +705,7 @@ class Processes:
         return bool(flag.item())
 
     def close(self, finished):
+        """Leave the other processes (after the others are done too, when finished)."""
         if self.world > 1 and self.dist.is_initialized():
             if finished:
                 self.dist.barrier()  # nobody tears down while another still talks
@@ -783,8 +765,7 @@ class WriteFailed(Exception):
 
 @contextmanager
 def replacing(path):
-    """Yield a temporary path to write path's new content to, then rename it over path: a crash or a failed
-    write never leaves path half-written, and a failure leaves no temporary file and raises WriteFailed."""
+    """A temporary path to write to, renamed over path once written: never half a file; a failure: WriteFailed."""
     tmp = path + '.tmp'
     try:
         yield tmp
@@ -796,8 +777,9 @@ def replacing(path):
 
 
 def write_csv(path, header, rows):
-    """A CSV file of rows (dicts, or lists in header's order), written whole: floats as 6 digits, lists as numbers."""
-    cell = lambda v: ' '.join(f'{x:.4g}' for x in v) if isinstance(v, list) else f'{v:.6g}' if isinstance(v, float) else v
+    """A CSV file of rows (dicts, or lists in header's order): floats as 6 digits, lists as numbers."""
+    def cell(v):
+        return ' '.join(f'{x:.4g}' for x in v) if isinstance(v, list) else f'{v:.6g}' if isinstance(v, float) else v
     with replacing(path) as tmp, open(tmp, 'w', newline='') as f:
         writer = csv.writer(f)
         writer.writerow(header)
@@ -821,9 +803,8 @@ def save_checkpoint(path, state):
 
 
 def algorithm_code():
-    """{name: crc32} of each definition in the algorithm part (from the hyperparameter block to the divider), as
-    Python's parser reads it: comments, docstrings and layout change nothing. Checkpoints keep it, so that a resume
-    and --compare can tell a run trained by other code."""
+    """{name: crc32} of each definition of the algorithm part as Python parses it (comments, docstrings and layout
+    change nothing): checkpoints keep it, so that a resume and --compare can tell a run trained by other code."""
     with open(__file__) as f:
         source = f.read()
     code = {}
@@ -831,8 +812,8 @@ def algorithm_code():
         for inner in ast.walk(node):
             if isinstance(inner, (ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(inner) is not None:
                 inner.body = inner.body[1:] or [ast.Pass()]
-        code[node.name if hasattr(node, 'name') else ast.unparse(getattr(node, 'targets', [node])[0])] = zlib.crc32(
-            ast.dump(node).encode())
+        name = node.name if hasattr(node, 'name') else ast.unparse(getattr(node, 'targets', [node])[0])
+        code[name] = zlib.crc32(ast.dump(node).encode())
     return code
 
 
@@ -844,9 +825,7 @@ def code_differences(then, now):
 
 
 def load_checkpoint(path, cfg, dev):
-    """The checkpoint's state, or a refusal in one line: missing, damaged, written on another device, or asked to go
-    on with settings that would not continue it exactly (all but RESUMABLE) or by other code (unless
-    resume_edited)."""
+    """The checkpoint's state, or a refusal in one line of one that would not continue exactly (or at all)."""
     if not os.path.exists(path):
         refuse(f'--resume=True but there is no checkpoint at {path}')
     try:
@@ -855,17 +834,18 @@ def load_checkpoint(path, cfg, dev):
         state['iteration'], state['pairs'], state['code']  # everything a resume needs is there
     except Exception as error:
         refuse(f'cannot resume: {path} is damaged or not a checkpoint of this script ({type(error).__name__})')
-    changed = '; '.join(f'{k}={saved[k]!r} there, {cfg[k]!r} now' for k in cfg if k not in RESUMABLE and saved[k] != cfg[k])
+    changed = '; '.join(f'{k}={saved[k]!r} there, {cfg[k]!r} now' for k in cfg
+                        if k not in RESUMABLE and saved[k] != cfg[k])
     edits, there = code_differences(state['code'], algorithm_code()), state.get('device', 'cpu')
-    for refused, message in [
-            (changed, f'cannot resume from {path} with other settings, which would not continue it exactly ({changed}); '
-                      f'a resume may change only {", ".join(RESUMABLE)}'),
-            (there != dev.type, f'cannot resume from {path} on the {dev.type}: it was written on the {there}, and its '
-                                f'noise and data order continue exactly only there (--device={there})'),
-            (edits and not cfg['resume_edited'], f'cannot resume from {path}: the algorithm\'s code differs from the one '
-                                                 f'that trained it ({edits}); --resume_edited=True continues it as it is now')]:
-        if refused:
-            refuse(message)
+    if changed:
+        refuse(f'cannot resume from {path} with other settings, which would not continue it exactly ({changed}); '
+               f'a resume may change only {", ".join(RESUMABLE)}')
+    if there != dev.type:
+        refuse(f'cannot resume from {path} on the {dev.type}: it was written on the {there}, and its noise and data '
+               f'order continue exactly only there (--device={there})')
+    if edits and not cfg['resume_edited']:
+        refuse(f"cannot resume from {path}: the algorithm's code differs from the one that trained it ({edits}); "
+               f'--resume_edited=True continues it as it is now')
     return state
 
 
@@ -879,34 +859,25 @@ def load_pairs(pairs, saved, where):
             refuse(f'{where} holds other networks than this script builds ({name}: {reason})')
 
 
+# ------------------------------------------------------------------------------------
 # evaluation: does each generator cover the data's modes, how good are its samples, does each D generalise?
 
-class Classifier(nn.Module):
-    """A small convolutional digit classifier; its 128-unit penultimate layer gives the Frechet distance's features."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 7 * 7, 128),
-            nn.ReLU())
-        self.head = nn.Linear(128, 10)
-
-    def forward(self, x):
-        """(class logits, features) for (batch, 784) pixels in [0, 1]."""
-        features = self.features(x)
-        return self.head(features), features
+def classifier():
+    """A small convolutional digit classifier of pixels in [0, 1]; model[:-1] gives the Frechet distance's features."""
+    return nn.Sequential(nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
 def fit_classifier(images, labels, epochs, dev, batch_size=128, seed=0):
-    """Train a Classifier on uint8 (N, 784) images with Adam."""
+    """Train a classifier on uint8 (N, 784) images with Adam."""
     torch.manual_seed(seed)
-    model = Classifier().to(dev)
+    model = classifier().to(dev)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     images, labels = images.to(dev), labels.to(dev).long()
     for _ in range(epochs):
         for batch in torch.randperm(len(images), device=dev).split(batch_size):
-            loss = F.cross_entropy(model(images[batch].float() / 255)[0], labels[batch])
+            loss = F.cross_entropy(model(images[batch].float() / 255), labels[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -916,28 +887,27 @@ def fit_classifier(images, labels, epochs, dev, batch_size=128, seed=0):
 @torch.no_grad()
 def classify(model, pixels, chunk=500):
     """Class probabilities and features of (N, 784) pixels in [0, 1]."""
-    outputs = [model(part.float()) for part in pixels.split(chunk)]
-    return torch.cat([o[0] for o in outputs]).softmax(1), torch.cat([o[1] for o in outputs])
+    features = [model[:-1](part.float()) for part in pixels.split(chunk)]
+    return torch.cat([model[-1](part) for part in features]).softmax(1), torch.cat(features)
 
 
 def load_classifier(cfg, dev, images, labels):
-    """The classifier of cfg's image dataset: cached when trained on the same data, else trained now (and cached
-    where it can be). Prints its test accuracy; returns it and the test set's feature statistics."""
+    """The classifier of cfg's images (cached, or trained now) and the test set's features' statistics."""
     test_images, test_labels = load_images(cfg['dataset'], cfg['data_root'], train=False)
     fingerprint = [CLASSIFIER_VERSION, *(zlib.crc32(t.contiguous().numpy()) for t in (images, labels, test_images))]
-    path, model = os.path.join(cfg['classifier_dir'], f'{cfg["dataset"]}.pt'), Classifier().to(dev)
+    path, epochs = os.path.join(cfg['classifier_dir'], f'{cfg["dataset"]}.pt'), CLASSIFIER_EPOCHS[cfg['dataset']]
+    model = classifier().to(dev)
     try:
         cached = torch.load(path, map_location=dev, weights_only=True)
         if cached['fingerprint'] != fingerprint:
             raise ValueError('trained on other data')
         model.load_state_dict(cached['model'])
-        model.eval()
         how = f'cached in {path}'
     except Exception:
-        print(f'training the classifier that scores samples ({CLASSIFIER_EPOCHS[cfg["dataset"]]} epochs on '
-              f'{len(images)} images: about a minute on 2 CPU cores; once, then cached in {path})', flush=True)
+        print(f'training the classifier that scores samples ({epochs} epochs on {len(images)} images: about a '
+              f'minute on 2 CPU cores; once, then cached in {path})', flush=True)
         start = time.perf_counter()
-        model = fit_classifier(images, labels, CLASSIFIER_EPOCHS[cfg['dataset']], dev)
+        model = fit_classifier(images, labels, epochs, dev)
         how = f'trained in {time.perf_counter() - start:.0f}s'
         try:
             os.makedirs(cfg['classifier_dir'], exist_ok=True)
@@ -945,7 +915,7 @@ def load_classifier(cfg, dev, images, labels):
             how += f', cached in {path}'
         except (OSError, WriteFailed) as error:
             how += f', not cached ({error.strerror if isinstance(error, OSError) else error})'
-    probs, features = classify(model, test_images.to(dev) / 255)
+    probs, features = classify(model.eval(), test_images.to(dev) / 255)
     accuracy = (probs.argmax(1).cpu() == test_labels).float().mean().item()
     print(f'classifier ({how}): {100 * accuracy:.2f}% accuracy on the {len(test_images)} test images')
     return model, feature_stats(features)
@@ -980,9 +950,10 @@ def image_metrics(probs, features, test_stats):
     covered, kl = coverage(counts, len(probs))
     marginal = probs.mean(0, keepdim=True)
     score = torch.exp((probs * (probs.clamp_min(1e-12).log() - marginal.log())).sum(1).mean()).item()
+    fd = frechet_distance(feature_stats(features), test_stats)
     return {'modes': covered, 'modes_captured': math.nan, 'kl': kl, 'score': score,
-            'confidence': probs.max(1).values.mean().item(), 'fd': frechet_distance(feature_stats(features), test_stats),
-            'high_quality': math.nan, 'histogram': (counts.double() / len(probs)).tolist()}
+            'confidence': probs.max(1).values.mean().item(), 'fd': fd, 'high_quality': math.nan,
+            'histogram': (counts.double() / len(probs)).tolist()}
 
 
 def mixture_metrics(points, dataset, real_stats):
@@ -1028,15 +999,9 @@ def cross_scores(D, samples):
 def judge_real(D, points, chunk=1000):
     """Each discriminator's mean D(x) and accuracy (D > 0.5) on real points (N, x_dim), in slot order."""
     with evaluating(D):
-        prob = torch.cat([torch.sigmoid(D.model(part)) for part in points.split(chunk)], 1)
+        like = next(D.model.parameters())  # the runs --compare pools may differ in dtype
+        prob = torch.cat([torch.sigmoid(D.model(part.to(like))) for part in points.split(chunk)], 1)
     return prob.mean((1, 2)).double().cpu(), (prob > 0.5).double().mean((1, 2)).cpu()
-
-
-def held_out_data(cfg, n):
-    """n examples the networks never train on: the test split's first n images, or fresh draws of the mixture."""
-    if cfg['dataset'] in MIXTURES:
-        return sample_mixture(cfg['dataset'], n, seed=777)[0]
-    return load_images(cfg['dataset'], cfg['data_root'], train=False)[0][:n]
 
 
 METRIC_COLUMNS = ('iteration', 'generator', 'modes', 'modes_captured', 'kl', 'score', 'confidence', 'fd',
@@ -1045,9 +1010,7 @@ METRIC_COLUMNS = ('iteration', 'generator', 'modes', 'modes_captured', 'kl', 'sc
 
 
 class Evaluator:
-    """Scores every generator on eval_samples samples (coverage, quality, the pool of discriminators' verdict) and
-    every discriminator on real training and held-out examples. An edited network that cannot take what it is
-    given leaves its columns nan, and one line says so (once)."""
+    """Scores every generator and discriminator; what an edited network cannot take leaves its columns nan."""
 
     def __init__(self, cfg, dev, dtype, train_data, train_labels):
         self.cfg, self.dev, self.dtype, self.cannot = cfg, dev, dtype, set()
@@ -1058,7 +1021,8 @@ class Evaluator:
             self.classifier, self.reference = load_classifier(cfg, dev, train_data, train_labels)
         seen = used_for_training(train_data, cfg)
         heldout = held_out_data(cfg, min(cfg['eval_samples'], len(seen)))
-        self.real = {'train': as_inputs(seen[:len(heldout)].to(dev), dtype), 'heldout': as_inputs(heldout.to(dev), dtype)}
+        real = {'train': seen[:len(heldout)], 'heldout': heldout}
+        self.real = {split: as_inputs(points.to(dev), dtype) for split, points in real.items()}
 
     def generator_metrics(self, samples):
         """Coverage and quality of one generator's samples (N, x_dim)."""
@@ -1076,7 +1040,8 @@ class Evaluator:
     def pool(self, D, samples):
         """scores[d, g]: discriminator d's mean output on generator g's samples, both by the pair they started in."""
         scores = torch.empty(len(D.origin), len(samples), dtype=torch.float64)
-        scores[D.origin] = sum(cross_scores(D, part) * part.shape[1] for part in samples.split(1000, 1)) / samples.shape[1]
+        parts = samples.split(1000, 1)
+        scores[D.origin] = sum(cross_scores(D, part) * part.shape[1] for part in parts) / samples.shape[1]
         return scores
 
     def judged(self, D):
@@ -1086,20 +1051,20 @@ class Evaluator:
             for key, in_slots in zip((f'd_{split}', f'd_{split}_acc'), judge_real(D, points)):
                 judged[key] = torch.empty_like(in_slots)
                 judged[key][D.origin] = in_slots
-        judged['d_gap'], judged['d_acc_gap'] = judged['d_train'] - judged['d_heldout'], judged['d_train_acc'] - judged[
-            'd_heldout_acc']
+        judged['d_gap'] = judged['d_train'] - judged['d_heldout']
+        judged['d_acc_gap'] = judged['d_train_acc'] - judged['d_heldout_acc']
         return judged
 
     def __call__(self, pairs, it):
-        """One row per generator (by the pair it started in): its metrics, its mean and worst score over the pool,
-        and how the discriminator that started in its pair judges real training and held-out examples."""
+        """One row per generator, and the discriminator that started in its pair, by the pair they started in."""
         G, D = pairs['G'], pairs['D']
         rows = [{'iteration': it, 'generator': g + 1, **dict.fromkeys(METRIC_COLUMNS[2:-2], math.nan)}
                 for g in range(len(G.origin))]
         samples = attempt('measure the generators (their samples)', lambda: self.samples(G, it), self.cannot)
         if samples is not None:
             for row, mine in zip(rows, samples):
-                row.update(attempt('measure coverage and quality', lambda: self.generator_metrics(mine), self.cannot) or {})
+                metrics = attempt('measure coverage and quality', lambda: self.generator_metrics(mine), self.cannot)
+                row.update(metrics or {})
             scores = attempt('measure the pool of discriminators', lambda: self.pool(D, samples), self.cannot)
             for g, row in enumerate(rows if scores is not None else []):
                 row.update(pool_mean=scores[:, g].mean().item(), pool_worst=scores[:, g].min().item(),
@@ -1110,87 +1075,71 @@ class Evaluator:
         return rows
 
 
-def write_metrics(path, rows, keep_until):
-    """metrics.csv: its rows up to iteration keep_until (a resumed run redoes later ones), then rows."""
-    old = [row for row in read_csv(path) if int(row['iteration']) <= keep_until] if os.path.exists(path) else []
-    write_csv(path, METRIC_COLUMNS, old + rows)
-
-
-def format_eval(rows, n_modes):
-    """One log line for an evaluation: per generator (G1/G2/...), then per discriminator (D1/D2/...)."""
-    join = lambda key, fmt: '/'.join(format(row.get(key, math.nan), fmt) for row in rows)
-    quality = (f'score {join("score", ".2f")}' if math.isfinite(rows[0].get('score', math.nan)) else
-               f'captured {join("modes_captured", ".0f")} | high quality {join("high_quality", ".2f")}')
-    return (f'eval {rows[0]["iteration"]:>5} | modes {join("modes", ".0f")} of {n_modes} | {quality} | '
-            f'KL {join("kl", ".3f")} | FD {join("fd", ".3g")} | D-pool mean {join("pool_mean", ".2f")} worst '
-            f'{join("pool_worst", ".2f")} | D(x) train {join("d_train", ".2f")} held-out {join("d_heldout", ".2f")}')
+def attempt(what, f, said):
+    """f(), or, where an edited network cannot take what it is given, None and one line saying so (once: said)."""
+    try:
+        return f()
+    except WriteFailed:  # a full disk or an unwritable out_dir is no edit's doing: the run stops (train)
+        raise
+    except Exception as error:  # an edited network: the run goes on, measuring what it still can
+        if what not in said:
+            said.add(what)
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            procs.say(f'cannot {what}: {reason}')
 
 
 # ------------------------------------------------------------------------------------
 # comparing runs: every generator judged by one pool of discriminators from every run (the paper's GAM-II)
 
 def find_runs(folder):
-    """(name, checkpoint) of every checkpoint.pt in or below folder, hyperparameters completed with today's defaults;
-    a damaged one is skipped with a warning; refused when none is left or the runs cannot share a pool."""
+    """(name, checkpoint) of every readable checkpoint.pt in or below folder, if the runs can share a pool."""
     paths = sorted(glob.glob(os.path.join(folder, '**', 'checkpoint.pt'), recursive=True))
     if not paths:
-        refuse(f'--compare={folder}: no checkpoint.pt in or below it' + ('' if os.path.isdir(folder) else ' (no such folder)'))
+        missing = '' if os.path.isdir(folder) else ' (no such folder)'
+        refuse(f'--compare={folder}: no checkpoint.pt in or below it{missing}')
     defaults, runs, damaged = {name: default for name, default, _ in read_block()}, [], []
     for path in paths:
         try:
             state = torch.load(path, map_location='cpu', weights_only=True)
             state['hyperparameters'] = {**defaults, **state['hyperparameters']}
-            runs.append((os.path.relpath(os.path.dirname(path), folder), state, state['pairs']['D']['model']))
+            state['pairs']['D']['model']  # a checkpoint of this script
+            runs.append((os.path.relpath(os.path.dirname(path), folder), state))
         except Exception as error:
             damaged.append(f'{path} ({type(error).__name__})')
     if not runs:
         refuse(f'--compare={folder}: none of its {len(paths)} checkpoint(s) could be read: {", ".join(damaged)}')
     for path in damaged:
         print(f'parallel_gan.py: warning: skipping {path}: damaged or not a checkpoint of this script', file=sys.stderr)
-    values = {key: sorted({repr(state['hyperparameters'][key]) for _, state, _ in runs}) for key in POOL_KEYS}
+    values = {key: sorted({repr(state['hyperparameters'][key]) for _, state in runs}) for key in POOL_KEYS}
     differ = [f'{key} ({" vs ".join(v)})' for key, v in values.items() if len(v) > 1]
     if differ:
-        refuse(f'--compare={folder}: these runs cannot share a pool of discriminators, they differ in {", ".join(differ)}')
-    return [(name, state) for name, state, _ in runs]
+        refuse(f'--compare={folder}: these runs cannot share a pool of discriminators, they differ in '
+               f'{", ".join(differ)}')
+    return runs
 
 
 def configurations(runs):
-    """Each run's configuration: the hyperparameters that differ between the runs, seeds and output settings aside;
-    runs trained by other code are other configurations, whatever their settings."""
+    """Each run's configuration: the hyperparameters in which the runs differ, but NOT_CONFIGURATION, and its code."""
     keys = [k for k in runs[0][1]['hyperparameters'] if k not in NOT_CONFIGURATION
             and len({repr(state['hyperparameters'][k]) for _, state in runs}) > 1]
     configs = [' '.join(f'{k}={state["hyperparameters"][k]}' for k in keys) for _, state in runs]
     codes = [state.get('code') for _, state in runs]
-    versions = list(dict.fromkeys(repr(sorted(code.items())) if code else 'unknown' for code in codes))
-    if len(versions) > 1:
-        print(f'these runs were trained by {len(versions)} versions of the code; each is its own configuration '
-              f'(code=1 to {len(versions)}): {code_differences(codes[0], next(c for c in codes if c != codes[0]) or {})}')
-        configs = [f'{c} code={versions.index(repr(sorted(code.items())) if code else "unknown") + 1}'.strip()
-                   for c, code in zip(configs, codes)]
+    versions = [repr(sorted(code.items())) if code else 'unknown' for code in codes]
+    if len(set(versions)) > 1:
+        first = list(dict.fromkeys(versions))
+        print(f'these runs were trained by {len(first)} versions of the code; each is its own configuration '
+              f'(code=1 to {len(first)}): {code_differences(codes[0], next(c for c in codes if c != codes[0]) or {})}')
+        configs = [f'{c} code={first.index(v) + 1}'.strip() for c, v in zip(configs, versions)]
     return [c or 'all runs' for c in configs]
 
 
-def restore_pairs(state, dev, where):
-    """A run's generators and discriminators from its checkpoint, each side with its origin."""
-    hp = state['hyperparameters']
-    pairs = make_pairs(hp, data_dim(hp['dataset']), dev, getattr(torch, hp['dtype']))
-    load_pairs(pairs, state['pairs'], where)
-    return pairs['G'], pairs['D']
-
-
-@torch.no_grad()
-def pool_errors(pairs, noises, chunk=1000):
-    """errors[d, g]: the share of generator g's samples (of its run's noise) that discriminator d takes for real,
-    D > 0.5, over every discriminator and every generator of every run, in run order."""
-    Ds, columns = [D for _, D in pairs], []
-    for (G, _), z in zip(pairs, noises):
-        fooled = 0
-        for part in z.split(chunk, dim=1):
-            with evaluating(*Ds):
-                fooled = fooled + torch.stack([torch.cat([(torch.sigmoid(D.model(sample.to(next(D.model.parameters()))))
-                                                           > 0.5).sum((1, 2)) for D in Ds]) for sample in generate(G, part)], 1)
-        columns.append(fooled)
-    return torch.cat(columns, 1).double().cpu() / noises[0].shape[1]
+def pool_errors(Gs, Ds, noises):
+    """errors[d, g]: the share of generator g's samples that discriminator d takes for real, slot by slot."""
+    columns = []
+    for G, z in zip(Gs, noises):  # made 1000 at a time, as batch norm sees them in the evaluation
+        samples = torch.cat([generate(G, part) for part in z.split(1000, 1)], 1)
+        columns += [torch.cat([judge_real(D, s)[1] for D in Ds]) for s in samples]
+    return torch.stack(columns, 1)
 
 
 def print_table(title, keys, rows, configs):
@@ -1198,64 +1147,68 @@ def print_table(title, keys, rows, configs):
     print(f'{title}\n| configuration | runs | ' + ' | '.join(keys) + ' |\n' + '|---' * (2 + len(keys)) + '|')
     table = []
     for config in dict.fromkeys(configs):
-        mine = torch.tensor([[row[k] for k in keys] for row, c in zip(rows, configs) if c == config], dtype=torch.float64)
-        spread = mine.std(0) if len(mine) > 1 else torch.zeros(len(keys), dtype=torch.float64)
-        table.append({'configuration': config, 'runs': len(mine), **{k + s: v for k, m, d in zip(keys, mine.mean(0), spread)
-                                                                     for s, v in (('', m.item()), ('_std', d.item()))}})
-        print(f'| {config} | {len(mine)} | ' + ' | '.join(f'{m:.3f} ± {s:.3f}' for m, s in zip(mine.mean(0), spread)) + ' |')
+        mine = torch.tensor([[row[k] for k in keys] for row, c in zip(rows, configs) if c == config],
+                            dtype=torch.float64)
+        mean, spread = mine.mean(0), mine.std(0) if len(mine) > 1 else torch.zeros(len(keys), dtype=torch.float64)
+        table.append({'configuration': config, 'runs': len(mine)})
+        for key, m, s in zip(keys, mean.tolist(), spread.tolist()):
+            table[-1].update({key: m, key + '_std': s})
+        print(f'| {config} | {len(mine)} | ' + ' | '.join(f'{m:.3f} ± {s:.3f}' for m, s in zip(mean, spread)) + ' |')
     return table
 
 
 def compare_runs(cfg):
-    """--compare=folder: score every generator of every run with the pool of every run's discriminators (GAM-II);
-    print the tables by configuration; write compare.csv, compare_matrix.csv, compare_generators.csv,
-    compare_best.csv and compare.png in the folder."""
+    """--compare=folder: score every generator of every run with the pool of every run's discriminators (GAM-II)."""
     folder, dev = cfg['compare'], pick_device(cfg['device'])
     if cfg['threads']:
         torch.set_num_threads(cfg['threads'])
     runs = find_runs(folder)
     configs = configurations(runs)
-    pairs = [restore_pairs(state, dev, os.path.join(folder, name, 'checkpoint.pt')) for name, state in runs]
-    run_of = torch.tensor([r for r, (G, _) in enumerate(pairs) for _ in G.origin])  # each slot's run
+    Gs, Ds, noises = [], [], []
+    for name, state in runs:  # each run's sides, and the noise of the compare's seed as its generators take it
+        hp, dtype = state['hyperparameters'], getattr(torch, state['hyperparameters']['dtype'])
+        pairs = make_pairs(hp, 2 if hp['dataset'] in MIXTURES else 784, dev, dtype)
+        load_pairs(pairs, state['pairs'], os.path.join(folder, name, 'checkpoint.pt'))
+        Gs.append(pairs['G'])
+        Ds.append(pairs['D'])
+        z = draw_noise(hp, cfg['eval_samples'], torch.Generator().manual_seed(cfg['seed']), dtype)
+        noises.append(to_slots(z, pairs['G']).to(dev))
+    run_of = torch.tensor([r for r, G in enumerate(Gs) for _ in G.origin])  # each slot's run
     print(f'comparing {len(runs)} runs ({len(run_of)} generators, as many discriminators) '
           f'on {cfg["eval_samples"]} samples per generator', flush=True)
-    noises = [to_slots(draw_noise(state['hyperparameters'], cfg['eval_samples'], torch.Generator().manual_seed(
-        cfg['seed']), getattr(torch, state['hyperparameters']['dtype'])), G).to(dev) for (_, state), (G, _) in zip(runs, pairs)]
     try:
-        errors = pool_errors(pairs, noises)
-        real = held_out_data(runs[0][1]['hyperparameters'], cfg['eval_samples'])
-        real_error = torch.cat([1 - judge_real(D, as_inputs(real.to(dev), next(D.model.parameters()).dtype))[1]
-                                for _, D in pairs])
+        errors = pool_errors(Gs, Ds, noises)
+        real = held_out_data(runs[0][1]['hyperparameters'], cfg['eval_samples']).to(dev)
+        real_error = torch.cat([1 - judge_real(D, as_inputs(real, next(D.model.parameters()).dtype))[1] for D in Ds])
     except RuntimeError as error:  # an edited network that does not take a sample alone
         refuse(f'--compare={folder}: cannot score the samples ({str(error).strip().splitlines()[0]})')
     names = [(f'{runs[r][0]}:G{g + 1}', f'{runs[r][0]}:D{d + 1}')  # slot by slot: the networks each holds
-             for r, (G, D) in enumerate(pairs) for g, d in zip(G.origin, D.origin)]
+             for r, (G, D) in enumerate(zip(Gs, Ds)) for g, d in zip(G.origin, D.origin)]
     write_comparison(folder, errors, real_error, names, run_of, configs)
-    best_of_runs(cfg, runs[0][1]['hyperparameters'], errors, run_of, [G for G, _ in pairs], noises, names, configs)
+    best_of_runs(cfg, runs[0][1]['hyperparameters'], errors, run_of, Gs, noises, names, configs)
     return 0
 
 
 def write_comparison(folder, errors, real_error, names, run_of, configs):
-    """Per run, its generators' mean and worst (lowest) error rate over the pool and over other runs' discriminators,
-    and its discriminators' error on fakes and real data: printed by configuration and written to compare.csv; the
-    per-generator numbers to compare_generators.csv, the matrix to compare_matrix.csv and compare.png."""
-    started_in = {d: slot for slot, (_, d) in enumerate(names)}  # 'run:Dk' -> its row (slot) in errors
+    """compare.csv (by configuration, also printed), compare_generators.csv, compare_matrix.csv and compare.png."""
+    slot_of = {d: slot for slot, (_, d) in enumerate(names)}  # 'run:Dk' -> its row (slot) in errors
+    others = run_of[:, None] != run_of[None]  # others[d, g]: discriminator d is of another run than generator g
     per_generator, per_run = [], []
     for g, (name, _) in enumerate(names):
         run, k = name.rsplit(':G', 1)
-        others, d = run_of != run_of[g], started_in[f'{run}:D{k}']
-        per_generator.append([run, k, *(f'{v:.6g}' for v in (
-            errors[:, g].mean().item(), errors[others, g].mean().item() if others.any() else math.nan,
-            errors[d].mean().item(), real_error[d].item()))])
+        d = slot_of[f'{run}:D{k}']
+        per_generator.append([run, k, *(f'{v:.6g}' for v in (errors[:, g].mean().item(),
+                                                              errors[others[:, g], g].mean().item(),
+                                                              errors[d].mean().item(), real_error[d].item()))])
     for r in range(len(configs)):
-        mine, others, g = run_of == r, run_of != r, errors[:, run_of == r]
-        g_others = g[others] if others.any() else torch.full((1, int(mine.sum())), math.nan, dtype=torch.float64)
+        mine, g = run_of == r, errors[:, run_of == r]
+        g_others = g[~mine] if len(configs) > 1 else torch.full((1, int(mine.sum())), math.nan, dtype=torch.float64)
         per_run.append({'g_mean': g.mean().item(), 'g_worst': g.min(0).values.mean().item(),
                         'g_mean_others': g_others.mean().item(), 'g_worst_others': g_others.min(0).values.mean().item(),
                         'd_fake_error': errors[mine].mean().item(), 'd_real_error': real_error[mine].mean().item()})
-    table = print_table('error rate = share of samples a discriminator takes for real (fakes) or for fake (real test '
-                        'data);\ngenerators: mean and worst (lowest) over the pool, and over other runs\' discriminators '
-                        'only', list(per_run[0]), per_run, configs)
+    table = print_table('error rate = share of samples a discriminator takes for real (fakes) or for fake (real '
+                        'test data);\ngenerators: mean and worst (lowest) over the pool, and over other runs\' '
+                        'discriminators only', list(per_run[0]), per_run, configs)
     write_csv(os.path.join(folder, 'compare.csv'), list(table[0]), table)
     write_csv(os.path.join(folder, 'compare_generators.csv'),
               ['run', 'generator', 'pool_error', 'pool_error_others', 'd_fake_error', 'd_real_error'], per_generator)
@@ -1266,20 +1219,19 @@ def write_comparison(folder, errors, real_error, names, run_of, configs):
 
 
 def best_of_runs(cfg, hp, errors, run_of, Gs, noises, names, configs):
-    """Algorithm 1's last step, "select the best GAN": each run's best generator by the pool (the highest share of
-    its samples that the other runs' discriminators take for real; the whole pool's, for a lone run), with its own
-    coverage and quality. Prints the per-configuration table and writes compare_best.csv."""
-    fooled = torch.stack([errors[(run_of != run_of[g]) if len(set(run_of.tolist())) > 1 else slice(None), g].mean()
-                          for g in range(len(run_of))])
+    """Algorithm 1's "select the best GAN": each run's generator that fools the other runs' discriminators most
+    (a lone run's, its own), with its own metrics: printed by configuration and written to compare_best.csv."""
+    judges = (run_of[:, None] != run_of[None]) | (len(configs) == 1)  # judges[d, g]: d judges g
+    fooled = torch.stack([errors[judges[:, g], g].mean() for g in range(len(run_of))])
     evaluator = Evaluator({**hp, **{k: cfg[k] for k in ('data_root', 'classifier_dir', 'eval_samples')}},
                           noises[0].device, noises[0].dtype, *training_data({**hp, 'data_root': cfg['data_root']}))
     rows = []
     for r, (G, z) in enumerate(zip(Gs, noises)):
         columns = (run_of == r).nonzero().flatten()
         best = int(columns[fooled[columns].argmax()])
-        samples = generate(G, z)[best - int(columns[0])]
+        metrics = evaluator.generator_metrics(generate(G, z)[best - int(columns[0])])
         rows.append({'run': names[best][0], 'configuration': configs[r], 'pool_error': fooled[best].item(),
-                     **{k: v for k, v in evaluator.generator_metrics(samples).items() if k != 'histogram'}})
+                     **{k: v for k, v in metrics.items() if k != 'histogram'}})
     keys = [k for k in ('pool_error', 'modes', 'modes_captured', 'high_quality', 'score', 'fd')
             if all(math.isfinite(row[k]) for row in rows)]
     print_table('the best generator of each run (by the pool): its error rate over the other runs\' discriminators, '
@@ -1294,16 +1246,6 @@ def best_of_runs(cfg, hp, errors, run_of, Gs, noises, names, configs):
 DPI = 80  # pixels per inch of every PNG
 
 
-def save_figure(fig, path):
-    """A figure as a PNG file, written whole or not at all."""
-    plt = pyplot()
-    try:
-        with replacing(path) as tmp:
-            fig.savefig(tmp, dpi=DPI, format='png')
-    finally:
-        plt.close(fig)
-
-
 def pyplot():
     """matplotlib's pyplot, drawing to files only (no display needed)."""
     import matplotlib
@@ -1312,10 +1254,18 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path):
+    """A figure as a PNG file, written whole or not at all."""
+    try:
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=DPI, format='png')
+    finally:
+        pyplot().close(fig)
+
+
 def save_samples(path, samples, it, partners, real=None):
-    """Images: a 4x4 grid of 16 samples per generator, each pixel drawn as 3x3 and the grids close together.
-    2-D data: each generator's samples over the real points. samples[i]: generator i's (G1, G2, ... by the pair it
-    started in), labelled with its current discriminator, partners[i] (by the pair that one started in)."""
+    """Each generator's samples (G1, G2, ...), with its discriminator now (partners[i]): 16 images drawn 3x as a
+    4x4 grid, or 2-D points over the real ones."""
     plt = pyplot()
     n = len(samples)
     cols = min(n, 4)
@@ -1324,8 +1274,9 @@ def save_samples(path, samples, it, partners, real=None):
         side, pad, title, top = 3 * (4 * 30 - 2), 9, 22, 26
         width, height = cols * (side + 2 * pad), top + rows * (title + side + pad)
         fig = plt.figure(figsize=(width / DPI, height / DPI))
-        axes = [fig.add_axes(((c * (side + 2 * pad) + pad) / width, 1 - (top + r * (title + side + pad) + title + side) / height,
-                              side / width, side / height)) for r in range(rows) for c in range(cols)]
+        corners = [((c * (side + 2 * pad) + pad) / width, 1 - (top + r * (title + side + pad) + title + side) / height)
+                   for r in range(rows) for c in range(cols)]
+        axes = [fig.add_axes((x, y, side / width, side / height)) for x, y in corners]
     else:
         fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
         axes = axes.flat
@@ -1349,13 +1300,11 @@ def save_samples(path, samples, it, partners, real=None):
 
 
 def save_comparison_plot(path, errors, config_of_column):
-    """The (discriminator x generator) error-rate matrix as a heatmap, runs of one configuration side by side
-    (the matrix's rows and columns follow the same runs, so one labelling serves both axes)."""
-    plt = pyplot()
+    """The (discriminator x generator) error-rate matrix as a heatmap, runs of one configuration side by side."""
     order = sorted(range(len(config_of_column)), key=lambda i: config_of_column[i])
     labels = [config_of_column[i] for i in order]
     size = min(4 + 0.12 * len(order), 16)
-    fig, ax = plt.subplots(figsize=(size + 2, size))
+    fig, ax = pyplot().subplots(figsize=(size + 2, size))
     image = ax.imshow(errors[order][:, order].numpy(), cmap='viridis', vmin=0, vmax=max(float(errors.max()), 1e-3))
     fig.colorbar(image, ax=ax, label='share of the generator\'s samples taken for real')
     starts = [i for i in range(len(labels)) if i == 0 or labels[i] != labels[i - 1]]
@@ -1365,7 +1314,8 @@ def save_comparison_plot(path, errors, config_of_column):
     centres = [(a + b - 1) / 2 for a, b in zip(starts, starts[1:] + [len(labels)])]
     ax.set_xticks(centres, [labels[i] for i in starts], rotation=30, ha='right', fontsize=8)
     ax.set_yticks(centres, [labels[i] for i in starts], fontsize=8)
-    ax.set(xlabel='generators', ylabel='discriminators', title='GAM-II: error rate of every discriminator on every generator')
+    ax.set(xlabel='generators', ylabel='discriminators',
+           title='GAM-II: error rate of every discriminator on every generator')
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -1373,31 +1323,30 @@ def save_comparison_plot(path, errors, config_of_column):
 def swaps_title(swaps, moved):
     """losses.png's title: how many swaps, and of which side's networks ('D', 'G' or both in moved)."""
     what = {'D': 'discriminators', 'G': 'generators'}.get(''.join(sorted(moved)), 'generators and discriminators')
-    return 'no swaps' if not swaps else f'{len(swaps)} swaps of {what}' + (' (grey lines)' if len(swaps) <= 100
-                                                                          else ', too dense to draw')
+    if not swaps:
+        return 'no swaps'
+    return f'{len(swaps)} swaps of {what}' + (' (grey lines)' if len(swaps) <= 100 else ', too dense to draw')
 
 
 def save_losses(path, history, swaps, moved='D', most=2000, long=200):
-    """Each pair's losses (every statistic whose name ends in _loss), a mean per log line, with the swaps of the sides
-    that moved ('D', 'G' or both) marked; pair i is slot i. At most `most` points a curve (means of consecutive
-    lines); beyond `long`, faint under a moving median per pair, the y range the bulk of the points (the axis says
-    how many fall outside it)."""
+    """Each pair's *_loss statistics per log line, and the swaps: at most `most` points a curve; beyond `long`, faint
+    under a moving median, in the y range of the bulk of the points."""
     names = [name for name in (history[-1] if history else {}) if name.endswith('_loss')]
     history = [row for row in history if all(name in row for name in names)]  # not rows of an edit's other statistics
     if not names or not history:
         return
-    plt = pyplot()
     from matplotlib.ticker import EngFormatter
     its = torch.tensor([row['iteration'] for row in history], dtype=torch.float64)
-    values = torch.tensor([[row[name] for name in names] for row in history], dtype=torch.float64)  # (rows, names, pairs)
+    values = torch.tensor([[row[name] for name in names] for row in history], dtype=torch.float64)  # rows, names, pairs
     faint = 'every log line' if len(its) <= most else f'means of {len(its) / most:.3g} log lines'
     if len(its) > most:  # consecutive rows averaged into `most` bins
         bins = torch.arange(len(its)) * most // len(its)
         count = torch.bincount(bins, minlength=most).double()
         its = torch.zeros(most, dtype=its.dtype).index_add_(0, bins, its) / count
-        values = torch.zeros(most, *values.shape[1:], dtype=values.dtype).index_add_(0, bins, values) / count[:, None, None]
+        values = torch.zeros(most, *values.shape[1:], dtype=values.dtype).index_add_(0, bins, values)
+        values /= count[:, None, None]
     smooth, window = len(its) > long, max(len(its) // 50, 2)
-    fig, axes = plt.subplots(len(names), 1, figsize=(9, 3 * len(names)), sharex=True, squeeze=False)
+    fig, axes = pyplot().subplots(len(names), 1, figsize=(9, 3 * len(names)), sharex=True, squeeze=False)
     for ax, column, name in zip(axes[:, 0], range(len(names)), names):
         for i, pair in enumerate(values[:, column].T):
             ax.plot(its.numpy(), pair.numpy(), color=f'C{i}', lw=0.5 if smooth else 1, alpha=0.35 if smooth else 1,
@@ -1417,7 +1366,8 @@ def save_losses(path, history, swaps, moved='D', most=2000, long=200):
             ax.vlines(swaps, 0, 1, transform=ax.get_xaxis_transform(), colors='grey', alpha=0.3, lw=0.8)
         ax.set_ylabel(name + (f' ({off} off the scale)' if off else ''))
         ax.legend(loc='upper right', fontsize=8)
-    axes[-1, 0].set_xlabel('iteration' + (f' (faint: {faint}; bold: their moving median over {window})' if smooth else ''))
+    smoothed = f' (faint: {faint}; bold: their moving median over {window})' if smooth else ''
+    axes[-1, 0].set_xlabel('iteration' + smoothed)
     axes[-1, 0].xaxis.set_major_formatter(EngFormatter(sep=''))
     axes[0, 0].set_title(swaps_title(swaps, moved))
     fig.tight_layout()
@@ -1425,24 +1375,20 @@ def save_losses(path, history, swaps, moved='D', most=2000, long=200):
 
 
 def save_metrics_plot(path, rows):
-    """Modes covered, KL to uniform and Frechet distance over the run, a line per generator; and each
-    discriminator's mean D(x) on real training (solid line, filled markers) and held-out (dashed, open) examples.
-    Every evaluation is a marker, large while there are few (a single one is a point, with no line to show it)."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    """Modes covered, KL and Frechet distance per generator, and each discriminator's mean D(x) on real training
+    and held-out data, over the run; large markers while there are few (a single one has no line to show it)."""
+    fig, axes = pyplot().subplots(1, 4, figsize=(17, 3.6))
     panels = (('modes', 'modes covered'), ('kl', 'KL(histogram || uniform)'), ('fd', 'Frechet distance'))
-    ids = sorted({int(r['generator']) for r in rows})
-    for g in ids:
+    for g in sorted({int(r['generator']) for r in rows}):
         mine = [r for r in rows if int(r['generator']) == g]
         its = [int(r['iteration']) for r in mine]
         ms = 7 if len(its) <= 30 else 3
         for ax, (key, name) in zip(axes, panels):
             ax.plot(its, [float(r[key]) for r in mine], marker='o', ms=ms, label=f'G{g}')
             ax.set(title=name, xlabel='iteration')
-        for key, style in (('d_train', '-'), ('d_heldout', '--')):
+        for key, style, fill, what in (('d_train', '-', 'full', 'train'), ('d_heldout', '--', 'none', 'held-out')):
             axes[3].plot(its, [float(r[key] or 'nan') for r in mine], style, color=f'C{g - 1}', marker='o', ms=ms,
-                         fillstyle='full' if key == 'd_train' else 'none',
-                         label=f'D{g} {"train" if key == "d_train" else "held-out"}')
+                         fillstyle=fill, label=f'D{g} {what}')
     axes[3].set(title='mean D(x): train (filled), held-out (open)', xlabel='iteration')
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -1452,154 +1398,104 @@ def save_metrics_plot(path, rows):
 # ------------------------------------------------------------------------------------
 # the run
 
-def build_pairs(cfg, x_dim, dev, dtype):
-    """make_pairs, or a refusal in one line where the networks cannot be built or a weight is not one per pair."""
-    try:
-        pairs = make_pairs(cfg, x_dim, dev, dtype)
-    except ValueError as error:
-        refuse(f'cannot build the networks: {error}')
-    flat = [f'{name}.{k}' for name, side in pairs.items()
-            for k, t in (*side.model.named_parameters(), *side.model.named_buffers()) if t.shape[:1] != (cfg['n_pairs'],)]
-    if flat:
-        refuse(f'{", ".join(flat)} has no leading pairs dimension: every weight of the networks is (n_pairs, ...); '
-               f'use Linear, SpectralLinear (spectral norm per pair), BatchNorm, or PerPair(n, lambda: your_layer)')
-    return pairs
-
-
-def attempt(what, f, said):
-    """f(), or, where an edited network cannot take what it is given, None and one line saying so (once: said)."""
-    try:
-        return f()
-    except WriteFailed:  # a full disk or an unwritable out_dir is no edit's doing: the run stops (train)
-        raise
-    except Exception as error:  # an edited network: the run goes on, measuring what it still can
-        if what not in said:
-            said.add(what)
-            procs.say(f'cannot {what}: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}')
-
-
-class LossLog:
-    """Every pair's step statistics since the last log line, and a row of means per log line so far ({'iteration':
-    it, name: every pair's mean}): what a resumed run needs to log exactly as the uninterrupted one."""
-
-    def __init__(self):
-        self.names, self.recent, self.history = [], [], []
-
-    def add(self, stats):
-        """Record one iteration's statistics, {name: (pairs,)}."""
-        self.names = list(stats)
-        self.recent.append(torch.stack(list(stats.values()), 1))
-
-    def unlogged(self):
-        """Every pair's statistics since the last log line, (iterations, n_pairs, statistics) (every process calls it)."""
-        return procs.gather(torch.stack(self.recent), dim=1) if self.recent else torch.zeros(0, 0, len(self.names))
-
-    def close(self, it, unlogged):
-        """Record the means of unlogged as iteration it's row, and start anew; returns that row."""
-        means = dict(zip(self.names, unlogged.double().mean(0).T.cpu().tolist()))
-        self.history.append({'iteration': it, **means})
-        self.recent = []
-        return means
-
-    def state_dict(self, unlogged):
-        return {'history': self.history, 'names': self.names, 'recent': unlogged.cpu()}
-
-    def load_state_dict(self, state):
-        self.history, self.names = state['history'], state['names']
-        recent = state['recent'][:, procs.slots] if procs.world > 1 and len(state['recent']) else state['recent']
-        self.recent = list(recent.to(procs.device))
-
-
-class Training:
-    """What a run trains and what a resume must find as it was: every pair's networks and optimisers (all pairs, in
-    every process), the noise and data streams, the swaps and the sides they moved, the loss log and the last
-    iteration done. state_dict() is what a checkpoint keeps, load_state_dict() a resume."""
-
-    def __init__(self, cfg, images, labels, dev, dtype):
-        # seeding: one seed, one stream per purpose, the same in every process: the weights from torch's global
-        # generator, the data order seed + 1 (each pair's own, with own_noise), the noise and the input noise seed + 2,
-        # the fixed noise of the sample grids seed + 3 (Recorder), each swap's pairing the seed and its iteration
-        seed = cfg['seed']
-        torch.manual_seed(seed)
-        self.data = make_batches(used_for_training(images, cfg).to(dev), used_for_training(labels, cfg).to(dev), cfg,
-                                 seed + 1, dtype)
-        self.pairs = build_pairs(cfg, images.shape[1], dev, dtype)
-        self.noise_rng = torch.Generator(device=dev).manual_seed(seed + 2)
-        self.swaps, self.moved = [], set()  # the iterations after which networks moved; the sides that moved
-        self.log, self.iteration = LossLog(), -1  # the last iteration done
-
-    def state_dict(self, unlogged):
-        """unlogged: every pair's statistics since the last log line (LossLog.unlogged)."""
-        return {'iteration': self.iteration, 'swaps': self.swaps, 'moved': sorted(self.moved),
-                'log': self.log.state_dict(unlogged), 'noise_rng': self.noise_rng.get_state(),
-                'data': self.data.state_dict(), 'pairs': {name: side.state_dict() for name, side in self.pairs.items()}}
-
-    def load_state_dict(self, state, where):
-        load_pairs(self.pairs, state['pairs'], where)
-        self.noise_rng.set_state(state['noise_rng'])
-        self.data.load_state_dict(state['data'])
-        self.log.load_state_dict(state['log'])
-        self.iteration, self.swaps, self.moved = state['iteration'], state['swaps'], set(state['moved'])
-
-
 def evaluates_at(it, cfg):
-    """Whether iteration it is evaluated: every eval_every iterations, and the last one when the run reached one of
-    those or eval_at_end asks (so a try-run shorter than eval_every never trains the classifier that scores it)."""
+    """Every eval_every iterations, and the last one of a run that reached one of those (or with eval_at_end)."""
     every, last = cfg['eval_every'], cfg['iterations'] - 1
     return bool(every and it % every == 0 and it > 0 or it == last and (cfg['eval_at_end'] or every and last >= every))
 
 
-class Recorder:
-    """What a run shows and writes to out_dir after each iteration (only the leader process writes): log lines with
-    the speed of training alone, evaluations (metrics.csv, metrics.png), sample grids of the fixed noise, the
-    checkpoint and losses.png; and the Ctrl-C that ends a run after a checkpoint."""
+def write_metrics(path, rows, keep_until):
+    """metrics.csv: its rows up to iteration keep_until (a resumed run redoes later ones), then rows."""
+    old = [row for row in read_csv(path) if int(row['iteration']) <= keep_until] if os.path.exists(path) else []
+    write_csv(path, METRIC_COLUMNS, old + rows)
 
-    def __init__(self, cfg, training, share, images, labels, interrupted):
-        dev, dtype = training.noise_rng.device, getattr(torch, cfg['dtype'])
-        self.cfg, self.training, self.share, self.interrupted = cfg, training, share, interrupted
-        self.iteration, self.said, self.origins = training.iteration, set(), [s.origin for s in share.values()]
-        self.clock, self.since = time.perf_counter(), training.iteration + 1  # the speed since the last log line
+
+class Recorder:
+    """A run, fresh or from its checkpoint's state: what a resume must find as it was (state_dict), and what the run
+    shows and writes after each iteration (the leader process alone writes); a Ctrl-C ends it after a checkpoint."""
+
+    def __init__(self, cfg, dev, images, labels, state, interrupted):
+        # seeding: one seed, one stream per purpose, the same in every process: the weights from torch's global
+        # generator, the data order seed + 1 (each pair's own, with own_noise), the noise and the input noise
+        # seed + 2, the fixed noise of the sample grids seed + 3, each swap's pairing the seed and its iteration
+        seed, dtype, self.cfg, self.interrupted = cfg['seed'], getattr(torch, cfg['dtype']), cfg, interrupted
+        torch.manual_seed(seed)
+        self.data = make_batches(used_for_training(images, cfg).to(dev), used_for_training(labels, cfg).to(dev), cfg,
+                                 seed + 1, dtype)
+        try:
+            self.pairs = make_pairs(cfg, images.shape[1], dev, dtype)
+        except ValueError as error:
+            refuse(f'cannot build the networks: {error}')
+        flat = [f'{name}.{k}' for name, side in self.pairs.items() for k, t in
+                (*side.model.named_parameters(), *side.model.named_buffers()) if t.shape[:1] != (cfg['n_pairs'],)]
+        if flat:
+            refuse(f'{", ".join(flat)} has no leading pairs dimension: every weight of the networks is (n_pairs, ...); '
+                   f'use Linear, SpectralLinear (spectral norm per pair), BatchNorm, or PerPair(n, lambda: your_layer)')
+        self.noise_rng = torch.Generator(device=dev).manual_seed(seed + 2)
+        self.iteration, self.swaps, self.moved = -1, [], set()  # the last iteration done, the swaps, the sides moved
+        self.history, self.names, self.recent = [], [], []  # a row of means per log line; the steps' since the last
+        if state:
+            self.load_state_dict(state)
+        self.share = share_of_process(self.pairs, cfg, images.shape[1])  # under torchrun, this process's pairs
+        self.origins, self.said = [side.origin for side in self.share.values()], set()
+        self.clock, self.since = time.perf_counter(), self.iteration + 1  # the speed since the last log line
         self.start = self.since  # the first line times this run's first iteration alone: a warm-up, no rate
         self.real = images[:2000] if cfg['dataset'] in MIXTURES else None  # drawn under 2-D samples
-        n_fixed = 16 if self.real is None else 1000  # the same latent points in every sample grid
-        self.fixed_z = draw_noise(cfg, n_fixed, torch.Generator().manual_seed(cfg['seed'] + 3), torch.float32).to(dev, dtype)
+        self.fixed_z = draw_noise(cfg, 16 if self.real is None else 1000, torch.Generator().manual_seed(seed + 3),
+                                  torch.float32).to(dev, dtype)  # the same latent points in every sample grid
         self.digits = max(3, len(str(math.ceil((cfg['iterations'] - 1) / cfg['sample_every']))))  # 001.png ...
         evaluates = evaluates_at(cfg['iterations'] - 1, cfg)  # the last iteration does, when any does
         self.evaluator = Evaluator(cfg, dev, dtype, images, labels) if evaluates and procs.leader else None
         if self.evaluator:  # a fresh run starts a fresh file; a resumed one redoes the evaluations after its checkpoint
-            write_metrics(self.path('metrics.csv'), [], keep_until=training.iteration)
+            write_metrics(self.path('metrics.csv'), [], keep_until=self.iteration)
+
+    def state_dict(self, unlogged):
+        """What a checkpoint keeps; unlogged: every pair's statistics since the last log line."""
+        log = {'history': self.history, 'names': self.names, 'recent': unlogged.cpu()}
+        return {'hyperparameters': self.cfg, 'block': block_values, 'code': algorithm_code(),
+                'device': self.noise_rng.device.type, 'iteration': self.iteration, 'swaps': self.swaps,
+                'moved': sorted(self.moved), 'log': log, 'noise_rng': self.noise_rng.get_state(),
+                'data': self.data.state_dict(), 'pairs': {name: side.state_dict() for name, side in self.pairs.items()}}
+
+    def load_state_dict(self, state):
+        """Go on from a checkpoint's state (load_checkpoint's), or refuse other networks; says so with the changes."""
+        path, saved, recent = checkpoint_path(self.cfg), state['hyperparameters'], state['log']['recent']
+        load_pairs(self.pairs, state['pairs'], path)
+        self.noise_rng.set_state(state['noise_rng'])
+        self.data.load_state_dict(state['data'])
+        self.iteration, self.swaps, self.moved = state['iteration'], state['swaps'], set(state['moved'])
+        self.history, self.names = state['log']['history'], state['log']['names']
+        self.recent = list((recent[:, procs.slots] if procs.world > 1 and len(recent) else recent).to(procs.device))
+        changes = '; '.join(f'{k}={saved[k]!r} there, {self.cfg[k]!r} now' for k in RESUMABLE
+                            if k != 'resume' and k in saved and saved[k] != self.cfg[k])
+        procs.say(f'resumed from {path} after iteration {self.iteration}, '
+                  + (f'with these changes: {changes}' if changes else 'with its own hyperparameters'))
 
     def path(self, name):
         return os.path.join(self.cfg['out_dir'], name)
 
     def after(self, it, stats):
-        """Record iteration it's statistics ({name: (pairs,)}); log, evaluate and save where the schedule says.
-        Returns whether to stop: interrupted, and saved."""
-        cfg, training, last = self.cfg, self.training, self.cfg['iterations'] - 1
-        training.iteration = self.iteration = it
-        training.log.add(stats)
+        """Record iteration it's statistics; log, evaluate and save on schedule. True: interrupted, and saved."""
+        cfg, last = self.cfg, self.cfg['iterations'] - 1
+        self.iteration, self.names = it, list(stats)
+        self.recent.append(torch.stack(list(stats.values()), 1))
         origins = [side.origin for side in self.share.values()]
         if origins != self.origins:  # a swap moved the networks of a side, and their origins with them
-            training.swaps.append(it)
-            training.moved.update(name for name, now, then in zip(self.share, origins, self.origins) if now != then)
+            self.swaps.append(it)
+            self.moved.update(name for name, now, then in zip(self.share, origins, self.origins) if now != then)
             self.origins = origins
         logging = it % cfg['log_every'] == 0 or it == last
         stopping = procs.anyone(self.interrupted) if logging or procs.world == 1 else False  # all processes agree
         if logging:
-            unlogged = training.log.unlogged()
-            self.stop_if_nonfinite(unlogged, it)
-            now = time.perf_counter()
-            rate = (it + 1 - self.since) / max(now - self.clock, 1e-9) if it > self.start else None
-            self.clock, self.since = now, it + 1
-            procs.say(format_log(it, training.log.close(it, unlogged), rate, (last - it) / max(rate or 1, 1e-9)))
-        if evaluates_at(it, cfg) or it % cfg['sample_every'] == 0 or it == last or stopping:
+            self.log(it)
+        evaluating, saving = evaluates_at(it, cfg), it % cfg['sample_every'] == 0 or it == last or stopping
+        if evaluating or saving:
             began = time.perf_counter()
-            unlogged = training.log.unlogged()
-            self.stop_if_nonfinite(unlogged, it)
-            collect_pairs(training.pairs, self.share)  # under torchrun: every pair, in every process
-            if evaluates_at(it, cfg):  # before the checkpoint: a resume from an earlier one redoes it
+            unlogged = self.unlogged(it)
+            collect_pairs(self.pairs, self.share)  # under torchrun: every pair, in every process
+            if evaluating:  # before the checkpoint: a resume from an earlier one redoes it
                 self.evaluate(it)
-            if it % cfg['sample_every'] == 0 or it == last or stopping:
+            if saving:
                 self.save(it, unlogged)
             self.clock += time.perf_counter() - began  # the speed is training's alone
         if stopping:
@@ -1608,42 +1504,64 @@ class Recorder:
             self.losses()
         return stopping
 
+    def unlogged(self, it):
+        """Every pair's statistics since the last log line (every process calls it); a non-finite one stops the run."""
+        unlogged = procs.gather(torch.stack(self.recent), dim=1) if self.recent else torch.zeros(0, 0, len(self.names))
+        bad = (~torch.isfinite(unlogged)).any(2).nonzero()
+        if len(bad):
+            self.stop(f'a statistic of pair {int(bad[0, 1]) + 1} became non-finite at iteration '
+                      f'{it - len(unlogged) + 1 + int(bad[0, 0])}')
+        return unlogged
+
+    def log(self, it):
+        """A log line: each statistic of every pair (1/2/...) as means since the previous line, and the speed."""
+        unlogged, now = self.unlogged(it), time.perf_counter()
+        rate = (it + 1 - self.since) / max(now - self.clock, 1e-9) if it > self.start else None
+        self.clock, self.since = now, it + 1
+        means = dict(zip(self.names, unlogged.double().mean(0).T.cpu().tolist()))
+        self.history.append({'iteration': it, **means})
+        self.recent = []
+        columns = ' | '.join(f'{name} {"/".join(f"{v:.3f}" for v in values)}' for name, values in means.items())
+        minutes, seconds = divmod(int((self.cfg['iterations'] - 1 - it) / max(rate or 1, 1e-9)), 60)
+        eta = f'{minutes // 60}h{minutes % 60:02d}m' if minutes >= 60 else f'{minutes}m{seconds:02d}s'
+        speed = 'first iteration' if rate is None else f'{rate:.0f} it/s, {eta} left'
+        procs.say(f'it {it:>7} | {columns} | {speed}')
+
     def evaluate(self, it):
         """Score every generator and discriminator (the leader's copy of every pair must be up to date)."""
-        if self.evaluator:
-            rows = self.evaluator(self.training.pairs, it)
-            write_metrics(self.path('metrics.csv'), rows, keep_until=it - 1)
-            save_metrics_plot(self.path('metrics.png'), read_csv(self.path('metrics.csv')))
-            procs.say(format_eval(rows, len(mixture(self.cfg['dataset'])[0]) if self.cfg['dataset'] in MIXTURES else 10))
+        if not self.evaluator:
+            return
+        rows = self.evaluator(self.pairs, it)
+        write_metrics(self.path('metrics.csv'), rows, keep_until=it - 1)
+        save_metrics_plot(self.path('metrics.png'), read_csv(self.path('metrics.csv')))
+        join = lambda key, fmt: '/'.join(format(row.get(key, math.nan), fmt) for row in rows)
+        quality = (f'score {join("score", ".2f")}' if math.isfinite(rows[0].get('score', math.nan)) else
+                   f'captured {join("modes_captured", ".0f")} | high quality {join("high_quality", ".2f")}')
+        n_modes = len(mixture(self.cfg['dataset'])[0]) if self.cfg['dataset'] in MIXTURES else 10
+        procs.say(f'eval {it:>5} | modes {join("modes", ".0f")} of {n_modes} | {quality} | KL {join("kl", ".3f")} | '
+                  f'FD {join("fd", ".3g")} | D-pool mean {join("pool_mean", ".2f")} worst {join("pool_worst", ".2f")} '
+                  f'| D(x) train {join("d_train", ".2f")} held-out {join("d_heldout", ".2f")}')
 
     def save(self, it, unlogged):
         """The sample grid of iteration it, then the checkpoint; never of non-finite weights."""
         if not procs.leader:
             return
-        pairs = self.training.pairs
-        bad = [name for name, side in pairs.items() if not all(p.isfinite().all() for p in side.model.parameters())]
+        bad = [name for name, side in self.pairs.items()
+               if not all(p.isfinite().all() for p in side.model.parameters())]
         if bad:
             self.stop(f'a weight of {" and ".join(bad)} became non-finite by iteration {it}')
         attempt('draw the sample grid', lambda: self.samples(it), self.said)
-        save_checkpoint(checkpoint_path(self.cfg), {'hyperparameters': self.cfg, 'block': block_values,
-                                                    'code': algorithm_code(), 'device': self.fixed_z.device.type,
-                                                    **self.training.state_dict(unlogged)})
+        save_checkpoint(checkpoint_path(self.cfg), self.state_dict(unlogged))
 
     def samples(self, it):
-        G, D = self.training.pairs['G'], self.training.pairs['D']
+        G, D = self.pairs['G'], self.pairs['D']
         order = [G.origin.index(g) for g in range(len(G.origin))]  # the slot of G1, G2, ...
         save_samples(self.path(f'{math.ceil(it / self.cfg["sample_every"]):0{self.digits}d}.png'),
                      generate(G, to_slots(self.fixed_z, G))[order], it, [D.origin[slot] for slot in order], self.real)
 
     def losses(self):
         if procs.leader:
-            save_losses(self.path('losses.png'), self.training.log.history, self.training.swaps, self.training.moved)
-
-    def stop_if_nonfinite(self, unlogged, it):
-        bad = (~torch.isfinite(unlogged)).any(2).nonzero()
-        if len(bad):
-            self.stop(f'a statistic of pair {int(bad[0, 1]) + 1} became non-finite at iteration '
-                      f'{it - len(unlogged) + 1 + int(bad[0, 0])}')
+            save_losses(self.path('losses.png'), self.history, self.swaps, self.moved)
 
     def stop(self, message):
         self.losses()
@@ -1651,79 +1569,47 @@ class Recorder:
                  f'untouched.')
 
 
-def format_log(it, means, rate, left):
-    """One line: the iteration, each statistic of every pair (1/2/...) as means since the previous line, the speed."""
-    eta = f'{int(left // 3600)}h{int(left % 3600 // 60):02d}m' if left >= 3600 else f'{int(left // 60)}m{int(left % 60):02d}s'
-    columns = ' | '.join(f'{name} {"/".join(f"{v:.3f}" for v in values)}' for name, values in means.items())
-    return f'it {it:>7} | {columns} | ' + ('first iteration' if rate is None else f'{rate:.0f} it/s, {eta} left')
-
-
 RUN_FILES = ('checkpoint.pt', 'NNN.png', 'losses.png', 'metrics.csv', 'metrics.png')  # all a run writes in out_dir
-# but .lock, which goes with it (out_dir may also hold the caches of data_root and classifier_dir: never the run's)
+# but .lock, which blocks nothing once its run is over (out_dir may also hold the caches of data_root and
+# classifier_dir: never the run's)
 
 
 @contextmanager
 def claim_out_dir(cfg):
-    """Make out_dir and lock it while the run lives; refuse one that a live run is using, and, for a fresh run, one
-    that holds another run's checkpoint. The lock is the kernel's (flock): a run that dies in any way, kill -9 or
-    power loss, leaves nothing that blocks the next one; and a run that ends in any other way (done, an error,
-    Ctrl-C, sys.exit, SIGTERM) removes .lock as it goes. Yields the open lock file."""
+    """Make out_dir and hold the kernel's lock (flock) on its .lock while the run lives, refusing it to another live
+    run (the lock dies with its process, even by kill -9); a fresh run also refuses another run's out_dir."""
     out = cfg['out_dir']
-    path = os.path.join(out, '.lock')
-    while True:
+    try:
+        os.makedirs(out, exist_ok=True)
+        lock = open(os.path.join(out, '.lock'), 'a+')
+    except OSError as error:
+        raise WriteFailed(f'cannot use --out_dir={out} ({error.strerror or error})') from error
+    with lock:  # closing it releases the lock at once, also where train() was called from Python and goes on
         try:
-            os.makedirs(out, exist_ok=True)
-            lock = open(path, 'a+')
-        except OSError as error:
-            raise WriteFailed(f'cannot use --out_dir={out} ({error.strerror or error})') from error
-        if not fcntl:
-            break
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fcntl:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
-            holder = lock.read().strip() or 'unknown'
-            lock.close()
-            refuse(f'--out_dir={out} is in use by another run (process {holder}); '
+            refuse(f'--out_dir={out} is in use by another run (process {lock.read().strip() or "unknown"}); '
                    f'let it finish, stop it, or choose another --out_dir')
-        with suppress(OSError):
-            if os.path.samestat(os.fstat(lock.fileno()), os.stat(path)):
-                break
-        lock.close()  # the run before removed this .lock as it ended, after we opened it: lock the next one
-
-    def terminated(signum, frame):  # a plain kill (SIGTERM) ends the run as an exception would, so .lock goes too
-        raise SystemExit(128 + signum)
-    before = signal.getsignal(signal.SIGTERM)
-    if before == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, terminated)
-    try:
-        lock.seek(0)
-        lock.truncate()
+        lock.truncate(0)
         lock.write(f'{os.getpid()}\n')
         lock.flush()
         checkpoint = checkpoint_path(cfg)
         if not cfg['resume'] and os.path.exists(checkpoint):
             try:
-                where = f'stopped after iteration {torch.load(checkpoint, map_location="cpu", weights_only=True)["iteration"]}'
+                where = f'stopped after iteration {torch.load(checkpoint, "cpu", weights_only=True)["iteration"]}'
             except Exception:
                 where = 'left an unreadable checkpoint.pt'
             refuse(f'--out_dir={out} holds another run, which {where}: continue it with --resume=True, start afresh '
                    f'with another --out_dir, or remove that run\'s own files from it ({", ".join(RUN_FILES)})')
         yield lock
-    finally:
-        if signal.getsignal(signal.SIGTERM) is terminated:  # not when the run set its own since
-            signal.signal(signal.SIGTERM, before)
-        with suppress(OSError):
-            os.remove(path)  # while still locked: once unlocked, it may be the next run's
-        lock.close()  # releases the lock at once, also where train() was called from Python and goes on
 
 
 @contextmanager
 def interrupts_caught():
-    """Ctrl-C (or torchrun's SIGTERM) finishes the current iteration, then saves; a second Ctrl-C stops at once.
-    Yields the list that records them; the default handlers come back on leaving, except one: when a collective
-    failed (another process died), torchrun's SIGTERM to the survivors follows at once, and it is ignored so
-    that it cannot cut short the report of what happened."""
+    """Ctrl-C (or torchrun's SIGTERM) ends the run after this iteration's checkpoint, a second one at once; yields
+    their list. After a failed collective, torchrun's SIGTERM is ignored: the report of the loss must get out."""
     interrupted, lost_the_others = [], False
 
     def on_interrupt(signum, frame):
@@ -1742,6 +1628,7 @@ def interrupts_caught():
 
 
 def train(cfg):
+    """Train the run cfg describes (under torchrun, this process's pairs); 0 when done, 130 when interrupted."""
     dev = procs.start(cfg)
     try:
         with claim_out_dir(cfg) if procs.leader else nullcontext():  # before any slow step; held until the end
@@ -1759,11 +1646,6 @@ def train(cfg):
     return status
 
 
-def count(n, noun):
-    """'1 process', '2 processes', '4 threads'."""
-    return f'{n} {noun}' + ('' if n == 1 else 'es' if noun.endswith('s') else 's')
-
-
 def what_is_left(cfg):
     path = checkpoint_path(cfg)
     return (f'The last checkpoint, {path}, is intact.' if os.path.exists(path)
@@ -1772,34 +1654,26 @@ def what_is_left(cfg):
 
 def run(cfg, dev):
     """Set a run up (afresh or from its checkpoint) and train it; 0 when done, 130 when interrupted (and saved)."""
-    dtype, say = getattr(torch, cfg['dtype']), procs.say
     if cfg['threads']:
         torch.set_num_threads(cfg['threads'])
     state = load_checkpoint(checkpoint_path(cfg), cfg, dev) if cfg['resume'] else None
     if state and state['iteration'] + 1 >= cfg['iterations']:
-        say(f'nothing to train: the run in {cfg["out_dir"]} stopped after iteration {state["iteration"]}, and it already '
-            f'reached --iterations={cfg["iterations"]}; raise it to go on')
+        procs.say(f'nothing to train: the run in {cfg["out_dir"]} stopped after iteration {state["iteration"]}, and '
+                  f'it already reached --iterations={cfg["iterations"]}; raise it to go on')
         return 0
-    say(f'loading the {cfg["dataset"]} training set' + (f' from {cfg["data_root"]}' if cfg['dataset'] in IMAGE_DATASETS else ''))
+    where = f' from {cfg["data_root"]}' if cfg['dataset'] in IMAGE_DATASETS else ''
+    procs.say(f'loading the {cfg["dataset"]} training set{where}')
     images, labels = training_data(cfg)
-    training = Training(cfg, images, labels, dev, dtype)
-    if state:
-        training.load_state_dict(state, checkpoint_path(cfg))  # refuses other networks
-        saved = state['hyperparameters']
-        changes = '; '.join(f'{k}={saved[k]!r} there, {cfg[k]!r} now' for k in RESUMABLE
-                            if k != 'resume' and k in saved and saved[k] != cfg[k])
-        say(f'resumed from {checkpoint_path(cfg)} after iteration {state["iteration"]}'
-            + (f', with these changes: {changes}' if changes else ', with its own hyperparameters'))
-    share = share_of_process(training.pairs, cfg, images.shape[1])  # under torchrun, this process's pairs
     with interrupts_caught() as interrupted:  # from here on a Ctrl-C ends in a checkpoint
-        recorder = Recorder(cfg, training, share, images, labels, interrupted)
-        say(f'GAP: {cfg["n_pairs"]} pairs, K={cfg["K"]}, {len(training.data.data)} {cfg["dataset"]} training points, '
-            f'device {dev}, {cfg["dtype"]}, {count(procs.world, "process")} x {count(torch.get_num_threads(), "thread")}, '
-            f'iterations {training.iteration + 1}..{cfg["iterations"] - 1}')
+        recorder = Recorder(cfg, dev, images, labels, state, interrupted)
+        world, threads = procs.world, torch.get_num_threads()
+        procs.say(f'GAP: {cfg["n_pairs"]} pairs, K={cfg["K"]}, {cfg["train_size"] or len(images)} {cfg["dataset"]} '
+                  f'training points, device {dev}, {cfg["dtype"]}, {world} process{"es" * (world > 1)} x {threads} '
+                  f'thread{"s" * (threads > 1)}, iterations {recorder.iteration + 1}..{cfg["iterations"] - 1}')
         if cfg['eval_every'] and not recorder.evaluator:
-            say(f'no evaluation: the run ends before eval_every={cfg["eval_every"]}; for metrics of a short run, '
-                f'add --eval_at_end=True (or a smaller --eval_every)')
-        stopped = train_loop(cfg, share, training.data, training.noise_rng, recorder)
+            procs.say(f'no evaluation: the run ends before eval_every={cfg["eval_every"]}; for metrics of a short run, '
+                      f'add --eval_at_end=True (or a smaller --eval_every)')
+        stopped = train_loop(cfg, recorder.share, recorder.data, recorder.noise_rng, recorder)
     return 130 if stopped else 0
 
 

@@ -240,8 +240,8 @@ def test_the_matching_swap_exchanges_discriminators_in_random_disjoint_pairs(n_p
 
 def test_batches_use_every_image_once_per_epoch():
     data = torch.arange(100, dtype=torch.uint8)[:, None]
-    batches = pg.Batches(data, 32, 0)
-    seen = torch.cat([batches.next() for _ in range(25)]).flatten()  # 800 images: 8 epochs exactly
+    batches = pg.Batches(data, data[:, 0], 32, 0, F64)  # each example labelled with its index
+    seen = torch.cat([batches.next()[1] for _ in range(25)], 1).flatten()  # 800 images: 8 epochs exactly
     for epoch in seen.reshape(8, 100):
         assert sorted(epoch.tolist()) == list(range(100))
     assert not torch.equal(seen[:100], seen[100:200])  # a fresh shuffle each epoch
@@ -249,8 +249,9 @@ def test_batches_use_every_image_once_per_epoch():
 
 def test_each_pair_its_own_order_every_example_once_per_epoch_and_its_own_noise():
     cfg = pg.parse_args(['--n_pairs=3', '--own_noise=True', '--mb_size=20'])
-    batches = pg.make_batches(torch.arange(100, dtype=torch.uint8)[:, None], cfg, 1)
-    seen = torch.cat([batches.next() for _ in range(10)], 1)[..., 0]  # (3 pairs, 200): two epochs each
+    data = torch.arange(100, dtype=torch.uint8)[:, None]
+    batches = pg.make_batches(data, data[:, 0], cfg, 1, F64)  # each example labelled with its index
+    seen = torch.cat([batches.next()[1] for _ in range(10)], 1)  # (3 pairs, 200): two epochs each
     for pair in seen:
         for epoch in pair.reshape(2, 100):
             assert sorted(epoch.tolist()) == list(range(100))
@@ -272,13 +273,14 @@ def test_the_priors_gaussian_uniform_and_mixed():
 
 def test_batches_resume_where_they_stopped():
     data = torch.arange(100, dtype=torch.uint8)[:, None]
-    a = pg.Batches(data, 32, 0)
+    a = pg.Batches(data, data[:, 0], 32, 0, F64)
     for _ in range(5):
         a.next()
-    b = pg.Batches(data, 32, 9)
+    b = pg.Batches(data, data[:, 0], 32, 9, F64)
     b.load_state_dict(a.state_dict())
     for _ in range(10):
-        assert torch.equal(a.next(), b.next())
+        (x, y), (x_again, y_again) = a.next(), b.next()
+        assert torch.equal(x, x_again) and torch.equal(y, y_again)
 
 
 def test_input_noise_decays_linearly_to_zero_at_the_last_iteration():

@@ -43,7 +43,8 @@ def test_a_run_writes_samples_losses_and_a_checkpoint(tiny_mnist, tmp_path):
     out = tmp_path / 'out'
     result = run_ok(f'--data_root={tiny_mnist}', f'--out_dir={out}', '--iterations=250', '--sample_every=100',
                     '--log_every=50', '--eval_every=0')
-    assert sorted(os.listdir(out)) == ['000.png', '001.png', '002.png', '003.png', 'checkpoint.pt', 'losses.png']
+    assert sorted(os.listdir(out)) == ['.lock', '000.png', '001.png', '002.png', '003.png', 'checkpoint.pt',
+                                       'losses.png']  # .lock: unlocked once the run ended, it blocks nothing
     logs = [line for line in result.stdout.splitlines() if line.startswith('it ')]
     assert [int(line.split()[1]) for line in logs] == [0, 50, 100, 150, 200, 249]
     assert all('it/s' in line and 'left' in line and line.count('/') >= 5 for line in logs[1:])
@@ -196,8 +197,8 @@ def test_a_try_run_shorter_than_eval_every_skips_the_classifier_and_says_how_to_
     monkeypatch.setattr(pg, 'load_classifier', lambda *args: pytest.fail('a try-run trained or loaded the classifier'))
     common = [f'--data_root={tiny_mnist}', '--h_dim=16', '--iterations=30', '--sample_every=10', '--log_every=10']
     assert train(*common, f'--out_dir={tmp_path / "try"}') == 0
-    assert sorted(os.listdir(tmp_path / 'try')) == ['000.png', '001.png', '002.png', '003.png', 'checkpoint.pt',
-                                                    'losses.png']
+    assert sorted(os.listdir(tmp_path / 'try')) == ['.lock', '000.png', '001.png', '002.png', '003.png',
+                                                    'checkpoint.pt', 'losses.png']
     assert 'add --eval_at_end=True' in capsys.readouterr().out
 
     monkeypatch.setattr(pg, 'load_classifier', real_load)

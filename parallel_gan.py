@@ -730,13 +730,13 @@ def exchange(t, partners):
     return procs.gather(t)[mine.to(t.device)]
 
 
-def per_network(state, f):
+def map_networks(state, f):
     """A side's state_dict with f applied to every per-network tensor (one with a leading pairs dimension)."""
     if torch.is_tensor(state):
         return f(state) if state.dim() else state
     if isinstance(state, dict):
-        return {k: per_network(v, f) for k, v in state.items()}
-    return type(state)(per_network(v, f) for v in state) if isinstance(state, (list, tuple)) else state
+        return {k: map_networks(v, f) for k, v in state.items()}
+    return type(state)(map_networks(v, f) for v in state) if isinstance(state, (list, tuple)) else state
 
 
 def share_of_process(pairs, cfg, x_dim):
@@ -745,7 +745,7 @@ def share_of_process(pairs, cfg, x_dim):
         return pairs
     share = make_pairs(cfg, x_dim, procs.device, getattr(torch, cfg['dtype']), n=len(procs.slots))
     for name, side in share.items():
-        side.load_state_dict(per_network(pairs[name].state_dict(), lambda t: t[procs.slots.to(t.device)]))
+        side.load_state_dict(map_networks(pairs[name].state_dict(), lambda t: t[procs.slots.to(t.device)]))
     return share
 
 
@@ -753,7 +753,7 @@ def collect_pairs(pairs, share):
     """Bring pairs (every pair) up to date from every process's share (every process must call it)."""
     if share is not pairs:
         for name, side in pairs.items():
-            side.load_state_dict(per_network(share[name].state_dict(), procs.gather))
+            side.load_state_dict(map_networks(share[name].state_dict(), procs.gather))
 
 
 # ------------------------------------------------------------------------------------

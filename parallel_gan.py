@@ -82,10 +82,9 @@ MIXTURES = ('ring8', 'grid25', 'r15')
 
 
 # ------------------------------------------------------------------------------------
-# the networks. All pairs' networks of one side are one module whose every weight has a leading pairs
-# dimension, so every pair runs in the same batched product; activations are (n_pairs, batch, features).
-# Edit generator() and discriminator() as you would an nn.Sequential; PerPair (support part) makes any torch
-# module per pair.
+# the networks: each side's networks are one module whose every weight has a leading pairs dimension, so every
+# pair runs in the same batched product (activations: (n_pairs, batch, features)). Edit generator() and
+# discriminator() as you would an nn.Sequential; PerPair (support part) makes any torch module per pair.
 
 class Linear(nn.Module):
     """n independent nn.Linear(fan_in, fan_out), initialised as nn.Linear is: weight (n, fan_in, fan_out)."""
@@ -317,9 +316,7 @@ def draw_noise(cfg, batch, rng, dtype):
 
 def to_slots(z, G):
     """Noise drawn per generator (row k: generator k's) routed to the slots the generators hold now (G.origin)."""
-    if len(z) == 1 or G.origin == list(range(len(z))):
-        return z
-    return z[G.origin]
+    return z if len(z) == 1 or G.origin == list(range(len(z))) else z[G.origin]
 
 
 def input_noise_of(cfg, it, x_dim, rng, dtype):
@@ -347,8 +344,7 @@ def gap_iteration(it, pairs, data, noise_rng, cfg):
 
 
 def train_loop(cfg, pairs, data, noise_rng, recorder):
-    """Train from the recorder's next iteration to the last. recorder (support part: Recorder) logs, evaluates,
-    saves on schedule and catches Ctrl-C; True when it stopped the run early (after a checkpoint)."""
+    """Train to the last iteration; recorder (support part: Recorder) logs, evaluates, saves, and stops on Ctrl-C."""
     for it in range(recorder.iteration + 1, cfg['iterations']):
         stats = gap_iteration(it, pairs, data, noise_rng, cfg)
         if recorder.after(it, stats):

@@ -391,7 +391,6 @@ RESUMABLE = ('lr', 'iterations', 'log_every', 'sample_every', 'out_dir', 'resume
 NOT_CONFIGURATION = (*RESUMABLE, 'seed')  # runs that differ only in these are seeds of one configuration
 POOL_KEYS = ('z_dim', 'h_dim', 'layers', 'dataset')  # runs that differ in these cannot share one pool in --compare
 IMAGE_DATASETS = {'mnist': 'MNIST', 'fashion_mnist': 'FashionMNIST'}  # torchvision's class and folder names
-R15_CENTRE = (10.0, 9.96)  # where R15's own coordinates put the centre of the mixture that mixture('r15') centres
 MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte',
                't10k-labels-idx1-ubyte')
 ACCEPTED = {bool: 'True or False', int: 'a whole number', float: 'a number', str: 'a string',

@@ -39,7 +39,7 @@ n_pairs = 2  # generator/discriminator pairs trained side by side
 K = 100  # the discriminators change partners every K iterations (0: never, independent GANs)
 # training
 mb_size = 32  # minibatch size
-lr = 1e-3  # Adam learning rate of every network
+lr = 1e-3  # learning rate of every network's optimiser (Adam, in make_pairs)
 beta1 = 0.9  # Adam's first-moment decay (torch's default, the reference's; GAN papers often use 0.5)
 iterations = 1_000_000  # training iterations
 seed = 0  # seeds the weights, the noise, the data order and the pairings
@@ -1324,26 +1324,25 @@ def swaps_title(swaps, moved):
 
 
 def save_losses(path, history, swaps, moved='D', most=2000, long=200):
-    """Each pair's *_loss statistics per log line, and the swaps: at most `most` points a curve; beyond `long`, faint
-    under a moving median, in the y range of the bulk of the points."""
-    names = [name for name in (history[-1] if history else {}) if name.endswith('_loss')]
-    history = [row for row in history if all(name in row for name in names)]  # not rows of an edit's other statistics
-    if not names or not history:
+    """Each pair's *_loss statistics per log line (each over the lines that have it: an edit may add one), and the
+    swaps: at most `most` points a curve; beyond `long`, faint under a moving median, in the y range of the bulk."""
+    names = list(dict.fromkeys(name for row in history for name in row if name.endswith('_loss')))
+    if not names:
         return
     from matplotlib.ticker import EngFormatter
-    its = torch.tensor([row['iteration'] for row in history], dtype=torch.float64)
-    values = torch.tensor([[row[name] for name in names] for row in history], dtype=torch.float64)  # rows, names, pairs
-    faint = 'every log line' if len(its) <= most else f'means of {len(its) / most:.3g} log lines'
-    if len(its) > most:  # consecutive rows averaged into `most` bins
-        bins = torch.arange(len(its)) * most // len(its)
-        count = torch.bincount(bins, minlength=most).double()
-        its = torch.zeros(most, dtype=its.dtype).index_add_(0, bins, its) / count
-        values = torch.zeros(most, *values.shape[1:], dtype=values.dtype).index_add_(0, bins, values)
-        values /= count[:, None, None]
-    smooth, window = len(its) > long, max(len(its) // 50, 2)
     fig, axes = pyplot().subplots(len(names), 1, figsize=(9, 3 * len(names)), sharex=True, squeeze=False)
-    for ax, column, name in zip(axes[:, 0], range(len(names)), names):
-        for i, pair in enumerate(values[:, column].T):
+    for ax, name in zip(axes[:, 0], names):
+        rows = [row for row in history if name in row]
+        its = torch.tensor([row['iteration'] for row in rows], dtype=torch.float64)
+        values = torch.tensor([row[name] for row in rows], dtype=torch.float64)  # (log lines, pairs)
+        faint = 'every log line' if len(its) <= most else f'means of {len(its) / most:.3g} log lines'
+        if len(its) > most:  # consecutive rows averaged into `most` bins
+            bins = torch.arange(len(its)) * most // len(its)
+            count = torch.bincount(bins, minlength=most).double()
+            its = torch.zeros(most, dtype=its.dtype).index_add_(0, bins, its) / count
+            values = torch.zeros(most, values.shape[1], dtype=values.dtype).index_add_(0, bins, values) / count[:, None]
+        smooth, window = len(its) > long, max(len(its) // 50, 2)
+        for i, pair in enumerate(values.T):
             ax.plot(its.numpy(), pair.numpy(), color=f'C{i}', lw=0.5 if smooth else 1, alpha=0.35 if smooth else 1,
                     label=None if smooth else f'pair {i + 1}')
             if smooth:  # a centred moving median: a lone spike does not move it
@@ -1352,7 +1351,7 @@ def save_losses(path, history, swaps, moved='D', most=2000, long=200):
                         label=f'pair {i + 1}')
         off = 0
         if smooth:
-            every = values[:, column].flatten()
+            every = values.flatten()
             low, high = torch.quantile(every, torch.tensor([0.005, 0.995], dtype=every.dtype)).tolist()
             low, high = low - 0.1 * (high - low + 1e-9), high + 0.1 * (high - low + 1e-9)
             ax.set_ylim(low, high)
@@ -1428,17 +1427,18 @@ class Recorder:
                    f'use Linear, SpectralLinear (spectral norm per pair), BatchNorm, or PerPair(n, lambda: your_layer)')
         self.noise_rng = torch.Generator(device=dev).manual_seed(seed + 2)
         self.iteration, self.swaps, self.moved = -1, [], set()  # the last iteration done, the swaps, the sides moved
+        self.grids = 0  # the sample grids written on schedule: the next grid's number (000.png, 001.png, ...)
         self.history, self.names, self.recent = [], [], []  # a row of means per log line; the steps' since the last
         if state:
             self.load_state_dict(state)
         self.share = share_of_process(self.pairs, cfg, images.shape[1])  # under torchrun, this process's pairs
         self.origins, self.said = [side.origin for side in self.share.values()], set()
-        self.clock, self.since = time.perf_counter(), self.iteration + 1  # the speed since the last log line
-        self.start = self.since  # the first line times this run's first iteration alone: a warm-up, no rate
+        self.start = self.since = self.iteration + 1  # this process's first iteration: a warm-up, left untimed
         self.real = images[:2000] if cfg['dataset'] in MIXTURES else None  # drawn under 2-D samples
         self.fixed_z = draw_noise(cfg, 16 if self.real is None else 1000, torch.Generator().manual_seed(seed + 3),
                                   torch.float32).to(dev, dtype)  # the same latent points in every sample grid
-        self.digits = max(3, len(str(math.ceil((cfg['iterations'] - 1) / cfg['sample_every']))))  # 001.png ...
+        last, every = cfg['iterations'] - 1, cfg['sample_every']  # the last grid's number: as wide as every name
+        self.digits = max(3, len(str(self.grids + last // every - self.iteration // every - (last % every == 0))))
         evaluates = evaluates_at(cfg['iterations'] - 1, cfg)  # the last iteration does, when any does
         self.evaluator = Evaluator(cfg, dev, dtype, images, labels) if evaluates and procs.leader else None
         if self.evaluator:  # a fresh run starts a fresh file; a resumed one redoes the evaluations after its checkpoint
@@ -1449,7 +1449,7 @@ class Recorder:
         log = {'history': self.history, 'names': self.names, 'recent': unlogged.cpu()}
         return {'hyperparameters': self.cfg, 'block': block_values, 'code': algorithm_code(),
                 'device': self.noise_rng.device.type, 'iteration': self.iteration, 'swaps': self.swaps,
-                'moved': sorted(self.moved), 'log': log, 'noise_rng': self.noise_rng.get_state(),
+                'moved': sorted(self.moved), 'grids': self.grids, 'log': log, 'noise_rng': self.noise_rng.get_state(),
                 'data': self.data.state_dict(), 'pairs': {name: side.state_dict() for name, side in self.pairs.items()}}
 
     def load_state_dict(self, state):
@@ -1459,6 +1459,7 @@ class Recorder:
         self.noise_rng.set_state(state['noise_rng'])
         self.data.load_state_dict(state['data'])
         self.iteration, self.swaps, self.moved = state['iteration'], state['swaps'], set(state['moved'])
+        self.grids = state.get('grids', self.iteration // saved['sample_every'] + 1)  # (older checkpoints: by count)
         self.history, self.names = state['log']['history'], state['log']['names']
         self.recent = list((recent[:, procs.slots] if procs.world > 1 and len(recent) else recent).to(procs.device))
         changes = '; '.join(f'{k}={saved[k]!r} there, {self.cfg[k]!r} now' for k in RESUMABLE
@@ -1472,6 +1473,10 @@ class Recorder:
     def after(self, it, stats):
         """Record iteration it's statistics; log, evaluate and save on schedule. True: interrupted, and saved."""
         cfg, last = self.cfg, self.cfg['iterations'] - 1
+        if list(stats) != self.names and self.recent:  # an edit resumed changed the statistics: the old ones' line
+            self.log(it - 1)
+        if it == self.start:  # the speed counts from here: not the set-up, nor the first iteration's warm-up
+            self.clock, self.since = time.perf_counter(), it + 1
         self.iteration, self.names = it, list(stats)
         self.recent.append(torch.stack(list(stats.values()), 1))
         origins = [side.origin for side in self.share.values()]
@@ -1530,7 +1535,7 @@ class Recorder:
         write_metrics(self.path('metrics.csv'), rows, keep_until=it - 1)
         save_metrics_plot(self.path('metrics.png'), read_csv(self.path('metrics.csv')))
         join = lambda key, fmt: '/'.join(format(row.get(key, math.nan), fmt) for row in rows)
-        quality = (f'score {join("score", ".2f")}' if math.isfinite(rows[0].get('score', math.nan)) else
+        quality = (f'score {join("score", ".2f")}' if self.cfg['dataset'] not in MIXTURES else
                    f'captured {join("modes_captured", ".0f")} | high quality {join("high_quality", ".2f")}')
         n_modes = len(mixture(self.cfg['dataset'])[0]) if self.cfg['dataset'] in MIXTURES else 10
         procs.say(f'eval {it:>5} | modes {join("modes", ".0f")} of {n_modes} | {quality} | KL {join("kl", ".3f")} | '
@@ -1546,12 +1551,13 @@ class Recorder:
         if bad:
             self.stop(f'a weight of {" and ".join(bad)} became non-finite by iteration {it}')
         attempt('draw the sample grid', lambda: self.samples(it), self.said)
+        self.grids += it % self.cfg['sample_every'] == 0  # one off schedule (Ctrl-C, the end): the next replaces it
         save_checkpoint(checkpoint_path(self.cfg), self.state_dict(unlogged))
 
     def samples(self, it):
         G, D = self.pairs['G'], self.pairs['D']
         order = [G.origin.index(g) for g in range(len(G.origin))]  # the slot of G1, G2, ...
-        save_samples(self.path(f'{math.ceil(it / self.cfg["sample_every"]):0{self.digits}d}.png'),
+        save_samples(self.path(f'{self.grids:0{self.digits}d}.png'),
                      generate(G, to_slots(self.fixed_z, G))[order], it, [D.origin[slot] for slot in order], self.real)
 
     def losses(self):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import parallel_gan as pg
-from conftest import edited_copy, load
+from conftest import ctrl_c_at, edited_copy, load
 from test_gap import assert_matches_reference
 from test_run import assert_same_run
 
@@ -182,6 +182,27 @@ def test_a_resume_by_other_code_stops_naming_what_differs_unless_asked(tmp_path,
     assert "the algorithm's code differs" in err and '(d_loss changed)' in err and '--resume_edited=True' in err
     assert module.train(module.parse_args([*TINY, '--iterations=40', out, '--resume=True', '--resume_edited=True'])) == 0
     assert torch.load(tmp_path / 'run' / 'checkpoint.pt', weights_only=True)['code'] == module.algorithm_code()
+
+
+def test_a_statistic_added_by_an_edit_resumed_mid_log_keeps_every_line_and_curve(tmp_path, monkeypatch):
+    """An edit adds a logged statistic and resumes a run stopped between log lines (--resume_edited=True): the
+    saved iterations get their own line under the old statistics, then the new one is logged, and losses.png
+    draws every loss over every line that has it."""
+    out = f'--out_dir={tmp_path / "run"}'
+    ctrl_c_at(monkeypatch, 16)
+    assert pg.train(pg.parse_args([*TINY, '--iterations=40', out])) == 130
+    monkeypatch.undo()
+    module, _ = edited_copy(tmp_path, ("""'D(G(z))': torch.sigmoid(fake_logit).mean((1, 2))}""",
+                                       """'D(G(z))': torch.sigmoid(fake_logit).mean((1, 2)), 'twice_D_loss': 2 * D_loss}"""))
+    figures = []
+    monkeypatch.setattr(module, 'save_figure', lambda fig, path: figures.append(fig))
+    assert module.train(module.parse_args([*TINY, '--iterations=40', out, '--resume=True', '--resume_edited=True'])) == 0
+    rows = load(tmp_path / 'run' / 'checkpoint.pt')['log']['history']
+    assert [row['iteration'] for row in rows] == [0, 10, 16, 20, 30, 39]
+    assert ['twice_D_loss' in row for row in rows] == [False, False, False, True, True, True]
+    axes = figures[-1].axes
+    assert [ax.get_ylabel() for ax in axes] == ['D_loss', 'G_loss', 'twice_D_loss']
+    assert [len(axes[k].get_lines()[0].get_xdata()) for k in range(3)] == [6, 6, 3]
 
 
 def test_compare_separates_runs_of_different_code_and_says_so(tmp_path, capsys):

@@ -90,6 +90,17 @@ def test_resume_continues_exactly_as_the_uninterrupted_run(tiny_mnist, tmp_path,
     assert_same_run(whole, split)
 
 
+def test_grids_keep_their_order_when_a_resume_changes_sample_every(tiny_mnist, tmp_path):
+    """Grids are numbered in the order the run wrote them: a resume with another sample_every goes on after the
+    last (003.png), and never writes over an earlier grid."""
+    out, common = tmp_path / 'out', [f'--data_root={tiny_mnist}', f'--out_dir={tmp_path / "out"}', *SMALL]
+    train(*common, '--iterations=21', '--sample_every=10')
+    first = (out / '001.png').read_bytes()
+    train(*common, '--iterations=26', '--sample_every=100', '--resume=True')
+    assert sorted(f for f in os.listdir(out) if f[0].isdigit()) == ['000.png', '001.png', '002.png', '003.png']
+    assert (out / '001.png').read_bytes() == first and load(out / 'checkpoint.pt')['grids'] == 3
+
+
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tiny_mnist, tmp_path):
     """A real SIGINT to the script as a user runs it; the runs around it in this process, with the same threads."""
     common = [f'--data_root={tiny_mnist}', '--h_dim=16', '--log_every=7', '--sample_every=300', '--iterations=500',

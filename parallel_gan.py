@@ -39,7 +39,7 @@ n_pairs = 2  # generator/discriminator pairs trained side by side
 K = 100  # the discriminators change partners every K iterations (0: never, independent GANs)
 # training
 mb_size = 32  # minibatch size
-lr = 1e-3  # learning rate of every network's optimiser (Adam, in make_pairs)
+lr = 1e-3  # learning rate of every network (its optimiser: Adam, in make_pairs)
 beta1 = 0.9  # Adam's first-moment decay (torch's default, the reference's; GAN papers often use 0.5)
 iterations = 1_000_000  # training iterations
 seed = 0  # seeds the weights, the noise, the data order and the pairings

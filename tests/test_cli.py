@@ -91,8 +91,8 @@ def test_the_hyperparameter_block_takes_any_ordinary_assignment(tmp_path, capsys
     """Edits a user makes in the block: one space before a comment, no comment, expressions, blank lines and
     comment-only lines between entries, a count written as a float."""
     edited, _ = edited_copy(tmp_path, (
-        'lr = 1e-3  # Adam learning rate of every network\n',
-        'lr = 3e-4 # Adam learning rate of every network\n\n# my notes: try 1e-4 next\n'), (
+        'lr = 1e-3  # learning rate of every network (its optimiser: Adam, in make_pairs)\n',
+        'lr = 3e-4 # learning rate of every network (its optimiser: Adam, in make_pairs)\n\n# my notes: try 1e-4 next\n'), (
         'h_dim = 128  # hidden units of every generator and discriminator', 'h_dim = 2 * 64'), (
         'iterations = 1_000_000  # training iterations', 'iterations = 2e5  # training iterations'), (
         "out_dir = 'out'  # where samples, plots and the checkpoint go", "out_dir = 'out'#where samples go"))
@@ -103,7 +103,7 @@ def test_the_hyperparameter_block_takes_any_ordinary_assignment(tmp_path, capsys
     with pytest.raises(SystemExit):
         edited.parse_args(['--help'])
     text = capsys.readouterr().out
-    assert re.search(r'--lr\s+0\.0003\s+Adam learning rate of every network', text)
+    assert re.search(r'--lr\s+0\.0003\s+learning rate of every network \(its optimiser: Adam, in make_pairs\)', text)
     assert re.search(r'--h_dim\s+128\s*$', text, re.M)  # listed, with no meaning to show
     assert re.search(r'--iterations\s+200000\s+training iterations', text)  # a count, shown as one
     assert re.search(r'--out_dir\s+\'out\'\s+where samples go', text)
@@ -130,7 +130,7 @@ def test_help_into_a_reader_that_stopped_early_is_no_error():
     ('notes = [1e-3]', 'notes must be a number, True/False or a string, not [0.001]'),
 ])
 def test_a_line_the_block_cannot_hold_is_reported_with_its_number(tmp_path, line, words):
-    edited, script = edited_copy(tmp_path, ('lr = 1e-3  # Adam learning rate of every network', line))
+    edited, script = edited_copy(tmp_path, ('lr = 1e-3  # learning rate of every network (its optimiser: Adam, in make_pairs)', line))
     number = next(i for i, text in enumerate(open(script).read().splitlines(), 1) if text == line)
     result = subprocess.run([sys.executable, script, '--help'], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and 'Traceback' not in result.stderr
@@ -159,8 +159,8 @@ def test_every_hyperparameter_of_the_block_has_one_kind_and_the_name_lists_name_
 
 def test_a_value_of_the_wrong_kind_in_the_block_is_refused_with_its_line_number(tmp_path):
     """As the script runs: one line, exit status 2, no traceback, nothing made."""
-    line = "lr = 'fast'  # Adam learning rate of every network"
-    _, script = edited_copy(tmp_path, ('lr = 1e-3  # Adam learning rate of every network', line))
+    line = "lr = 'fast'  # learning rate of every network (its optimiser: Adam, in make_pairs)"
+    _, script = edited_copy(tmp_path, ('lr = 1e-3  # learning rate of every network (its optimiser: Adam, in make_pairs)', line))
     number = open(script).read().splitlines().index(line) + 1
     result = subprocess.run([sys.executable, script, f'--out_dir={tmp_path / "out"}'], capture_output=True, text=True,
                             timeout=60)

@@ -113,6 +113,8 @@ def test_each_condition_alone_pairs_the_matching_swap_with_a_k0_arm(tmp_path):
     assert '| R15, 100 points | own_noise alone | 2 | not run yet |' in table
     assert '| MNIST, 1,000 | batch_norm alone | 16 | not run yet |' in table
     assert len(table.splitlines()) == 2 + len(summary.ALONE)
+    assert all(line.count('|') == 14 for line in table.splitlines())  # 13 columns: coverage, gap and GAM-II
+    assert '| GAM-II, K=0 |' in table and 'fools the pool' in table
     assert summary.own_baseline_note(runs) == ''
 
     # with K=0 runs of its own (made by the same code as its K=2 runs) it compares with those, and a note says how

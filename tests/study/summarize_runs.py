@@ -259,19 +259,20 @@ def alone_cells(runs):
 
 def alone_table(runs):
     """Each of the paper's conditions alone on top of the script's (R15 with 100 points, and batch norm on 1,000
-    MNIST images), beside none and all six: per row the effect of swapping on coverage and on the D(x) gap, its
-    interval and verdict."""
+    MNIST images), beside none and all six: per row the effect of swapping on coverage, on the D(x) gap and on
+    GAM-II's error rate, each with its interval and verdict."""
     lines = ['| data | condition | K | seeds (K=0 / K) | modes captured (R15) or classes (MNIST), K=0 | effect [95% interval] '
-             '| verdict | D(x) gap, K=0 | effect [95% interval] | verdict |', '|---' * 10 + '|']
+             '| verdict | D(x) gap, K=0 | effect [95% interval] | verdict | GAM-II, K=0 | effect [95% interval] | verdict |',
+             '|---' * 13 + '|']
     for data, condition, c in alone_cells(runs):
         K = next(k for d, cond, _, k, _ in ALONE if (d, cond) == (data, condition))
         if c is None:
-            lines.append(f'| {data} | {condition} | {K} | not run yet |  |  |  |  |  |  |')
+            lines.append(f'| {data} | {condition} | {K} | not run yet |' + '  |' * 9)
             continue
-        coverage, gap = judge(c, 'coverage'), judge(c, 'generalisation')
         borrowed = f' ({c["baseline_part"]})' if c['baseline_part'] != c['part'] else ''
         row = [data, condition, str(K), f'{len(c["baseline"])}{borrowed} / {len(c["treated"])}']
-        for r, fmt in ((coverage, '.2f'), (gap, '.3g')):
+        for claim, fmt in (('coverage', '.2f'), ('generalisation', '.3g'), ('gam2', '.3g')):
+            r = judge(c, claim)
             row += ([f'{np.mean(r["baseline"]):{fmt}}', interval(r, '.3g'), r['verdict']] if r else ['-', '-', '-'])
         lines.append('| ' + ' | '.join(row) + ' |')
     return '\n'.join(lines)

@@ -1524,7 +1524,8 @@ class Recorder:
         columns = ' | '.join(f'{name} {"/".join(f"{v:.3f}" for v in values)}' for name, values in means.items())
         minutes, seconds = divmod(int((self.cfg['iterations'] - 1 - it) / max(rate or 1, 1e-9)), 60)
         eta = f'{minutes // 60}h{minutes % 60:02d}m' if minutes >= 60 else f'{minutes}m{seconds:02d}s'
-        speed = 'first iteration' if rate is None else f'{rate:.0f} it/s, {eta} left'
+        untimed = 'first iteration' if it == self.start else 'saved before the resume'  # (an edit's old statistics)
+        speed = untimed if rate is None else f'{rate:.0f} it/s, {eta} left'
         procs.say(f'it {it:>7} | {columns} | {speed}')
 
     def evaluate(self, it):

@@ -184,7 +184,7 @@ def test_a_resume_by_other_code_stops_naming_what_differs_unless_asked(tmp_path,
     assert torch.load(tmp_path / 'run' / 'checkpoint.pt', weights_only=True)['code'] == module.algorithm_code()
 
 
-def test_a_statistic_added_by_an_edit_resumed_mid_log_keeps_every_line_and_curve(tmp_path, monkeypatch):
+def test_a_statistic_added_by_an_edit_resumed_mid_log_keeps_every_line_and_curve(tmp_path, monkeypatch, capsys):
     """An edit adds a logged statistic and resumes a run stopped between log lines (--resume_edited=True): the
     saved iterations get their own line under the old statistics, then the new one is logged, and losses.png
     draws every loss over every line that has it."""
@@ -199,6 +199,9 @@ def test_a_statistic_added_by_an_edit_resumed_mid_log_keeps_every_line_and_curve
     assert module.train(module.parse_args([*TINY, '--iterations=40', out, '--resume=True', '--resume_edited=True'])) == 0
     rows = load(tmp_path / 'run' / 'checkpoint.pt')['log']['history']
     assert [row['iteration'] for row in rows] == [0, 10, 16, 20, 30, 39]
+    logged = [line for line in capsys.readouterr().out.splitlines() if line.startswith('it ')]
+    assert logged[-4].startswith('it      16 | D_loss') and logged[-4].endswith('| saved before the resume')
+    assert 'twice_D_loss' in logged[-3] and 'it/s' in logged[-3]
     assert ['twice_D_loss' in row for row in rows] == [False, False, False, True, True, True]
     axes = figures[-1].axes
     assert [ax.get_ylabel() for ax in axes] == ['D_loss', 'G_loss', 'twice_D_loss']

@@ -1473,11 +1473,12 @@ class Recorder:
     def after(self, it, stats):
         """Record iteration it's statistics; log, evaluate and save on schedule. True: interrupted, and saved."""
         cfg, last = self.cfg, self.cfg['iterations'] - 1
-        if list(stats) != self.names and self.recent:  # an edit resumed changed the statistics: the old ones' line
+        names = list(stats)
+        if names != self.names and self.recent:  # an edit resumed changed the statistics: the old ones' line first
             self.log(it - 1)
         if it == self.start:  # the speed counts from here: not the set-up, nor the first iteration's warm-up
             self.clock, self.since = time.perf_counter(), it + 1
-        self.iteration, self.names = it, list(stats)
+        self.iteration, self.names = it, names
         self.recent.append(torch.stack(list(stats.values()), 1))
         origins = [side.origin for side in self.share.values()]
         if origins != self.origins:  # a swap moved the networks of a side, and their origins with them

@@ -175,25 +175,29 @@ def discriminator(n, cfg, x_dim):
 
 class Side:
     """All generators or all discriminators: the networks, their optimiser (one per network, where its update is
-    elementwise, as torch.optim's are), and origin[i], the pair whose network slot i holds now."""
+    elementwise, as torch.optim's are; None for networks that are kept and moved but not trained), and origin[i],
+    the pair whose network slot i holds now."""
 
     def __init__(self, model, optimizer, n_pairs):
         self.model, self.optimizer, self.origin = model, optimizer, list(range(n_pairs))
 
     def per_network(self):
         """Every tensor with one slice per network: weights, buffers, optimiser state (not its scalar step)."""
-        state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()]
+        kept = self.optimizer.state.values() if self.optimizer else []
+        state = [t for s in kept for t in s.values() if torch.is_tensor(t) and t.dim()]
         return [*self.model.parameters(), *self.model.buffers(), *state]
 
     def state_dict(self):
-        return {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(), 'origin': self.origin}
+        optimizer = self.optimizer.state_dict() if self.optimizer else None
+        return {'model': self.model.state_dict(), 'optimizer': optimizer, 'origin': self.origin}
 
     def load_state_dict(self, state):
-        settings = [{k: v for k, v in group.items() if k != 'params'} for group in self.optimizer.param_groups]
         self.model.load_state_dict(state['model'])
-        self.optimizer.load_state_dict(state['optimizer'])
-        for group, own in zip(self.optimizer.param_groups, settings):
-            group.update(own)  # the lr and settings that the code gives, not those the checkpoint kept
+        if self.optimizer:
+            settings = [{k: v for k, v in group.items() if k != 'params'} for group in self.optimizer.param_groups]
+            self.optimizer.load_state_dict(state['optimizer'])
+            for group, own in zip(self.optimizer.param_groups, settings):
+                group.update(own)  # the lr and settings that the code gives, not those the checkpoint kept
         self.origin = list(state['origin'])
 
 
@@ -298,6 +302,23 @@ def swap_networks(side, partners):
     for t in side.per_network():
         t.copy_(exchange(t, partners))  # exchange: t[partners], also across torchrun's processes (support part)
     side.origin = [side.origin[j] for j in partners.tolist()]
+
+
+# ------------------------------------------------------------------------------------
+# samples and scores outside training: the sample grids, the evaluation and --compare call the networks only
+# through these two (in eval mode, without gradients). An edit of what the networks take (a conditional GAN's
+# labels) or of which network draws the samples (an average of a generator's weights) goes here too.
+
+def draw_samples(pairs, z, y):
+    """Every generator's samples of noise z, (n_pairs, batch, x_dim) by slot. y (1, batch): the labels asked for,
+    unused here (a conditional GAN's edit reads them)."""
+    return pairs['G'].model(z)
+
+
+def score_inputs(pairs, x, y):
+    """Every discriminator's logits of inputs x (1 or n_pairs, batch, x_dim) whose labels are y (1, batch), unused
+    here: (n_pairs, batch, 1) by slot."""
+    return pairs['D'].model(x)
 
 
 # ------------------------------------------------------------------------------------
@@ -411,7 +432,7 @@ def read_block():
     for number, line in enumerate(lines[first:], first + 1):
         if line.startswith('# --- end of hyperparameters'):
             return table
-        found = re.fullmatch(r'(\w+) = [^#]+?(?:\s*#\s*(.*))?', line)
+        found = re.fullmatch(r'(\w+)\s*=(?!=)\s*[^#]+?(?:\s*#\s*(.*))?', line)  # as Python writes it: h_dim=64 too
         where = f'{os.path.basename(__file__)} line {number}'
         if line.strip() and not line.startswith('#') and (not found or found[1] not in globals()):
             refuse(f'{where}: {line.strip()!r} is not a hyperparameter; write one `name = value  # meaning` per line')
@@ -423,9 +444,10 @@ def read_block():
 
 
 def kind_of(name, default):
-    """The kind a hyperparameter takes: KINDS_OF's; for a name added to the block, its default's (None: no kind)."""
+    """The kind a hyperparameter takes: KINDS_OF's; for a name added to the block, its default's (5 a whole number,
+    5.0 a number, True a bool, 'a' a string; None: no kind)."""
     kind = next((kind for kind, names in KINDS_OF.items() if name in names), type(default))
-    return float if kind is int and name not in COUNTS else kind if kind in ACCEPTED else None
+    return kind if kind in ACCEPTED else None
 
 
 def of_kind(kind, value):
@@ -577,10 +599,12 @@ def used_for_training(data, cfg):
 
 
 def held_out_data(cfg, n):
-    """n examples the networks never train on: the test split's first n images, or fresh draws of the mixture."""
+    """n examples the networks never train on and their labels: the test split's first n images, or fresh draws of
+    the mixture."""
     if cfg['dataset'] in MIXTURES:
-        return sample_mixture(cfg['dataset'], n, seed=777)[0]
-    return load_images(cfg['dataset'], cfg['data_root'], train=False)[0][:n]
+        return sample_mixture(cfg['dataset'], n, seed=777)
+    images, labels = load_images(cfg['dataset'], cfg['data_root'], train=False)
+    return images[:n], labels[:n]
 
 
 class Batches:
@@ -977,25 +1001,30 @@ def evaluating(*sides):
 
 
 @torch.no_grad()
-def generate(G, z):
-    """Each generator's samples of the noise z, (n_pairs, batch, x_dim), in eval mode."""
-    with evaluating(G):
-        return G.model(z)
+def generate(pairs, z, y):
+    """Each generator's samples of the noise z and labels y (1, batch), (n_pairs, batch, x_dim): draw_samples's, in
+    eval mode."""
+    with evaluating(*pairs.values()):
+        return draw_samples(pairs, z, y)
 
 
 @torch.no_grad()
-def cross_scores(D, samples):
-    """The paper's cross-scoring: scores[d, g] = mean D_d(G_g(z)), d by slot, g by samples' order."""
-    with evaluating(D):
-        return torch.stack([torch.sigmoid(D.model(s)).mean((1, 2)) for s in samples], 1).double().cpu()
+def cross_scores(pairs, samples, y):
+    """The paper's cross-scoring: scores[d, g] = mean D_d(G_g(z)), d by slot, g by samples' order; y: the labels the
+    samples were drawn for (1, batch)."""
+    with evaluating(*pairs.values()):
+        return torch.stack([torch.sigmoid(score_inputs(pairs, s[None], y)).mean((1, 2)) for s in samples],
+                           1).double().cpu()
 
 
 @torch.no_grad()
-def judge_real(D, points, chunk=1000):
-    """Each discriminator's mean D(x) and accuracy (D > 0.5) on real points (N, x_dim), in slot order."""
-    with evaluating(D):
-        like = next(D.model.parameters())  # the runs --compare pools may differ in dtype
-        prob = torch.cat([torch.sigmoid(D.model(part.to(like))) for part in points.split(chunk)], 1)
+def judge_real(pairs, points, labels, chunk=1000):
+    """Each discriminator's mean D(x) and accuracy (D > 0.5) on real points (N, x_dim) with their labels (N,), in
+    slot order."""
+    with evaluating(*pairs.values()):
+        like = next(pairs['D'].model.parameters())  # the runs --compare pools may differ in dtype
+        prob = torch.cat([torch.sigmoid(score_inputs(pairs, part.to(like)[None], y.to(like.device)[None]))
+                          for part, y in zip(points.split(chunk), labels.split(chunk))], 1)
     return prob.mean((1, 2)).double().cpu(), (prob > 0.5).double().mean((1, 2)).cpu()
 
 
@@ -1014,10 +1043,10 @@ class Evaluator:
             self.reference = feature_stats(sample_mixture(cfg['dataset'], cfg['eval_samples'], seed=54321)[0])
         else:  # the classifier learns from the whole training set, whatever train_size the GANs see
             self.classifier, self.reference = load_classifier(cfg, dev, train_data, train_labels)
-        seen = used_for_training(train_data, cfg)
-        heldout = held_out_data(cfg, min(cfg['eval_samples'], len(seen)))
-        real = {'train': seen[:len(heldout)], 'heldout': heldout}
-        self.real = {split: as_inputs(points.to(dev), dtype) for split, points in real.items()}
+        seen, self.labels = used_for_training(train_data, cfg), used_for_training(train_labels, cfg).to(dev)
+        heldout, heldout_labels = held_out_data(cfg, min(cfg['eval_samples'], len(seen)))
+        real = {'train': (seen[:len(heldout)], self.labels[:len(heldout)]), 'heldout': (heldout, heldout_labels)}
+        self.real = {split: (as_inputs(x.to(dev), dtype), y.to(dev)) for split, (x, y) in real.items()}
 
     def generator_metrics(self, samples):
         """Coverage and quality of one generator's samples (N, x_dim)."""
@@ -1025,25 +1054,29 @@ class Evaluator:
             return mixture_metrics(samples.cpu(), self.cfg['dataset'], self.reference)
         return image_metrics(*classify(self.classifier, as_unit_pixels(samples)), self.reference)
 
-    def samples(self, G, it):
-        """eval_samples samples of every generator, by the pair it started in: (n_pairs, eval_samples, x_dim)."""
-        rng = torch.Generator(device=self.dev).manual_seed(self.cfg['seed'] * 1_000_003 + it + 7)  # not training's
-        chunks = [generate(G, to_slots(draw_noise(self.cfg, len(n), rng, self.dtype), G))
-                  for n in torch.arange(self.cfg['eval_samples']).split(1000)]
-        return torch.cat(chunks, 1)[[G.origin.index(g) for g in range(len(G.origin))]]
+    def samples(self, pairs, it):
+        """eval_samples samples of every generator, by the pair it started in, (n_pairs, eval_samples, x_dim), and
+        the labels they were drawn for (1, eval_samples), drawn as often as the training set has each."""
+        G, seed = pairs['G'], self.cfg['seed'] * 1_000_003 + it  # not training's noise
+        rng, label_rng = (torch.Generator(device=self.dev).manual_seed(seed + k) for k in (7, 8))
+        y = self.labels[torch.randint(len(self.labels), (self.cfg['eval_samples'],), generator=label_rng,
+                                      device=self.dev)][None]
+        chunks = [generate(pairs, to_slots(draw_noise(self.cfg, part.shape[1], rng, self.dtype), G), part)
+                  for part in y.split(1000, 1)]
+        return torch.cat(chunks, 1)[[G.origin.index(g) for g in range(len(G.origin))]], y
 
-    def pool(self, D, samples):
+    def pool(self, pairs, samples, y):
         """scores[d, g]: discriminator d's mean output on generator g's samples, both by the pair they started in."""
-        scores = torch.empty(len(D.origin), len(samples), dtype=torch.float64)
-        parts = samples.split(1000, 1)
-        scores[D.origin] = sum(cross_scores(D, part) * part.shape[1] for part in parts) / samples.shape[1]
+        scores = torch.empty(len(pairs['D'].origin), len(samples), dtype=torch.float64)
+        parts = zip(samples.split(1000, 1), y.split(1000, 1))
+        scores[pairs['D'].origin] = sum(cross_scores(pairs, x, y) * x.shape[1] for x, y in parts) / samples.shape[1]
         return scores
 
-    def judged(self, D):
+    def judged(self, pairs):
         """How each discriminator (by the pair it started in) judges real training and held-out examples."""
-        judged = {}
-        for split, points in self.real.items():
-            for key, in_slots in zip((f'd_{split}', f'd_{split}_acc'), judge_real(D, points)):
+        judged, D = {}, pairs['D']
+        for split, (points, labels) in self.real.items():
+            for key, in_slots in zip((f'd_{split}', f'd_{split}_acc'), judge_real(pairs, points, labels)):
                 judged[key] = torch.empty_like(in_slots)
                 judged[key][D.origin] = in_slots
         judged['d_gap'] = judged['d_train'] - judged['d_heldout']
@@ -1052,26 +1085,31 @@ class Evaluator:
 
     def __call__(self, pairs, it):
         """One row per generator, and the discriminator that started in its pair, by the pair they started in."""
-        G, D = pairs['G'], pairs['D']
+        G = pairs['G']
         rows = [{'iteration': it, 'generator': g + 1, **dict.fromkeys(METRIC_COLUMNS[2:-2], math.nan)}
                 for g in range(len(G.origin))]
-        samples = attempt('measure the generators (their samples)', lambda: self.samples(G, it), self.cannot)
-        if samples is not None:
+        drawn = attempt('measure the generators (their samples)', lambda: self.samples(pairs, it), self.cannot,
+                        'draw_samples')
+        if drawn is not None:
+            samples, y = drawn
             for row, mine in zip(rows, samples):
                 metrics = attempt('measure coverage and quality', lambda: self.generator_metrics(mine), self.cannot)
                 row.update(metrics or {})
-            scores = attempt('measure the pool of discriminators', lambda: self.pool(D, samples), self.cannot)
+            scores = attempt('measure the pool of discriminators', lambda: self.pool(pairs, samples, y), self.cannot,
+                             'score_inputs')
             for g, row in enumerate(rows if scores is not None else []):
                 row.update(pool_mean=scores[:, g].mean().item(), pool_worst=scores[:, g].min().item(),
                            d_scores=scores[:, g].tolist())
-        judged = attempt('measure the discriminators on real data', lambda: self.judged(D), self.cannot)
+        judged = attempt('measure the discriminators on real data', lambda: self.judged(pairs), self.cannot,
+                         'score_inputs')
         for g, row in enumerate(rows if judged is not None else []):
             row.update({key: value[g].item() for key, value in judged.items()})
         return rows
 
 
-def attempt(what, f, said):
-    """f(), or, where an edited network cannot take what it is given, None and one line saying so (once: said)."""
+def attempt(what, f, said, calls=''):
+    """f(), or, where an edited network cannot take what it is given, None and one line saying so (once: said),
+    naming the function of the algorithm part that calls the networks there (calls)."""
     try:
         return f()
     except WriteFailed:  # a full disk or an unwritable out_dir is no edit's doing: the run stops (train)
@@ -1080,7 +1118,8 @@ def attempt(what, f, said):
         if what not in said:
             said.add(what)
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            procs.say(f'cannot {what}: {reason}')
+            edit = f' (edit {calls}() to give the networks what they take)' if calls else ''
+            procs.say(f'cannot {what}: {reason}{edit}')
 
 
 # ------------------------------------------------------------------------------------
@@ -1128,12 +1167,14 @@ def configurations(runs):
     return [c or 'all runs' for c in configs]
 
 
-def pool_errors(Gs, Ds, noises):
-    """errors[d, g]: the share of generator g's samples that discriminator d takes for real, slot by slot."""
+def pool_errors(runs_pairs, noises, y):
+    """errors[d, g]: the share of generator g's samples (drawn for the labels y) that discriminator d takes for
+    real, slot by slot."""
     columns = []
-    for G, z in zip(Gs, noises):  # made 1000 at a time, as batch norm sees them in the evaluation
-        samples = torch.cat([generate(G, part) for part in z.split(1000, 1)], 1)
-        columns += [torch.cat([judge_real(D, s)[1] for D in Ds]) for s in samples]
+    for pairs, z in zip(runs_pairs, noises):  # made 1000 at a time, as batch norm sees them in the evaluation
+        samples = torch.cat([generate(pairs, part, labels[None]) for part, labels in zip(z.split(1000, 1),
+                                                                                         y.split(1000))], 1)
+        columns += [torch.cat([judge_real(judges, s, y)[1] for judges in runs_pairs]) for s in samples]
     return torch.stack(columns, 1)
 
 
@@ -1159,28 +1200,31 @@ def compare_runs(cfg):
         torch.set_num_threads(cfg['threads'])
     runs = find_runs(folder)
     configs = configurations(runs)
-    Gs, Ds, noises = [], [], []
+    real, labels = held_out_data({**runs[0][1]['hyperparameters'], 'data_root': cfg['data_root']}, cfg['eval_samples'])
+    y = labels[torch.arange(cfg['eval_samples']) % len(labels)].to(dev)  # the labels every generator draws for
+    runs_pairs, noises = [], []
     for name, state in runs:  # each run's sides, and the noise of the compare's seed as its generators take it
         hp, dtype = state['hyperparameters'], getattr(torch, state['hyperparameters']['dtype'])
-        pairs = make_pairs(hp, 2 if hp['dataset'] in MIXTURES else 784, dev, dtype)
+        pairs = make_pairs(hp, real.shape[1], dev, dtype)
         load_pairs(pairs, state['pairs'], os.path.join(folder, name, 'checkpoint.pt'))
-        Gs.append(pairs['G'])
-        Ds.append(pairs['D'])
+        runs_pairs.append(pairs)
         z = draw_noise(hp, cfg['eval_samples'], torch.Generator().manual_seed(cfg['seed']), dtype)
         noises.append(to_slots(z, pairs['G']).to(dev))
+    Gs, Ds = [pairs['G'] for pairs in runs_pairs], [pairs['D'] for pairs in runs_pairs]
     run_of = torch.tensor([r for r, G in enumerate(Gs) for _ in G.origin])  # each slot's run
     print(f'comparing {len(runs)} runs ({len(run_of)} generators, as many discriminators) '
           f'on {cfg["eval_samples"]} samples per generator', flush=True)
     try:
-        errors = pool_errors(Gs, Ds, noises)
-        real = held_out_data(runs[0][1]['hyperparameters'], cfg['eval_samples']).to(dev)
-        real_error = torch.cat([1 - judge_real(D, as_inputs(real, next(D.model.parameters()).dtype))[1] for D in Ds])
+        errors = pool_errors(runs_pairs, noises, y)
+        real_error = torch.cat([1 - judge_real(pairs, as_inputs(real.to(dev), noise.dtype), labels.to(dev))[1]
+                                for pairs, noise in zip(runs_pairs, noises)])
     except RuntimeError as error:  # an edited network that does not take a sample alone
-        refuse(f'--compare={folder}: cannot score the samples ({str(error).strip().splitlines()[0]})')
+        refuse(f'--compare={folder}: cannot score the samples ({str(error).strip().splitlines()[0]}); the networks are '
+               f'called through draw_samples() and score_inputs(): edit them to give the networks what they take')
     names = [(f'{runs[r][0]}:G{g + 1}', f'{runs[r][0]}:D{d + 1}')  # slot by slot: the networks each holds
              for r, (G, D) in enumerate(zip(Gs, Ds)) for g, d in zip(G.origin, D.origin)]
     write_comparison(folder, errors, real_error, names, run_of, configs)
-    best_of_runs(cfg, runs[0][1]['hyperparameters'], errors, run_of, Gs, noises, names, configs)
+    best_of_runs(cfg, runs[0][1]['hyperparameters'], errors, run_of, runs_pairs, noises, y, names, configs)
     return 0
 
 
@@ -1213,7 +1257,7 @@ def write_comparison(folder, errors, real_error, names, run_of, configs):
     print(f'wrote {folder}/compare.csv, compare_generators.csv, compare_matrix.csv and compare.png')
 
 
-def best_of_runs(cfg, hp, errors, run_of, Gs, noises, names, configs):
+def best_of_runs(cfg, hp, errors, run_of, runs_pairs, noises, y, names, configs):
     """Algorithm 1's "select the best GAN": each run's generator that fools the other runs' discriminators most
     (a lone run's, its own), with its own metrics: printed by configuration and written to compare_best.csv."""
     judges = (run_of[:, None] != run_of[None]) | (len(configs) == 1)  # judges[d, g]: d judges g
@@ -1221,10 +1265,10 @@ def best_of_runs(cfg, hp, errors, run_of, Gs, noises, names, configs):
     evaluator = Evaluator({**hp, **{k: cfg[k] for k in ('data_root', 'classifier_dir', 'eval_samples')}},
                           noises[0].device, noises[0].dtype, *training_data({**hp, 'data_root': cfg['data_root']}))
     rows = []
-    for r, (G, z) in enumerate(zip(Gs, noises)):
+    for r, (pairs, z) in enumerate(zip(runs_pairs, noises)):
         columns = (run_of == r).nonzero().flatten()
         best = int(columns[fooled[columns].argmax()])
-        metrics = evaluator.generator_metrics(generate(G, z)[best - int(columns[0])])
+        metrics = evaluator.generator_metrics(generate(pairs, z, y[None])[best - int(columns[0])])
         rows.append({'run': names[best][0], 'configuration': configs[r], 'pool_error': fooled[best].item(),
                      **{k: v for k, v in metrics.items() if k != 'histogram'}})
     keys = [k for k in ('pool_error', 'modes', 'modes_captured', 'high_quality', 'score', 'fd')
@@ -1437,6 +1481,9 @@ class Recorder:
         self.real = images[:2000] if cfg['dataset'] in MIXTURES else None  # drawn under 2-D samples
         self.fixed_z = draw_noise(cfg, 16 if self.real is None else 1000, torch.Generator().manual_seed(seed + 3),
                                   torch.float32).to(dev, dtype)  # the same latent points in every sample grid
+        classes = int(labels.max()) + 1  # the labels a conditional GAN's grid asks for: images, a class per row
+        self.fixed_y = (torch.arange(16) // 4 % classes if self.real is None else torch.arange(1000) % classes)
+        self.fixed_y = self.fixed_y.to(dev, labels.dtype)[None]
         last, every = cfg['iterations'] - 1, cfg['sample_every']  # the last grid's number: as wide as every name
         self.digits = max(3, len(str(self.grids + last // every - self.iteration // every - (last % every == 0))))
         evaluates = evaluates_at(cfg['iterations'] - 1, cfg)  # the last iteration does, when any does
@@ -1552,7 +1599,7 @@ class Recorder:
                if not all(p.isfinite().all() for p in side.model.parameters())]
         if bad:
             self.stop(f'a weight of {" and ".join(bad)} became non-finite by iteration {it}')
-        attempt('draw the sample grid', lambda: self.samples(it), self.said)
+        attempt('draw the sample grid', lambda: self.samples(it), self.said, 'draw_samples')
         self.grids += it % self.cfg['sample_every'] == 0  # one off schedule (Ctrl-C, the end): the next replaces it
         save_checkpoint(checkpoint_path(self.cfg), self.state_dict(unlogged))
 
@@ -1560,7 +1607,8 @@ class Recorder:
         G, D = self.pairs['G'], self.pairs['D']
         order = [G.origin.index(g) for g in range(len(G.origin))]  # the slot of G1, G2, ...
         save_samples(self.path(f'{self.grids:0{self.digits}d}.png'),
-                     generate(G, to_slots(self.fixed_z, G))[order], it, [D.origin[slot] for slot in order], self.real)
+                     generate(self.pairs, to_slots(self.fixed_z, G), self.fixed_y)[order], it,
+                     [D.origin[slot] for slot in order], self.real)
 
     def losses(self):
         if procs.leader:

@@ -189,3 +189,25 @@ def test_every_kind_of_value_is_checked_in_the_block(tmp_path, capsys, old, line
 def test_a_number_written_as_an_integer_in_the_block_is_a_number(tmp_path):
     edited, _ = edited_copy(tmp_path, ('lr = 1e-3  #', 'lr = 1  #'))
     assert edited.parse_args([])['lr'] == 1.0 and type(edited.parse_args(['--lr=0.5'])['lr']) is float
+
+
+def test_a_name_added_to_the_block_takes_its_defaults_kind_on_the_command_line_too(tmp_path):
+    """A count stays a whole number (range(cfg['n']) works), a float a number, a bool a bool, a string a string."""
+    edited, _ = edited_copy(tmp_path, ('K = 100  #', "n_critic = 5  # D steps per G step\nwarm = 0.5  # a fraction\n"
+                                                     "ema = True  # an average of G\nnote = 'x'  # a note\nK = 100  #"))
+    cfg = edited.parse_args([])
+    assert [type(cfg[k]) for k in ('n_critic', 'warm', 'ema', 'note')] == [int, float, bool, str]
+    cfg = edited.parse_args(['--n_critic=3', '--warm=1', '--ema=false', '--note=5'])
+    assert (cfg['n_critic'], cfg['warm'], cfg['ema'], cfg['note']) == (3, 1.0, False, '5')
+    assert type(cfg['n_critic']) is int and type(cfg['warm']) is float and list(range(cfg['n_critic'])) == [0, 1, 2]
+    with pytest.raises(SystemExit):
+        edited.parse_args(['--n_critic=2.5'])
+
+
+def test_name_equals_value_without_spaces_is_a_hyperparameter_as_python_reads_it(tmp_path):
+    edited, script = edited_copy(tmp_path, ('h_dim = 128  # hidden units of every generator and discriminator',
+                                            'h_dim=64# hidden units'), ('z_dim = 10  #', 'z_dim  =  12  #'))
+    cfg = edited.parse_args([])
+    assert cfg['h_dim'] == 64 and cfg['z_dim'] == 12
+    result = subprocess.run([sys.executable, script, '--help'], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and re.search(r'--h_dim\s+64\s+hidden units', result.stdout)

@@ -50,7 +50,7 @@ def test_compare_pools_every_discriminator_and_matches_a_direct_computation(two_
         G.model.load_state_dict(state['pairs']['G']['model'])
         D.model.load_state_dict(state['pairs']['D']['model'])
         assert state['pairs']['G']['origin'] == [0, 1]  # GAP's swap moves discriminators only
-        Gs += [pg.generate(G, z)[i] for i in range(2)]
+        Gs += [pg.generate(pairs, z, None)[i] for i in range(2)]
         Ds += [(D, i) for i in range(2)]
         names += [f'{run}:D{state["pairs"]["D"]["origin"][i] + 1}' for i in range(2)]
     with torch.no_grad():

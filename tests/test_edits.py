@@ -97,7 +97,7 @@ def test_dropout_in_D_trains_the_gradient_of_its_own_masks_and_is_off_when_sampl
     for p, grad, other in zip(D.model.parameters(), expected, other_masks):
         assert torch.allclose(p.grad, grad, rtol=0, atol=1e-12)
         assert not torch.allclose(p.grad, other, rtol=0, atol=1e-6)  # the masks matter
-    scores = [module.cross_scores(D, fake) for _ in range(2)]
+    scores = [module.cross_scores({"D": D}, fake, None) for _ in range(2)]
     assert torch.equal(*scores)  # eval mode: no dropout when judging
     assert D.model.training  # and back to training afterwards
 
@@ -431,3 +431,29 @@ def test_a_hinge_loss_and_leaky_relu_in_D_train_by_the_same_step_as_their_refere
     assert_same_run(whole, split)
     first = whole['log']['history'][0]
     assert all(abs(v - 2) < 0.5 for v in first['D_loss'])  # hinge: 2 - D(x) + D(G(z)) at logits near 0, not 1.39
+
+
+G_FIRST = (  # a side without an optimiser: the generators as they started, saved and drawn from but never trained
+    ("    return {'G': Side(G, G_optimizer, cfg['n_pairs']), 'D': Side(D, D_optimizer, cfg['n_pairs'])}",
+     "    G_first = generator(n, cfg, x_dim).to(dev, dtype)\n"
+     "    G_first.load_state_dict(G.state_dict())\n"
+     "    return {'G': Side(G, G_optimizer, cfg['n_pairs']), 'D': Side(D, D_optimizer, cfg['n_pairs']),\n"
+     "            'G_first': Side(G_first, None, cfg['n_pairs'])}"),
+    ("    return pairs['G'].model(z)", "    return pairs['G_first'].model(z)"))
+
+
+def test_a_side_without_an_optimiser_is_saved_resumed_and_draws_the_samples_with_no_edit_below(tmp_path, capsys):
+    module, _ = edited_copy(tmp_path, *G_FIRST)
+    whole, split = whole_and_split(module, tmp_path, '--n_pairs=2', '--K=5', '--sample_every=15', '--eval_every=20')
+    assert_same_run(whole, split)
+    assert 'cannot' not in capsys.readouterr().out
+    assert whole['pairs']['G_first']['optimizer'] is None
+    cfg = module.parse_args([*TINY, '--n_pairs=2'])
+    torch.manual_seed(cfg['seed'])
+    fresh = module.make_pairs(cfg, 2, CPU, torch.float32)
+    for name, first in whole['pairs']['G_first']['model'].items():  # never trained: as G started, not as it ended
+        assert torch.equal(first, fresh['G'].model.state_dict()[name])
+        assert not torch.equal(first, whole['pairs']['G']['model'][name])
+    z = torch.randn(1, 5, cfg['z_dim'])
+    assert torch.equal(module.generate(fresh, z, None), fresh['G_first'].model(z).detach())
+    assert len(list((tmp_path / 'whole').glob('0*.png'))) == 4  # iterations 0, 15, 30 and the last

@@ -114,7 +114,7 @@ def test_cross_scores_hold_every_discriminator_on_every_generator():
         D.model[2].weight.zero_()
         D.model[2].bias.copy_(torch.arange(3.0).reshape(3, 1, 1) - 1)
     samples = torch.rand(3, 50, 2)
-    scores = pg.cross_scores(D, samples)
+    scores = pg.cross_scores(pairs, samples, None)
     assert scores.shape == (3, 3)
     assert torch.allclose(scores, torch.sigmoid(torch.arange(3.0) - 1).double()[:, None].expand(3, 3), atol=1e-6)
 
@@ -182,6 +182,8 @@ def test_a_conditional_gan_edit_trains_and_evaluates_what_it_still_can(tiny_mnis
     assert cannot and all(line.startswith('cannot measure ') for line in cannot)
     assert len(cannot) == len(set(cannot))  # each said once, not at every evaluation
     assert any('pool of discriminators' in line for line in cannot)
+    assert all('(edit score_inputs() to give the networks what they take)' in line for line in cannot
+               if 'discriminators' in line)
     assert any('discriminators on real data' in line for line in cannot)
     rows = pg.read_csv(out / 'metrics.csv')
     assert [(int(r['iteration']), int(r['generator'])) for r in rows] == [(10, 1), (10, 2), (11, 1), (11, 2)]
@@ -191,31 +193,45 @@ def test_a_conditional_gan_edit_trains_and_evaluates_what_it_still_can(tiny_mnis
     assert (out / 'metrics.png').stat().st_size > 1000 and (out / 'checkpoint.pt').exists()
 
 
-CONDITIONAL_GAN = (  # the README's recipe: G and D both take the label, one-hot, beside their usual input
+WITH_LABEL = (  # the README's recipe: the label beside each input, one-hot
+    "def with_label(t, y):\n"
+    "    \"\"\"t (1 or n_pairs, batch, features) with each row's label (1 or n_pairs, batch), one-hot, beside it.\"\"\"\n"
+    "    return torch.cat([t, F.one_hot(y.long(), 10).to(t.dtype).expand(len(t), -1, -1)], -1)\n\n\n")
+CONDITIONAL_GAN = (  # the README's recipe: G and D both take the label, in training and in draw_samples/score_inputs
     ("for fan_in in [cfg['z_dim']] + [h]", "for fan_in in [cfg['z_dim'] + 10] + [h]"),
     ("for fan_in in [x_dim] + [h]", "for fan_in in [x_dim + 10] + [h]"),
-    ("    fake = G.model(z)", "    label = F.one_hot(y, 10).to(x.dtype)  # (1 or n_pairs, batch, 10)\n"
-     "    with_label = lambda t: torch.cat([t, label.expand(len(t), -1, -1)], -1)\n    fake = G.model(with_label(z))"),
-    ("D.model(noisy(x, input_noise[0]))", "D.model(with_label(noisy(x, input_noise[0])))"),
-    ("D.model(noisy(fake.detach(), input_noise[1]))", "D.model(with_label(noisy(fake.detach(), input_noise[1])))"),
-    ("D.model(noisy(fake, input_noise[2]))", "D.model(with_label(noisy(fake, input_noise[2])))"))
+    ("    fake = G.model(z)", "    fake = G.model(with_label(z, y))"),
+    ("D.model(noisy(x, input_noise[0]))", "D.model(with_label(noisy(x, input_noise[0]), y))"),
+    ("D.model(noisy(fake.detach(), input_noise[1]))", "D.model(with_label(noisy(fake.detach(), input_noise[1]), y))"),
+    ("D.model(noisy(fake, input_noise[2]))", "D.model(with_label(noisy(fake, input_noise[2]), y))"),
+    ("def draw_samples(pairs, z, y):", WITH_LABEL + "def draw_samples(pairs, z, y):"),
+    ("    return pairs['G'].model(z)", "    return pairs['G'].model(with_label(z, y))"),
+    ("    return pairs['D'].model(x)", "    return pairs['D'].model(with_label(x, y))"))
 
 
 @pytest.mark.parametrize('own_noise', [False, True])
-def test_the_conditional_gan_recipe_trains_resumes_and_says_what_it_cannot_draw(tiny_mnist, tmp_path, capsys, own_noise):
+def test_the_conditional_gan_recipe_trains_resumes_draws_its_grids_and_is_measured(tiny_mnist, tmp_path, capsys,
+                                                                                   own_noise):
     """G and D conditioned on the batch's labels (shared, or each pair's own batch): it trains and resumes; the
-    sample grid and the evaluation, which draw plain noise, say in one line each what they cannot do."""
+    sample grids (a class per row) and every evaluation column come through draw_samples and score_inputs."""
     module, _ = edited_copy(tmp_path, *CONDITIONAL_GAN)
-    common = [f'--data_root={tiny_mnist}', f'--out_dir={tmp_path / "out"}', f'--classifier_dir={tiny_mnist}/cls',
+    out = tmp_path / 'out'
+    common = [f'--data_root={tiny_mnist}', f'--out_dir={out}', f'--classifier_dir={tiny_mnist}/cls',
               '--h_dim=16', '--eval_every=10', '--eval_samples=200', '--log_every=5', '--sample_every=5',
               f'--own_noise={own_noise}']
     assert module.train(module.parse_args([*common, '--iterations=11'])) == 0
     assert module.train(module.parse_args([*common, '--iterations=16', '--resume=True'])) == 0
-    out = capsys.readouterr().out
-    cannot = [line for line in out.splitlines() if line.startswith('cannot ')]
-    assert len([line for line in cannot if line.startswith('cannot draw the sample grid')]) == 2  # once per run
-    assert any(line.startswith('cannot measure the generators') for line in cannot)
-    assert 'it      15 | D_loss' in out and 'Traceback' not in out
+    printed = capsys.readouterr().out
+    assert 'it      15 | D_loss' in printed and 'Traceback' not in printed and 'cannot' not in printed
+    assert sorted(p.name for p in out.glob('*.png') if p.stem.isdigit()) == ['000.png', '001.png', '002.png', '003.png']
+    rows = pg.read_csv(out / 'metrics.csv')
+    assert [int(r['iteration']) for r in rows] == [10, 10, 15, 15]
+    for row in rows:
+        for key in ('modes', 'kl', 'fd', 'pool_mean', 'd_train', 'd_heldout', 'd_gap'):
+            assert math.isfinite(float(row[key])), key
+    recorder = module.Recorder(module.parse_args([*common, '--iterations=1']), torch.device('cpu'),
+                               *module.training_data(module.parse_args(common)), None, [])
+    assert recorder.fixed_y.tolist() == [[0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]]  # a class per grid row
 
 
 def test_the_classifier_cache_is_reused_and_rebuilt_when_stale(tmp_path, monkeypatch, capsys):
@@ -278,7 +294,8 @@ def test_the_r15_mixture_has_the_real_r15_clusters_means():
 def test_a_discriminators_accuracy_is_the_share_it_takes_for_real_at_one_half():
     """judge_real: mean D(x) and the share with D(x) > 0.5; logits placed just either side of 0.5 and of 0.4."""
     cfg = pg.parse_args(['--n_pairs=2', '--dataset=ring8'])
-    D = pg.make_pairs(cfg, 2, torch.device('cpu'), torch.float32)['D']
+    pairs = pg.make_pairs(cfg, 2, torch.device('cpu'), torch.float32)
+    D = pairs['D']
     logit = torch.logit(torch.tensor([0.45, 0.55, 0.35, 0.62]))
     with torch.no_grad():  # D's output is its input's first coordinate: the points carry the logits
         D.model[0].weight.zero_()
@@ -288,6 +305,6 @@ def test_a_discriminators_accuracy_is_the_share_it_takes_for_real_at_one_half():
         D.model[2].weight[:, 0, 0] = 1
         D.model[2].bias.fill_(-10)  # ... and back
     points = torch.stack([logit, torch.zeros(4)], 1)
-    mean, accuracy = pg.judge_real(D, points)
+    mean, accuracy = pg.judge_real(pairs, points, torch.zeros(4))
     assert accuracy.tolist() == [0.5, 0.5]  # 0.55 and 0.62 are taken for real; 0.45 (and 0.35) not
     assert mean.tolist() == pytest.approx([float(torch.sigmoid(logit).mean())] * 2, abs=1e-6)

@@ -39,7 +39,7 @@ def test_pair_slices_are_the_nn_linear_networks_of_the_reference():
     G, D = pairs(n_pairs=3)
     ref = ReferenceGAP(3, 10, 128, 784, 1e-3).to(F64).copy_weights_from(G.model, D.model)
     z, x = torch.randn(5, 10, dtype=F64), torch.rand(5, 784, dtype=F64)
-    fake = pg.generate(G, z)
+    fake = pg.generate({'G': G}, z, None)
     for i in range(3):
         assert torch.allclose(fake[i], ref.G[i](z), atol=1e-14)
         assert torch.allclose(D.model(x)[i], ref.D[i](x), atol=1e-14)
@@ -154,7 +154,7 @@ def test_an_edited_loss_drives_training_and_matches_its_reference(tmp_path):
 def test_train_step_reports_the_losses_and_d_of_real_and_fake_before_the_d_step():
     G, D = pairs()
     z, x = torch.randn(32, 10, dtype=F64), torch.rand(32, 784, dtype=F64)
-    fake = pg.generate(G, z)
+    fake = pg.generate({'G': G}, z, None)
     logit = D.model(torch.cat([x.expand(2, -1, -1), fake], 1)).clone()
     stats = pg.train_step(G, D, z, x)
     assert list(stats) == ['D_loss', 'G_loss', 'D(x)', 'D(G(z))'] and all(v.shape == (2,) for v in stats.values())
@@ -181,7 +181,7 @@ def test_after_a_swap_each_generator_trains_against_the_other_discriminator_and_
             assert not torch.equal(state[0], state[1])
 
     # generator 0 now faces the discriminator that pair 1 trained: its G step is scored by that D
-    fake = pg.generate(G, z)
+    fake = pg.generate({'G': G}, z, None)
     W1, b1, W2, b2 = (before[k][1] for k in ('0.weight', '0.bias', '2.weight', '2.bias'))
     expected = nn.functional.softplus(-(torch.relu(fake[0] @ W1 + b1) @ W2 + b2)).mean()
     assert torch.allclose(pg.g_loss(D.model(fake))[0], expected)
@@ -292,3 +292,17 @@ def test_input_noise_decays_linearly_to_zero_at_the_last_iteration():
         expected = [std * torch.randn(3, 64, 5, generator=g, dtype=torch.float64) for _ in range(3)]
         assert len(drawn) == 3 and all(torch.allclose(d, e, rtol=0, atol=1e-15) for d, e in zip(drawn, expected))
     assert pg.input_noise_of(pg.parse_args([]), 0, 5, torch.Generator(), torch.float64) == (None, None, None)
+
+
+def test_clipping_leaves_a_gradient_shorter_than_clip_untouched_and_shortens_a_longer_one_to_clip():
+    """Pair 0's gradient (norm 0.5) passes unchanged, bit for bit; pair 1's (norm 4) is scaled to norm 1."""
+    G, D = pairs(n_pairs=2)
+    grads = [torch.randn_like(p) for p in D.model.parameters()]
+    norms = torch.stack([g.flatten(1).square().sum(1) for g in grads]).sum(0).sqrt()
+    for p, g in zip(D.model.parameters(), grads):
+        p.grad = g * (torch.tensor([0.5, 4.0], dtype=F64) / norms).view(-1, *[1] * (g.dim() - 1))
+    before = [p.grad.clone() for p in D.model.parameters()]
+    pg.clip_gradients(D.model, 1.0)
+    assert all(torch.equal(p.grad[0], b[0]) for p, b in zip(D.model.parameters(), before))
+    after = torch.stack([p.grad[1].square().sum() for p in D.model.parameters()]).sum().sqrt()
+    assert after == pytest.approx(1.0, abs=1e-5)

@@ -298,3 +298,20 @@ def test_the_tests_find_real_mnist_through_gap_mnist(tmp_path, monkeypatch):
     assert found() == str(tmp_path)
     monkeypatch.delenv('GAP_MNIST')
     assert os.path.normpath(found()) == os.path.normpath(os.path.join(here, '..', '..', 'shared', 'mnist'))
+
+
+def flushed():
+    """Whether this thread's float arithmetic flushes denormals to 0 now (1e-30 * 1e-10 is a float32 denormal)."""
+    return (torch.tensor([1e-30]) * torch.tensor([1e-10])).item() == 0.0
+
+
+def test_a_cpu_run_trains_with_denormals_flushed_and_resumes_bit_for_bit(tiny_mnist, tmp_path, monkeypatch):
+    """Flushed in every iteration of a fresh and a resumed run, and no longer once train() returns."""
+    states, step = [], pg.gap_iteration
+    monkeypatch.setattr(pg, 'gap_iteration', lambda *args: states.append(flushed()) or step(*args))
+    common = [f'--data_root={tiny_mnist}', '--K=5', '--sample_every=10', *SMALL]
+    train(*common, f'--out_dir={tmp_path / "whole"}', '--iterations=30')
+    train(*common, f'--out_dir={tmp_path / "split"}', '--iterations=14')
+    train(*common, f'--out_dir={tmp_path / "split"}', '--iterations=30', '--resume=True')
+    assert states == [True] * 60 and not flushed()
+    assert_same_run(load(tmp_path / 'whole' / 'checkpoint.pt'), load(tmp_path / 'split' / 'checkpoint.pt'))

@@ -6,8 +6,12 @@
     python tests/study/benchmark.py --against=paper --pairs=2          # what --paper=True costs
     python tests/study/benchmark.py --against=hinge --pairs=2          # an edit: hinge loss and LeakyReLU in D
 
-Both loops run in this process on the same data, in alternating timed rounds after a
-warm-up; each round times `--iterations` iterations (noise, batch and both updates).
+Both loops run in this process on the same data. Each first trains `--warmup` iterations (default 2,000), so
+that both are timed in the state a run spends its time in, not from fresh weights: on MNIST, Adam's moments of the
+always-empty border pixels and the gradients through saturated sigmoids become denormal floats within the first
+1,000 iterations, which the CPU handles many times slower. Then alternating timed rounds; each times
+`--iterations` iterations (noise, batch and both updates). A loop whose script flushes denormals (parallel_gan.py's
+train() does, on the CPU) runs its rounds flushed, the reference loop (the classic script) does not.
 Printed: the median iterations per second of each, their ratio, and the peak memory of a
 whole default-sized run of each (measured in child processes, so one cannot hide the other's).
 Not collected by pytest: it is a measurement, not a test.
@@ -81,6 +85,7 @@ def parallel_gan_loop(n_pairs, images, dev, module=pg, options=()):
         recent.append(torch.stack(list(stats.values()), 1) if isinstance(stats, dict) else stats)
         if len(recent) == 1000:
             recent.clear()
+    step.flushes = flushes(module)
     return step
 
 
@@ -109,9 +114,17 @@ def edited(edits):
     return edited_copy(tempfile.mkdtemp(), *edits)[0]
 
 
+def flushes(module):
+    """Whether a version of parallel_gan.py trains with denormals flushed (on the CPU, as its train() sets it)."""
+    return hasattr(module, 'denormals_flushed')
+
+
 def rate(step, iterations, dev):
-    """Iterations per second of at least `iterations` iterations (a step may do several)."""
+    """Iterations per second of at least `iterations` iterations (a step may do several), with denormals flushed
+    where the loop's script flushes them (step.flushes)."""
     sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
+    if dev.type == 'cpu':
+        torch.set_flush_denormal(getattr(step, 'flushes', False))
     sync()
     start, done = time.perf_counter(), 0
     while done < iterations:
@@ -173,6 +186,8 @@ def main():
     parser.add_argument('--pairs', default='2,4,8', help='comma-separated n_pairs values')
     parser.add_argument('--iterations', type=int, default=0, help='iterations per timed round (0: about 1 s)')
     parser.add_argument('--rounds', type=int, default=7, help='alternating timed rounds per loop')
+    parser.add_argument('--warmup', type=int, default=2000, help='iterations each loop trains before it is timed '
+                        '(the steady state of a run; 0: time fresh weights)')
     parser.add_argument('--device', default='auto')
     parser.add_argument('--threads', type=int, default=0, help='torch threads (0: default)')
     parser.add_argument('--process_rounds', type=int, default=2, help='rounds of the processes row (0: skip it)')
@@ -192,7 +207,8 @@ def main():
     images, source = training_images(dev)
     name = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'CPU ({os.cpu_count()} cores)'
     print(f'device {dev} [{name}], {torch.get_num_threads()} threads, torch {torch.__version__}, '
-          f'data: {source}, batch 32, {args.rounds} alternating rounds, median')
+          f'data: {source}, batch 32, timed after {args.warmup} iterations of training, {args.rounds} alternating '
+          f'rounds, median')
     print(f'{"n_pairs":>7} {"baseline it/s":>15} {"parallel_gan it/s":>18} {"ratio":>9}')
     options = args.options.split() if args.options else []
     against = {'': 'the reference loop (the classic op sequence, pair after pair)', 'paper': 'parallel_gan.py with '
@@ -208,7 +224,7 @@ def main():
         loops = {'baseline': old, 'parallel_gan': parallel_gan_loop(n_pairs, images, dev, options=options)}
         iterations = args.iterations or max(20, int(400 / n_pairs))
         for step in loops.values():
-            rate(step, 20, dev)  # warm-up
+            rate(step, max(args.warmup, 20), dev)  # into the steady state (and past the first calls' set-up)
         rates = {name: [] for name in loops}
         for _ in range(args.rounds):
             for name, step in loops.items():

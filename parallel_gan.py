@@ -1200,17 +1200,17 @@ def compare_runs(cfg):
         torch.set_num_threads(cfg['threads'])
     runs = find_runs(folder)
     configs = configurations(runs)
-    real, labels = held_out_data({**runs[0][1]['hyperparameters'], 'data_root': cfg['data_root']}, cfg['eval_samples'])
-    y = labels[torch.arange(cfg['eval_samples']) % len(labels)].to(dev)  # the labels every generator draws for
     runs_pairs, noises = [], []
     for name, state in runs:  # each run's sides, and the noise of the compare's seed as its generators take it
         hp, dtype = state['hyperparameters'], getattr(torch, state['hyperparameters']['dtype'])
-        pairs = make_pairs(hp, real.shape[1], dev, dtype)
+        pairs = make_pairs(hp, 2 if hp['dataset'] in MIXTURES else 784, dev, dtype)
         load_pairs(pairs, state['pairs'], os.path.join(folder, name, 'checkpoint.pt'))
         runs_pairs.append(pairs)
         z = draw_noise(hp, cfg['eval_samples'], torch.Generator().manual_seed(cfg['seed']), dtype)
         noises.append(to_slots(z, pairs['G']).to(dev))
     Gs, Ds = [pairs['G'] for pairs in runs_pairs], [pairs['D'] for pairs in runs_pairs]
+    real, labels = held_out_data(runs[0][1]['hyperparameters'], cfg['eval_samples'])
+    y = labels[torch.arange(cfg['eval_samples']) % len(labels)].to(dev)  # the labels every generator draws for
     run_of = torch.tensor([r for r, G in enumerate(Gs) for _ in G.origin])  # each slot's run
     print(f'comparing {len(runs)} runs ({len(run_of)} generators, as many discriminators) '
           f'on {cfg["eval_samples"]} samples per generator', flush=True)

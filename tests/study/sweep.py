@@ -36,6 +36,10 @@ CONDITIONS = {  # a condition's name (the CSV's condition column): the hyperpara
     'own_noise': {'own_noise': True}, 'prior_mixed': {'prior': 'mixed'}, 'input_noise': {'input_noise': 0.1},
     'clip': {'clip': 1.0}, 'swap_matching': {'swap': 'matching'}, 'batch_norm': {'batch_norm': True},
     'paper_without_batch_norm': {'paper': True, 'batch_norm': False},
+    # the authors' code (hma02/GAN-evaluation) on top of the paper's: each of its two unstated choices, and both
+    'paper_same_init': {'paper': True, 'same_init': True},
+    'paper_swap_weights': {'paper': True, 'swap_moves': 'weights'},
+    'paper_authors_code': {'paper': True, 'same_init': True, 'swap_moves': 'weights'},
 }
 
 
@@ -101,6 +105,14 @@ PARTS = {  # name: (what it is, its runs, whether its runs share one pool of dis
                         True),
     'r15_paper_lr2e-4_z2': ("R15, 100 points, the paper's conditions at lr 2e-4, h_dim 128, z_dim 2, 20 seeds",
                             cell({**TOY, 'lr': 2e-4, 'h_dim': 128, 'z_dim': 2}, 'paper', (2,), range(20), **R15), True),
+    # the authors' code: r15_paper with each of its two unstated choices, and with both; every part its own K=0 arm
+    # (swap_moves cannot change a run without swaps: its K=0 arm repeats the paper's, run again to be safe)
+    'r15_paper_same_init': ("R15, 100 points, the paper's conditions plus same_init (the authors' code)",
+                            cell(TOY, 'paper_same_init', (2,), TEN, **R15), True),
+    'r15_paper_swap_weights': ("R15, 100 points, the paper's conditions plus swap_moves='weights' (the authors' code)",
+                               cell(TOY, 'paper_swap_weights', (2,), TEN, **R15), True),
+    'r15_paper_authors_code': ("R15, 100 points, the paper's conditions plus both: the authors' code",
+                               cell(TOY, 'paper_authors_code', (2,), TEN, **R15), True),
 }
 CONFIG_COLUMNS = ('dataset', 'train_size', 'paper', 'K', 'seed', 'n_pairs', 'layers', 'h_dim', 'z_dim', 'lr', 'beta1',
                   'mb_size', 'iterations')

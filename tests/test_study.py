@@ -35,6 +35,16 @@ def test_every_part_holds_the_protocol():
             assert seeds == arms[setting, 0, 'baseline'], (part, K)  # same seeds as K=0
 
 
+
+def test_a_part_that_shares_its_k0_runs_differs_from_its_twin_in_swap_moves_alone():
+    """swap_moves acts at a swap alone, so K=0 runs that differ only in it are the same runs (test_run.py)."""
+    for part, twin in sweep.SAME_K0_RUNS.items():
+        mine, theirs = ({name: hp for name, hp, *_ in sweep.PARTS[p][1] if hp['K'] == 0} for p in (part, twin))
+        assert mine.keys() == theirs.keys() and len(mine) == 10
+        for name, hp in mine.items():
+            assert {k: v for k, v in hp.items() if k != 'swap_moves'} == \
+                   {k: v for k, v in theirs[name].items() if k != 'swap_moves'}
+
 def write_runs(path, arms, metric_values, columns=sweep.COLUMNS, commit='abc1234'):
     """A study CSV: for each (part, dataset, train_size, condition, K, arm) a run per seed, 2 generators whose
     metrics average to the given value (one generator value + d, the other value - d)."""

@@ -13,6 +13,7 @@ import argparse
 import csv
 import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -114,6 +115,9 @@ PARTS = {  # name: (what it is, its runs, whether its runs share one pool of dis
     'r15_paper_authors_code': ("R15, 100 points, the paper's conditions plus both: the authors' code",
                                cell(TOY, 'paper_authors_code', (2,), TEN, **R15), True),
 }
+# a part whose K=0 runs are another part's: the same runs bit for bit, as they differ only in swap_moves, which acts
+# at a swap alone; copied (with their checkpoints) rather than run again, so that the part's pool holds both arms
+SAME_K0_RUNS = {'r15_paper_same_init': 'r15_paper_authors_code'}
 CONFIG_COLUMNS = ('dataset', 'train_size', 'paper', 'K', 'seed', 'n_pairs', 'layers', 'h_dim', 'z_dim', 'lr', 'beta1',
                   'mb_size', 'iterations')
 METRIC_COLUMNS = ('modes', 'modes_captured', 'kl', 'score', 'confidence', 'fd', 'high_quality', 'pool_mean', 'pool_worst',
@@ -146,6 +150,16 @@ def command(hp, folder, args, resume):
             f'--classifier_dir={args.classifier_dir}', *(['--resume=True'] if resume else [])]
 
 
+def copy_same_run(part, name, hp, folder, args):
+    """A K=0 run of a part in SAME_K0_RUNS: copied from its twin part where the twin's run is done and it is not."""
+    source = os.path.join(args.study, SAME_K0_RUNS.get(part, ''), name)
+    done = hp['iterations'] - 1
+    if part in SAME_K0_RUNS and hp['K'] == 0 and checkpoint_iteration(folder) is None \
+            and checkpoint_iteration(source) == done:
+        shutil.copytree(source, folder, dirs_exist_ok=True)
+        print(f'{part}: {name} copied from {SAME_K0_RUNS[part]} (the same run)', flush=True)
+
+
 def minutes(seconds):
     return f'{seconds / 60:.0f} min' if seconds >= 90 else f'{seconds:.0f} s'
 
@@ -156,6 +170,7 @@ def run_part(part, args):
     todo = []
     for name, hp, *_ in runs:
         folder = os.path.join(args.study, part, name)
+        copy_same_run(part, name, hp, folder, args)
         at = checkpoint_iteration(folder)
         if at != hp['iterations'] - 1:
             todo.append((name, command(hp, folder, args, resume=at is not None), folder))

@@ -51,6 +51,10 @@ input_noise = 0.0  # std of Gaussian noise on every D input in training, decayin
 clip = 0.0  # clip each network's gradient to this norm before its step (0: never; paper: 1)
 swap = 'derangement'  # 'derangement' (every D moves) or 'matching' (Algorithm 1: random pairs exchange theirs)
 batch_norm = False  # batch normalisation after every hidden linear layer of G and D (the paper's toy networks)
+# the authors' code (hma02/GAN-evaluation): two choices the paper does not state (its third, a swap every 10% of
+# training, is K = iterations / 10)
+same_init = False  # every pair starts from pair 1's weights, G and D (needs pairs that differ: own_noise, ...)
+swap_moves = 'network'  # a swap moves 'network' (weights, buffers, Adam's state) or 'weights' (state stays put)
 # output
 log_every = 1000  # print a log line (means since the previous one) every this many iterations
 sample_every = 1000  # write out/NNN.png and the checkpoint every this many iterations
@@ -181,11 +185,15 @@ class Side:
     def __init__(self, model, optimizer, n_pairs):
         self.model, self.optimizer, self.origin = model, optimizer, list(range(n_pairs))
 
+    def weights(self):
+        """The networks' weights and buffers, each with one slice per network."""
+        return [*self.model.parameters(), *self.model.buffers()]
+
     def per_network(self):
         """Every tensor with one slice per network: weights, buffers, optimiser state (not its scalar step)."""
         kept = self.optimizer.state.values() if self.optimizer else []
         state = [t for s in kept for t in s.values() if torch.is_tensor(t) and t.dim()]
-        return [*self.model.parameters(), *self.model.buffers(), *state]
+        return [*self.weights(), *state]
 
     def state_dict(self):
         optimizer = self.optimizer.state_dict() if self.optimizer else None
@@ -206,6 +214,10 @@ def make_pairs(cfg, x_dim, dev, dtype, n=None):
     n = n or cfg['n_pairs']
     G = generator(n, cfg, x_dim).to(dev, dtype)
     D = discriminator(n, cfg, x_dim).to(dev, dtype)
+    if cfg['same_init']:  # the authors' code: every pair starts from pair 1's weights
+        with torch.no_grad():
+            for t in (*G.parameters(), *G.buffers(), *D.parameters(), *D.buffers()):
+                t.copy_(t[:1].expand_as(t))
     G_optimizer = torch.optim.Adam(G.parameters(), lr=cfg['lr'], betas=(cfg['beta1'], 0.999), fused=True)
     D_optimizer = torch.optim.Adam(D.parameters(), lr=cfg['lr'], betas=(cfg['beta1'], 0.999), fused=True)
     return {'G': Side(G, G_optimizer, cfg['n_pairs']), 'D': Side(D, D_optimizer, cfg['n_pairs'])}
@@ -291,15 +303,17 @@ def new_partners(cfg, it):
             return partners
 
 
-def swap_discriminators(D, partners):
-    """GAP's swap: generator i now trains against the discriminator that was at partners[i]."""
-    swap_networks(D, partners)
+def swap_discriminators(D, partners, moves='network'):
+    """GAP's swap: generator i now trains against the discriminator that was at partners[i]. moves='weights' (the
+    authors' code): only weights and buffers move; each slot keeps its optimiser state (Adam's moments)."""
+    swap_networks(D, partners, D.per_network() if moves == 'network' else D.weights())
 
 
 @torch.no_grad()
-def swap_networks(side, partners):
-    """Slot i takes the network that was in slot partners[i]: weights, buffers, optimiser state and origin."""
-    for t in side.per_network():
+def swap_networks(side, partners, tensors=None):
+    """Slot i takes what slot partners[i] held: tensors (default: the whole network, its weights, buffers and
+    optimiser state) and its origin."""
+    for t in side.per_network() if tensors is None else tensors:
         t.copy_(exchange(t, partners))  # exchange: t[partners], also across torchrun's processes (support part)
     side.origin = [side.origin[j] for j in partners.tolist()]
 
@@ -360,7 +374,7 @@ def gap_iteration(it, pairs, data, noise_rng, cfg):
     z, x, y, *input_noise = (own_share(t) for t in (z, x, y, *input_noise))
     stats = train_step(G, D, z, x, y, input_noise, cfg['clip'])
     if swaps_at(it, cfg):
-        swap_discriminators(D, new_partners(cfg, it))
+        swap_discriminators(D, new_partners(cfg, it), cfg['swap_moves'])
     return stats
 
 
@@ -417,8 +431,9 @@ MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-image
 ACCEPTED = {bool: 'True or False', int: 'a whole number', float: 'a number', str: 'a string',
             None: 'a number, True/False or a string'}
 KINDS_OF = {int: COUNTS, float: ('lr', 'beta1', 'input_noise', 'clip'),  # what the block's names take, as shipped
-            bool: ('paper', 'own_noise', 'batch_norm', 'resume', 'resume_edited', 'eval_at_end'),
-            str: ('prior', 'swap', 'out_dir', 'dataset', 'data_root', 'classifier_dir', 'compare', 'device', 'dtype')}
+            bool: ('paper', 'own_noise', 'batch_norm', 'same_init', 'resume', 'resume_edited', 'eval_at_end'),
+            str: ('prior', 'swap', 'swap_moves', 'out_dir', 'dataset', 'data_root', 'classifier_dir', 'compare', 'device',
+                  'dtype')}
 
 
 # ------------------------------------------------------------------------------------
@@ -483,7 +498,8 @@ def check(cfg):
                 'sample_every': 1, 'eval_samples': 2, 'K': 0, 'train_size': 0, 'eval_every': 0, 'threads': 0,
                 'input_noise': 0, 'clip': 0}  # 0: off (never, all, torch's default, none)
     one_of = {'dataset': (*IMAGE_DATASETS, *MIXTURES), 'dtype': ('float32', 'float64'),
-              'prior': ('gaussian', 'uniform', 'mixed'), 'swap': ('derangement', 'matching')}
+              'prior': ('gaussian', 'uniform', 'mixed'), 'swap': ('derangement', 'matching'),
+              'swap_moves': ('network', 'weights')}
     rules = [(cfg[k] >= low and math.isfinite(cfg[k]), f'{k} must be at least {low}' + ' (0: off)' * (low == 0))
              for k, low in at_least.items()]
     rules += [(cfg[k] in values, f'{k} must be one of {", ".join(values)}') for k, values in one_of.items()]
@@ -491,6 +507,9 @@ def check(cfg):
         (cfg['K'] == 0 or cfg['n_pairs'] >= 2, 'K>0 swaps discriminators between pairs: it needs n_pairs >= 2 '
                                                '(or K=0)'),
         (cfg['mb_size'] >= 2 or not cfg['batch_norm'], 'batch_norm needs mb_size of at least 2'),
+        (not cfg['same_init'] or cfg['own_noise'] or cfg['prior'] == 'mixed' or cfg['input_noise'] > 0,
+         'same_init with every pair on the same noise and batches trains copies of one GAN: add own_noise=True, '
+         "prior='mixed' or input_noise (or paper=True)"),
         (cfg['lr'] > 0 and math.isfinite(cfg['lr']), 'lr must be a positive number'),
         (0 <= cfg['beta1'] < 1, 'beta1 must be at least 0 and below 1'),
         (0 <= cfg['seed'] < 2 ** 32, 'seed must be a whole number from 0 to 2**32 - 1 (4294967295)'),

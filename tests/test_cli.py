@@ -67,6 +67,8 @@ def test_help_lists_every_hyperparameter_with_default_and_meaning(capsys):
     (['--train_size=-3'], 'train_size must be'),
     (['--batch_norm=True', '--mb_size=1'], 'batch_norm needs mb_size'),
     (['--paper=True', '--mb_size=1'], 'batch_norm needs mb_size'),
+    (['--swap_moves=moments'], 'swap_moves must be one of network, weights'),
+    (['--same_init=True'], 'same_init with every pair on the same noise and batches trains copies of one GAN'),
 ])
 def test_bad_input_is_refused_with_one_line_and_status_2(args, words, capsys):
     with pytest.raises(SystemExit) as exit:

@@ -287,7 +287,8 @@ def test_a_layer_whose_weights_are_not_one_per_pair_is_refused_in_one_line(tmp_p
     assert 'D.1.weight, D.1.bias has no leading pairs dimension' in err and 'PerPair(n, lambda: your_layer)' in err
 
 
-SWAP_GENERATORS = ('        swap_discriminators(D, new_partners(cfg, it))', '        swap_networks(G, new_partners(cfg, it))')
+SWAP_GENERATORS = ("        swap_discriminators(D, new_partners(cfg, it), cfg['swap_moves'])",
+                   '        swap_networks(G, new_partners(cfg, it))')
 
 
 def test_a_swap_of_generators_keeps_each_generator_its_prior_labels_and_rows(tmp_path):

@@ -187,6 +187,34 @@ def test_after_a_swap_each_generator_trains_against_the_other_discriminator_and_
     assert torch.allclose(pg.g_loss(D.model(fake))[0], expected)
 
 
+
+def test_swap_moves_weights_moves_the_weights_and_leaves_each_slot_its_adam_state():
+    """The authors' exchange: a discriminator arrives at its new partner without its Adam moments; the slot keeps
+    the moments of the discriminator that trained there before (slot 0's exp_avg before and after a swap)."""
+    G, D = pairs()
+    z, x = torch.randn(32, 10, dtype=F64), torch.rand(32, 784, dtype=F64)
+    for _ in range(3):
+        pg.train_step(G, D, z, x)
+    first = D.model[0].weight
+    weight, exp_avg = first.detach().clone(), D.optimizer.state[first]['exp_avg'].clone()
+    pg.swap_discriminators(D, torch.tensor([1, 0]), moves='weights')
+    assert torch.equal(first[0], weight[1]) and torch.equal(first[1], weight[0])  # the weights moved
+    assert torch.equal(D.optimizer.state[first]['exp_avg'], exp_avg)  # slot 0 kept its own moments
+    assert not torch.equal(exp_avg[0], exp_avg[1]) and D.origin == [1, 0]
+    pg.swap_discriminators(D, torch.tensor([1, 0]))  # 'network' (the default): the moments travel too
+    assert torch.equal(first, weight) and torch.equal(D.optimizer.state[first]['exp_avg'], exp_avg[[1, 0]])
+
+
+def test_same_init_starts_every_pair_from_pair_1s_weights_and_draws_as_the_default():
+    """same_init: every slice of every weight (G and D) is pair 1's, which is the default run's pair 1: the option
+    draws nothing of its own, so the rest of the run's randomness is as without it."""
+    G, D = pairs(n_pairs=3, own_noise=True, same_init=True, batch_norm=True, layers=2)
+    plain_G, plain_D = pairs(n_pairs=3, own_noise=True, batch_norm=True, layers=2)
+    for side, plain in ((G, plain_G), (D, plain_D)):
+        for t, u in zip(side.weights(), plain.weights()):
+            assert all(torch.equal(t[i], u[0]) for i in range(3))
+    assert not torch.equal(plain_D.model[0].weight[0], plain_D.model[0].weight[1])
+
 def test_batch_norm_normalises_each_pairs_batch_in_training_and_evaluation_alike():
     G, D = pairs(n_pairs=3, batch_norm=True)
     x = torch.rand(3, 40, 784, dtype=F64)

@@ -90,6 +90,29 @@ def test_resume_continues_exactly_as_the_uninterrupted_run(tiny_mnist, tmp_path,
     assert_same_run(whole, split)
 
 
+
+@pytest.mark.parametrize('option', [['--same_init=True', '--own_noise=True'], ['--swap_moves=weights']],
+                         ids=['same_init', 'swap_moves=weights'])
+def test_the_authors_options_resume_exactly_and_are_kept_in_the_checkpoint(tiny_mnist, tmp_path, option):
+    """A run with one of the authors' choices stopped after iteration 14 and resumed equals the uninterrupted run."""
+    common = [f'--data_root={tiny_mnist}', '--K=5', '--n_pairs=3', '--sample_every=10', *SMALL, *option]
+    train(*common, f'--out_dir={tmp_path / "whole"}', '--iterations=30')
+    train(*common, f'--out_dir={tmp_path / "split"}', '--iterations=15')
+    train(*common, f'--out_dir={tmp_path / "split"}', '--iterations=30', '--resume=True')
+    whole, split = load(tmp_path / 'whole' / 'checkpoint.pt'), load(tmp_path / 'split' / 'checkpoint.pt')
+    assert whole['swaps'] == [5, 10, 15, 20, 25]
+    assert_same_run(whole, split)
+    name, value = option[0][2:].split('=')
+    assert str(split['hyperparameters'][name]) == value
+
+
+def test_swap_moves_changes_nothing_in_a_run_without_swaps(tiny_mnist, tmp_path):
+    """K=0: swap_moves acts at a swap alone, so the study shares such K=0 runs between parts (sweep.SAME_K0_RUNS)."""
+    common = [f'--data_root={tiny_mnist}', '--K=0', '--sample_every=10', '--iterations=12', '--paper=True', *SMALL]
+    for moves in ('network', 'weights'):
+        train(*common, f'--out_dir={tmp_path / moves}', f'--swap_moves={moves}')
+    assert_same_run(load(tmp_path / 'network' / 'checkpoint.pt'), load(tmp_path / 'weights' / 'checkpoint.pt'))
+
 def test_grids_keep_their_order_when_a_resume_changes_sample_every(tiny_mnist, tmp_path):
     """Grids are numbered in the order the run wrote them: a resume with another sample_every goes on after the
     last (003.png), and never writes over an earlier grid."""

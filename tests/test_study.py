@@ -35,6 +35,16 @@ def test_every_part_holds_the_protocol():
             assert seeds == arms[setting, 0, 'baseline'], (part, K)  # same seeds as K=0
 
 
+
+def test_a_part_that_shares_its_k0_runs_differs_from_its_twin_in_swap_moves_alone():
+    """swap_moves acts at a swap alone, so K=0 runs that differ only in it are the same runs (test_run.py)."""
+    for part, twin in sweep.SAME_K0_RUNS.items():
+        mine, theirs = ({name: hp for name, hp, *_ in sweep.PARTS[p][1] if hp['K'] == 0} for p in (part, twin))
+        assert mine.keys() == theirs.keys() and len(mine) == 10
+        for name, hp in mine.items():
+            assert {k: v for k, v in hp.items() if k != 'swap_moves'} == \
+                   {k: v for k, v in theirs[name].items() if k != 'swap_moves'}
+
 def write_runs(path, arms, metric_values, columns=sweep.COLUMNS, commit='abc1234'):
     """A study CSV: for each (part, dataset, train_size, condition, K, arm) a run per seed, 2 generators whose
     metrics average to the given value (one generator value + d, the other value - d)."""
@@ -182,6 +192,30 @@ def test_judges_that_differ_on_real_data_give_no_gam_verdict(tmp_path):
     assert summary.judge(cell, 'gam2')['verdict'].startswith('no verdict: the judges differ')
     assert summary.judge(cell, 'coverage') is None  # no coverage metric in these rows
 
+
+
+@pytest.mark.parametrize('real_error, secondary', [
+    (lambda v: 0.2 + v / 1000, 'yes: fools the pool more (secondary: judges equivalent within 10%)'),  # ratio 1.02
+    (lambda v: 0.2 + v / 100, 'no verdict')], ids=['inside', 'outside'])  # ratio 1.24: outside the margin
+def test_gam_ii_judged_a_second_time_where_the_judges_are_equivalent_within_10_percent(tmp_path, real_error, secondary):
+    """Judges whose held-out real errors differ by a hair (the primary rule: no verdict) but whose ratio's 90%
+    interval lies inside [0.9, 1.1] give the pool's verdict, marked secondary; a ratio outside gives none."""
+    path = tmp_path / 'runs.csv'
+    arms = {('r15_paper', 'r15', 100, 'paper', 0, 'baseline'): [1, 2, 1, 2, 1],
+            ('r15_paper', 'r15', 100, 'paper', 2, 'primary'): [6, 7, 6, 7, 6]}
+    write_runs(path, arms, {'pool_error': lambda v: v / 10, 'd_real_error': real_error})
+    runs = summary.read_runs(path)
+    cell, = summary.cells(runs)
+    e = summary.equivalence(cell)
+    assert e['primary'].startswith('no verdict: the judges differ') and e['secondary'] == secondary
+    assert e['ratio'] == pytest.approx(np.mean([real_error(v) for v in (6, 7, 6, 7, 6)])
+                                       / np.mean([real_error(v) for v in (1, 2, 1, 2, 1)]))
+    assert e['low'] < e['ratio'] < e['high']
+    table = summary.equivalence_table(runs)
+    assert f'| {e["ratio"]:.3f} [{e["low"]:.3f}, {e["high"]:.3f}] |' in table and f'| {secondary} |' in table
+    gained = secondary != 'no verdict'
+    assert f'{int(gained)} gain a secondary verdict' in summary.equivalence_changes(runs)
+    assert ('| gains a verdict |' in table) == gained
 
 def test_the_published_csv_regenerates_the_tables():
     """The repository's own study CSV: every row belongs to a known part, and the report builds from it."""

@@ -46,6 +46,11 @@ ALONE = [('R15, 100 points', 'script (none of the six)', 'r15_script', 2, 'r15_s
            for c in ('own_noise', 'prior_mixed', 'input_noise', 'clip', 'swap_matching', 'batch_norm')],
          ('R15, 100 points', 'paper_without_batch_norm', 'r15_paper_without_batch_norm', 2, 'r15_paper_without_batch_norm'),
          ('R15, 100 points', 'paper (all six)', 'r15_paper', 2, 'r15_paper'),
+         ('R15, 100 points', 'paper (all six), plain code', 'r15_paper_plain', 2, 'r15_paper_plain'),
+         # the authors' code (hma02/GAN-evaluation) on top of the paper's: each of its two unstated choices, and both
+         ('R15, 100 points', 'paper + same_init', 'r15_paper_same_init', 2, 'r15_paper_same_init'),
+         ('R15, 100 points', "paper + swap_moves='weights'", 'r15_paper_swap_weights', 2, 'r15_paper_swap_weights'),
+         ('R15, 100 points', "paper + both: the authors' code", 'r15_paper_authors_code', 2, 'r15_paper_authors_code'),
          ('MNIST, 1,000', 'script (none of the six)', 'mnist1000_script', 16, 'mnist1000_script'),
          ('MNIST, 1,000', 'batch_norm alone', 'mnist1000_batch_norm', 16, 'mnist1000_batch_norm'),
          ('MNIST, 1,000', 'paper (all six)', 'mnist1000_paper', 16, 'mnist1000_paper')]
@@ -133,6 +138,47 @@ def judge(cell, claim):
             result['verdict'] = (f'no verdict: the judges differ (held-out real error {np.mean(real[1]):.2f} for K=0 '
                                  f'against {np.mean(real[0]):.2f})')
     return result
+
+
+# the secondary GAM-II analysis (set after the primary rule, see EQUIVALENCE_NOTE): the judges are taken as comparable
+# where the 90% interval of the ratio of their held-out real errors (K>0 / K=0) lies inside this margin
+EQUIVALENCE_MARGIN = (0.9, 1.1)
+EQUIVALENT = 'secondary: judges equivalent within 10%'
+
+
+def ratio_interval(treated, baseline, resamples=RESAMPLES):
+    """(ratio, low, high): mean(treated) / mean(baseline) and its 90% percentile interval, resampling each arm's
+    seeds with replacement as bootstrap() does. Inside a margin, the interval is an equivalence test at the 5% level
+    (two one-sided tests)."""
+    a, b = np.asarray(treated, float), np.asarray(baseline, float)
+    rng = np.random.default_rng(0)
+    ratios = (a[rng.integers(0, len(a), (resamples, len(a)))].mean(1)
+              / b[rng.integers(0, len(b), (resamples, len(b)))].mean(1))
+    low, high = np.percentile(ratios, [5, 95])
+    return float(a.mean() / b.mean()), float(low), float(high)
+
+
+def equivalence(cell):
+    """The secondary GAM-II verdict of a cell: the judges' held-out real error ratio and its 90% interval; where that
+    interval lies inside EQUIVALENCE_MARGIN, the pool's verdict marked EQUIVALENT, else 'no verdict'. Beside it the
+    primary (pre-registered) verdict. None where the cell's runs lack the pool's numbers."""
+    pool = judge(cell, 'gam2')
+    if pool is None:
+        return None
+    errors = ([value(r, 'd_real_error') for r in cell[arm]] for arm in ('treated', 'baseline'))
+    ratio, low, high = ratio_interval(*errors)
+    inside = EQUIVALENCE_MARGIN[0] <= low and high <= EQUIVALENCE_MARGIN[1]
+    pools_verdict = verdict('gam2', pool['effect'], pool['low'], pool['high'])
+    return {'ratio': ratio, 'low': low, 'high': high, 'pool': pool, 'primary': pool['verdict'],
+            'secondary': f'{pools_verdict} ({EQUIVALENT})' if inside else 'no verdict'}
+
+
+def changed(e):
+    """How the secondary verdict stands to the primary: 'gains a verdict', 'loses its verdict' or ''."""
+    primary_has = not e['primary'].startswith('no verdict')
+    secondary_has = e['secondary'] != 'no verdict'
+    return 'gains a verdict' if secondary_has and not primary_has else \
+        'loses its verdict' if primary_has and not secondary_has else ''
 
 
 def data_name(cell):
@@ -320,6 +366,59 @@ def bimodal_table(runs, part=BIMODAL):
     return '\n'.join(lines)
 
 
+def setting_name(cell):
+    s = cell['setting']
+    return f'lr {float(s["lr"]):g}, h_dim {s["h_dim"]}, z_dim {s["z_dim"]}'
+
+
+def equivalence_table(runs):
+    """Every cell of the CSV (every part, K and setting): the judges' held-out real errors, their ratio with its 90%
+    interval, GAM-II's effect, the primary verdict, the secondary verdict and whether it differs."""
+    lines = ['| part | data | setting | K | seeds (K=0 / K) | judges\' held-out real error, K=0 / K | ratio [90% '
+             'interval] | GAM-II effect [95% interval] | primary verdict | secondary verdict | changes |',
+             '|---' * 11 + '|']
+    for c in cells(runs):
+        e = equivalence(c)
+        if e:
+            errors = ' / '.join(f'{np.mean([value(r, "d_real_error") for r in c[arm]]):.3f}'
+                                for arm in ('baseline', 'treated'))
+            lines.append(f'| {c["part"]} | {data_name(c)} | {setting_name(c)} | {c["K"]} | {len(c["baseline"])} / '
+                         f'{len(c["treated"])} | {errors} | {e["ratio"]:.3f} [{e["low"]:.3f}, {e["high"]:.3f}] | '
+                         f'{interval(e["pool"])} | {e["primary"]} | {e["secondary"]} | {changed(e) or "-"} |')
+    return '\n'.join(lines)
+
+
+def equivalence_changes(runs):
+    """One paragraph: the cells (with the pool's numbers) whose secondary verdict differs from the primary one."""
+    found = defaultdict(list)
+    for c in cells(runs):
+        e = equivalence(c)
+        if e and changed(e):
+            shown = e['secondary'] if changed(e) == 'gains a verdict' else e['primary']
+            found[changed(e)].append(f'{c["part"]} (K={c["K"]}: {shown})')
+    gained, lost = found['gains a verdict'], found['loses its verdict']
+    return (f'Of the {sum(1 for c in cells(runs) if equivalence(c))} cells with the pool\'s numbers, '
+            f'{len(gained)} gain a secondary verdict{": " + "; ".join(gained) if gained else ""}. '
+            f'{len(lost)} have a primary verdict that the secondary analysis cannot back, their judges not shown '
+            f'equivalent (the primary verdict stands){": " + "; ".join(lost) if lost else ""}.')
+
+
+EQUIVALENCE_NOTE = """\
+A labelled secondary analysis, beside the pre-registered rule, which stays as it was. The primary rule gives "no
+verdict" wherever the 95% interval of the difference of the two arms' held-out real errors excludes 0: a test of
+difference, which with thousands of held-out points calls tiny gaps significant. The paper asks that the judges be
+comparable (r_test ≈ 1), a question of equivalence. Here the judges count as equivalent where the 90% bootstrap
+interval of the ratio of their held-out real errors (K>0 over K=0, the arms' means over seeds) lies inside [0.9, 1.1]
+(two one-sided tests at the 5% level, a ±10% margin); there the cell gets the verdict its pool gives, marked
+"secondary: judges equivalent within 10%"; elsewhere "no verdict". **The margin was set after the primary rule and
+after its results were seen** (issue 38: on full MNIST under the script's conditions the judges' errors were 0.219
+and 0.238, a ratio of 0.92 taken the other way up, and the primary rule gave no verdict); ±10% is a judgement of how
+much more one arm's judges may reject before their verdicts stop being comparable, not a pre-registered number. A
+cell gains a verdict only where the primary rule gave none and the judges are shown equivalent; where the primary
+rule gave a verdict and the judges are not shown equivalent, the primary verdict stands and the secondary says
+"no verdict"."""
+
+
 def parts_table(runs):
     """Every part of the CSV: what it is, its runs and the commit that produced its rows."""
     lines = ['| part | what | runs | commit |', '|---|---|---|---|']
@@ -462,8 +561,14 @@ def report(runs):
     return '\n\n'.join([
         '## The answer (primary K per cell)', answer_table(runs),
         "## Each of the paper's conditions alone", "Each condition on top of the script's, K=0 against the verdict's "
-        "K, beside none of them (script) and all six (paper); paper_without_batch_norm is all but batch norm.",
+        "K, beside none of them (script) and all six (paper); paper_without_batch_norm is all but batch norm. The "
+        "last three rows add the authors' code's unstated choices on top of the paper's (hma02/GAN-evaluation: every "
+        "pair from the same initial weights, same_init; at a swap only the weights move, each slot keeping its Adam "
+        "state, swap_moves='weights'), each alone and both; their K=0 arms are their own (same_init's shares the "
+        "authors' code's K=0 runs, which differ from its own only in swap_moves: the same runs).",
         alone_table(runs) + (f'\n\n{note}' if note else ''),
+        '## GAM-II: are the judges equivalent? (a secondary analysis)', EQUIVALENCE_NOTE,
+        equivalence_table(runs), equivalence_changes(runs),
         '## The bimodal robustness cell with 20 seeds: R15, the paper\'s conditions, lr 2e-4, h_dim 128, z_dim 2',
         bimodal or f'({BIMODAL}: not run yet)',
         "## Every claim, data set and condition at the verdict's K", verdict_table(runs),
@@ -510,6 +615,8 @@ def summary(runs, path):
     """The screen's short summary: the answer, each condition alone, and where every table went."""
     return '\n\n'.join(['## The answer (primary K per cell)', answer_table(runs),
                          "## Each of the paper's conditions alone", alone_table(runs),
+                         '## GAM-II: are the judges equivalent? (a secondary analysis)', equivalence_table(runs),
+                         equivalence_changes(runs),
                          '## The R15 parts run again by the plain-PyTorch code', rerun_table(runs),
                          f'every table: {shown_path(path)}'])
 

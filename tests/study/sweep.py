@@ -13,6 +13,7 @@ import argparse
 import csv
 import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +37,10 @@ CONDITIONS = {  # a condition's name (the CSV's condition column): the hyperpara
     'own_noise': {'own_noise': True}, 'prior_mixed': {'prior': 'mixed'}, 'input_noise': {'input_noise': 0.1},
     'clip': {'clip': 1.0}, 'swap_matching': {'swap': 'matching'}, 'batch_norm': {'batch_norm': True},
     'paper_without_batch_norm': {'paper': True, 'batch_norm': False},
+    # the authors' code (hma02/GAN-evaluation) on top of the paper's: each of its two unstated choices, and both
+    'paper_same_init': {'paper': True, 'same_init': True},
+    'paper_swap_weights': {'paper': True, 'swap_moves': 'weights'},
+    'paper_authors_code': {'paper': True, 'same_init': True, 'swap_moves': 'weights'},
 }
 
 
@@ -101,7 +106,18 @@ PARTS = {  # name: (what it is, its runs, whether its runs share one pool of dis
                         True),
     'r15_paper_lr2e-4_z2': ("R15, 100 points, the paper's conditions at lr 2e-4, h_dim 128, z_dim 2, 20 seeds",
                             cell({**TOY, 'lr': 2e-4, 'h_dim': 128, 'z_dim': 2}, 'paper', (2,), range(20), **R15), True),
+    # the authors' code: r15_paper with each of its two unstated choices, and with both; every part its own K=0 arm
+    # (swap_moves cannot change a run without swaps: its K=0 arm repeats the paper's, run again to be safe)
+    'r15_paper_same_init': ("R15, 100 points, the paper's conditions plus same_init (the authors' code)",
+                            cell(TOY, 'paper_same_init', (2,), TEN, **R15), True),
+    'r15_paper_swap_weights': ("R15, 100 points, the paper's conditions plus swap_moves='weights' (the authors' code)",
+                               cell(TOY, 'paper_swap_weights', (2,), TEN, **R15), True),
+    'r15_paper_authors_code': ("R15, 100 points, the paper's conditions plus both: the authors' code",
+                               cell(TOY, 'paper_authors_code', (2,), TEN, **R15), True),
 }
+# a part whose K=0 runs are another part's: the same runs bit for bit, as they differ only in swap_moves, which acts
+# at a swap alone; copied (with their checkpoints) rather than run again, so that the part's pool holds both arms
+SAME_K0_RUNS = {'r15_paper_same_init': 'r15_paper_authors_code'}
 CONFIG_COLUMNS = ('dataset', 'train_size', 'paper', 'K', 'seed', 'n_pairs', 'layers', 'h_dim', 'z_dim', 'lr', 'beta1',
                   'mb_size', 'iterations')
 METRIC_COLUMNS = ('modes', 'modes_captured', 'kl', 'score', 'confidence', 'fd', 'high_quality', 'pool_mean', 'pool_worst',
@@ -134,6 +150,16 @@ def command(hp, folder, args, resume):
             f'--classifier_dir={args.classifier_dir}', *(['--resume=True'] if resume else [])]
 
 
+def copy_same_run(part, name, hp, folder, args):
+    """A K=0 run of a part in SAME_K0_RUNS: copied from its twin part where the twin's run is done and it is not."""
+    source = os.path.join(args.study, SAME_K0_RUNS.get(part, ''), name)
+    done = hp['iterations'] - 1
+    if part in SAME_K0_RUNS and hp['K'] == 0 and checkpoint_iteration(folder) is None \
+            and checkpoint_iteration(source) == done:
+        shutil.copytree(source, folder, dirs_exist_ok=True)
+        print(f'{part}: {name} copied from {SAME_K0_RUNS[part]} (the same run)', flush=True)
+
+
 def minutes(seconds):
     return f'{seconds / 60:.0f} min' if seconds >= 90 else f'{seconds:.0f} s'
 
@@ -144,6 +170,7 @@ def run_part(part, args):
     todo = []
     for name, hp, *_ in runs:
         folder = os.path.join(args.study, part, name)
+        copy_same_run(part, name, hp, folder, args)
         at = checkpoint_iteration(folder)
         if at != hp['iterations'] - 1:
             todo.append((name, command(hp, folder, args, resume=at is not None), folder))

@@ -975,6 +975,7 @@ def stacked_metrics(model, pixels, test_stats, sure=0.9):
     the distinct triples (one sample makes one); KL(the triples' histogram || uniform over 1,000). Also the modes of
     the samples whose three channels all get at least `sure` (modes_captured), their share (high_quality), and the
     Frechet distance of the channels' features to MNIST's test digits'."""
+    model = model.to(memory_format=torch.channels_last)  # its convolutions so: twice as fast on the CPU, same digits
     probs, features = classify(model, pixels.reshape(-1, 784))
     best, digits = probs.max(1)
     triples = (digits.view(-1, 3).cpu() * torch.tensor([100, 10, 1])).sum(1)

@@ -62,13 +62,13 @@ out_dir = 'out'  # where samples, plots and the checkpoint go
 resume = False  # continue from out_dir/checkpoint.pt exactly where it stopped
 resume_edited = False  # resume also when the algorithm's code differs from the run's
 # data
-dataset = 'mnist'  # 'mnist', 'fashion_mnist', or the 2-D Gaussian mixtures 'ring8', 'grid25' and 'r15'
+dataset = 'mnist'  # 'mnist', 'fashion_mnist', 'stacked_mnist' (1,000 modes), or 2-D mixtures 'ring8', 'grid25', 'r15'
 data_root = 'out/data'  # MNIST lives in data_root/MNIST/raw, Fashion-MNIST in data_root/FashionMNIST/raw
 train_size = 0  # train on only the first this many training examples (0: all of them)
 # evaluation: mode coverage and sample quality, GAP against no-swap
 eval_every = 10_000  # evaluate every this many iterations, and at the end of a run that reached one (0: never)
 eval_at_end = False  # evaluate at the end also a run shorter than eval_every
-eval_samples = 10_000  # samples per generator in each evaluation
+eval_samples = 10_000  # samples per generator in each evaluation (stacked_mnist: 26,000 unless given, as published)
 classifier_dir = 'out/classifiers'  # where the classifier that scores image samples is cached
 compare = ''  # a folder of runs: score every generator with every run's discriminators, train nothing
 # system
@@ -426,6 +426,8 @@ RESUMABLE = ('lr', 'iterations', 'log_every', 'sample_every', 'out_dir', 'resume
 NOT_CONFIGURATION = (*RESUMABLE, 'seed')  # runs that differ only in these are seeds of one configuration
 POOL_KEYS = ('z_dim', 'h_dim', 'layers', 'dataset')  # runs that differ in these cannot share one pool in --compare
 IMAGE_DATASETS = {'mnist': 'MNIST', 'fashion_mnist': 'FashionMNIST'}  # torchvision's class and folder names
+STACKED = 'stacked_mnist'  # three MNIST digits as the colour channels (stacked_mnist, below): 1,000 modes
+STACKED_SIZE, STACKED_SAMPLES = 128_000, 26_000  # its published training set and samples per generator (PacGAN, VEEGAN)
 MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte',
                't10k-labels-idx1-ubyte')
 ACCEPTED = {bool: 'True or False', int: 'a whole number', float: 'a number', str: 'a string',
@@ -497,7 +499,7 @@ def check(cfg):
     at_least = {'z_dim': 1, 'h_dim': 1, 'layers': 1, 'n_pairs': 1, 'mb_size': 1, 'iterations': 1, 'log_every': 1,
                 'sample_every': 1, 'eval_samples': 2, 'K': 0, 'train_size': 0, 'eval_every': 0, 'threads': 0,
                 'input_noise': 0, 'clip': 0}  # 0: off (never, all, torch's default, none)
-    one_of = {'dataset': (*IMAGE_DATASETS, *MIXTURES), 'dtype': ('float32', 'float64'),
+    one_of = {'dataset': (*IMAGE_DATASETS, STACKED, *MIXTURES), 'dtype': ('float32', 'float64'),
               'prior': ('gaussian', 'uniform', 'mixed'), 'swap': ('derangement', 'matching'),
               'swap_moves': ('network', 'weights')}
     rules = [(cfg[k] >= low and math.isfinite(cfg[k]), f'{k} must be at least {low}' + ' (0: off)' * (low == 0))
@@ -603,10 +605,22 @@ def sample_mixture(dataset, n, seed):
     return centres[modes] + std * torch.randn(n, 2, generator=rng), modes
 
 
+def stacked_mnist(root, n=STACKED_SIZE, train=True):
+    """Stacked MNIST: n examples of three digits as the colour channels, uint8 (n, 3 * 784) channel by channel, and
+    their labels 100 * d1 + 10 * d2 + d3. Each digit is its own uniform draw, from a fixed seed, from MNIST's 60,000
+    training digits (train) or its 10,000 test digits: the published sets draw from all 70,000."""
+    digits, labels = load_images('mnist', root, train=train)
+    picks = torch.randint(len(digits), (n, 3), generator=torch.Generator().manual_seed(31 if train else 37))
+    return digits[picks].reshape(n, 3 * 784), (labels[picks].long() * torch.tensor([100, 10, 1])).sum(1)
+
+
 def training_data(cfg):
-    """The whole training set and its labels: image pixels as uint8 (N, 784), or 60,000 points of a 2-D mixture."""
+    """The whole training set and its labels: image pixels as uint8 (N, 784; Stacked MNIST's 3 * 784), or 60,000
+    points of a 2-D mixture."""
     if cfg['dataset'] in MIXTURES:
         return sample_mixture(cfg['dataset'], 60_000, seed=12345)  # one fixed training set for every seed
+    if cfg['dataset'] == STACKED:
+        return stacked_mnist(cfg['data_root'])
     return load_images(cfg['dataset'], cfg['data_root'])
 
 
@@ -622,6 +636,8 @@ def held_out_data(cfg, n):
     the mixture."""
     if cfg['dataset'] in MIXTURES:
         return sample_mixture(cfg['dataset'], n, seed=777)
+    if cfg['dataset'] == STACKED:
+        return stacked_mnist(cfg['data_root'], n, train=False)
     images, labels = load_images(cfg['dataset'], cfg['data_root'], train=False)
     return images[:n], labels[:n]
 
@@ -930,7 +946,10 @@ def classify(model, pixels, chunk=500):
 
 
 def load_classifier(cfg, dev, images, labels):
-    """The classifier of cfg's images (cached, or trained now) and the test set's features' statistics."""
+    """The classifier of cfg's images (cached, or trained now) and the test set's features' statistics; Stacked
+    MNIST's is MNIST's, which stacked_metrics applies to each channel."""
+    if cfg['dataset'] == STACKED:
+        cfg, (images, labels) = {**cfg, 'dataset': 'mnist'}, load_images('mnist', cfg['data_root'])
     test_images, test_labels = load_images(cfg['dataset'], cfg['data_root'], train=False)
     fingerprint = [CLASSIFIER_VERSION, *(zlib.crc32(t.contiguous().numpy()) for t in (images, labels, test_images))]
     path, epochs = os.path.join(cfg['classifier_dir'], f'{cfg["dataset"]}.pt'), CLASSIFIER_EPOCHS[cfg['dataset']]
@@ -992,6 +1011,23 @@ def image_metrics(probs, features, test_stats):
     return {'modes': covered, 'modes_captured': math.nan, 'kl': kl, 'score': score,
             'confidence': probs.max(1).values.mean().item(), 'fd': fd, 'high_quality': math.nan,
             'histogram': (counts.double() / len(probs)).tolist()}
+
+
+def stacked_metrics(model, pixels, test_stats, sure=0.9):
+    """Stacked MNIST as published (PacGAN's code, VEEGAN's Table 2): each channel's digit by the classifier; modes:
+    the distinct triples (one sample makes one); KL(the triples' histogram || uniform over 1,000). Also the modes of
+    the samples whose three channels all get at least `sure` (modes_captured), their share (high_quality), and the
+    Frechet distance of the channels' features to MNIST's test digits'."""
+    model = model.to(memory_format=torch.channels_last)  # its convolutions so: twice as fast on the CPU, same digits
+    probs, features = classify(model, pixels.reshape(-1, 784))
+    best, digits = probs.max(1)
+    triples = (digits.view(-1, 3).cpu() * torch.tensor([100, 10, 1])).sum(1)
+    confident = (best.view(-1, 3) >= sure).all(1).cpu()
+    counts = torch.bincount(triples, minlength=1000)
+    fd, kl = frechet_distance(feature_stats(features), test_stats), coverage(counts, len(triples))[1]
+    return {'modes': int((counts > 0).sum()), 'modes_captured': len(triples[confident].unique()), 'kl': kl,
+            'score': math.nan, 'confidence': best.mean().item(), 'fd': fd,
+            'high_quality': confident.double().mean().item(), 'histogram': (counts.double() / len(triples)).tolist()}
 
 
 def mixture_metrics(points, dataset, real_stats):
@@ -1071,6 +1107,8 @@ class Evaluator:
         """Coverage and quality of one generator's samples (N, x_dim)."""
         if self.classifier is None:
             return mixture_metrics(samples.cpu(), self.cfg['dataset'], self.reference)
+        if self.cfg['dataset'] == STACKED:
+            return stacked_metrics(self.classifier, as_unit_pixels(samples), self.reference)
         return image_metrics(*classify(self.classifier, as_unit_pixels(samples)), self.reference)
 
     def samples(self, pairs, it):
@@ -1222,7 +1260,8 @@ def compare_runs(cfg):
     runs_pairs, noises = [], []
     for name, state in runs:  # each run's sides, and the noise of the compare's seed as its generators take it
         hp, dtype = state['hyperparameters'], getattr(torch, state['hyperparameters']['dtype'])
-        pairs = make_pairs(hp, 2 if hp['dataset'] in MIXTURES else 784, dev, dtype)
+        x_dim = 2 if hp['dataset'] in MIXTURES else 3 * 784 if hp['dataset'] == STACKED else 784
+        pairs = make_pairs(hp, x_dim, dev, dtype)
         load_pairs(pairs, state['pairs'], os.path.join(folder, name, 'checkpoint.pt'))
         runs_pairs.append(pairs)
         z = draw_noise(hp, cfg['eval_samples'], torch.Generator().manual_seed(cfg['seed']), dtype)
@@ -1323,7 +1362,7 @@ def save_figure(fig, path):
 
 def save_samples(path, samples, it, partners, real=None):
     """Each generator's samples (G1, G2, ...), with its discriminator now (partners[i]): 16 images drawn 3x as a
-    4x4 grid, or 2-D points over the real ones."""
+    4x4 grid (Stacked MNIST's three channels as RGB), or 2-D points over the real ones."""
     plt = pyplot()
     n = len(samples)
     cols = min(n, 4)
@@ -1343,10 +1382,12 @@ def save_samples(path, samples, it, partners, real=None):
     for i, points in enumerate((samples if real is not None else as_unit_pixels(samples)).cpu().float()):
         ax = axes[i]
         if real is None:
-            grid = torch.ones(4 * 30 - 2, 4 * 30 - 2)
-            for k, image in enumerate(points[:16].reshape(16, 28, 28)):
+            channels = points.shape[-1] // 784  # 3: Stacked MNIST, in colour
+            grid = torch.ones(4 * 30 - 2, 4 * 30 - 2, channels)
+            for k, image in enumerate(points[:16].reshape(16, channels, 28, 28).permute(0, 2, 3, 1)):
                 grid[30 * (k // 4):30 * (k // 4) + 28, 30 * (k % 4):30 * (k % 4) + 28] = image
-            ax.imshow(grid.numpy(), cmap='Greys_r', vmin=0, vmax=1, interpolation='nearest')  # [0, 1]: as_unit_pixels
+            ax.imshow(grid.squeeze(2).numpy(), cmap='Greys_r', vmin=0, vmax=1,
+                      interpolation='nearest')  # [0, 1]: as_unit_pixels
         else:
             ax.scatter(*real[:2000].T.numpy(), s=1, c='lightgrey')
             ax.scatter(*points.T.numpy(), s=1, c='C3')
@@ -1603,9 +1644,11 @@ class Recorder:
         write_metrics(self.path('metrics.csv'), rows, keep_until=it - 1)
         save_metrics_plot(self.path('metrics.png'), read_csv(self.path('metrics.csv')))
         join = lambda key, fmt: '/'.join(format(row.get(key, math.nan), fmt) for row in rows)
-        quality = (f'score {join("score", ".2f")}' if self.cfg['dataset'] not in MIXTURES else
+        quality = (f'high-confidence modes {join("modes_captured", ".0f")}' if self.cfg['dataset'] == STACKED else
+                   f'score {join("score", ".2f")}' if self.cfg['dataset'] not in MIXTURES else
                    f'captured {join("modes_captured", ".0f")} | high quality {join("high_quality", ".2f")}')
         n_modes = len(mixture(self.cfg['dataset'])[0]) if self.cfg['dataset'] in MIXTURES else 10
+        n_modes = 1000 if self.cfg['dataset'] == STACKED else n_modes
         procs.say(f'eval {it:>5} | modes {join("modes", ".0f")} of {n_modes} | {quality} | KL {join("kl", ".3f")} | '
                   f'FD {join("fd", ".3g")} | D-pool mean {join("pool_mean", ".2f")} worst {join("pool_worst", ".2f")} '
                   f'| D(x) train {join("d_train", ".2f")} held-out {join("d_heldout", ".2f")}')
@@ -1745,7 +1788,9 @@ def run(cfg, dev):
         procs.say(f'nothing to train: the run in {cfg["out_dir"]} stopped after iteration {state["iteration"]}, and '
                   f'it already reached --iterations={cfg["iterations"]}; raise it to go on')
         return 0
-    where = f' from {cfg["data_root"]}' if cfg['dataset'] in IMAGE_DATASETS else ''
+    where = f' from {cfg["data_root"]}' if cfg['dataset'] not in MIXTURES else ''
+    if cfg['dataset'] == STACKED and 'eval_samples' not in explicit:  # the published protocol's count
+        cfg['eval_samples'] = STACKED_SAMPLES
     procs.say(f'loading the {cfg["dataset"]} training set{where}')
     images, labels = training_data(cfg)
     with interrupts_caught() as interrupted:  # from here on a Ctrl-C ends in a checkpoint

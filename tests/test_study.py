@@ -19,8 +19,12 @@ SUMMARIZE = os.path.join(ROOT, 'tests', 'study', 'summarize_runs.py')
 
 def test_every_part_holds_the_protocol():
     """At least 10 seeds per arm for 2-D and 1,000-image MNIST, 5 for full MNIST, 5 for the robustness grid;
-    every K>0 arm beside a K=0 arm of the same seeds; run names unique within a part."""
+    every K>0 arm beside a K=0 arm of the same seeds; run names unique within a part. A tuning part (K=0 alone,
+    which picks a setting before any comparison) has at most 2 seeds and no K>0 arm."""
     for part, (_, runs, _) in sweep.PARTS.items():
+        if part.endswith('_tune'):
+            assert {hp['K'] for _, hp, *_ in runs} == {0} and {hp['seed'] for _, hp, *_ in runs} <= {0, 1}, part
+            continue
         names = [name for name, *_ in runs]
         assert len(names) == len(set(names)), part
         least = 5 if part.startswith('mnist_') or part == 'robust_r15' else 10

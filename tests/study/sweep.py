@@ -31,6 +31,13 @@ TWO_D = dict(n_pairs=4, layers=3, h_dim=64, mb_size=100, lr=1e-3, beta1=0.5, ite
              log_every=5000, sample_every=5000)  # the 2-D mixtures under the script's conditions
 TOY = dict(n_pairs=4, layers=4, h_dim=64, mb_size=50, lr=1e-3, beta1=0.5, iterations=10_001, eval_every=2500,
            log_every=2500, sample_every=2500)  # the paper's 4-layer toy networks
+# Stacked MNIST (issue 39): a run of about 2 minutes on one thread, evaluated once at its end as published (26,000
+# samples per generator); K=290: 10 swaps, each after 9,280 examples (an epoch is 128,000). h_dim and lr: tuned
+# by K=0 alone on 2 seeds (stacked_tune; the choice and why: RESULTS.md, written before the K runs)
+STACKED_RUN = dict(dataset='stacked_mnist', n_pairs=4, h_dim=128, lr=2e-4, mb_size=32, iterations=3_001, eval_every=0,
+                   eval_at_end=True, eval_samples=26_000, log_every=500, sample_every=500)  # h_dim, lr: stacked_tune's
+STACKED_GRID = [(128, 1e-3), (64, 1e-3), (128, 2e-4), (64, 2e-4)]  # (h_dim, lr) the tuning tries, the script's first
+STACKED_K = 290
 CONDITIONS = {  # a condition's name (the CSV's condition column): the hyperparameters it sets
     'script': {'paper': False}, 'paper': {'paper': True},
     # each of the paper's six conditions alone, on top of the script's; and the paper's without batch norm
@@ -66,6 +73,12 @@ def robustness():
                                     dataset='r15', train_size=100):
                 runs.append((f'{condition}-lr{lr:g}-h{h}-z{z}-{name}', *rest))
     return runs
+
+
+def stacked_tuning():
+    """Stacked MNIST, K=0 alone under the script's conditions, seeds 0 and 1, at every (h_dim, lr) of STACKED_GRID."""
+    return [(f'h{h}-lr{lr:g}-K0-s{s}', {**STACKED_RUN, **CONDITIONS['script'], 'h_dim': h, 'lr': lr, 'K': 0, 'seed': s},
+             'baseline', 'script') for h, lr in STACKED_GRID for s in (0, 1)]
 
 
 TEN, FIVE = range(10), range(5)
@@ -114,10 +127,18 @@ PARTS = {  # name: (what it is, its runs, whether its runs share one pool of dis
                                cell(TOY, 'paper_swap_weights', (2,), TEN, **R15), True),
     'r15_paper_authors_code': ("R15, 100 points, the paper's conditions plus both: the authors' code",
                                cell(TOY, 'paper_authors_code', (2,), TEN, **R15), True),
+    # Stacked MNIST (issue 39): the tuning of K=0 alone, then both conditions, K=0 against K=290, 10 seeds
+    'stacked_tune': ('Stacked MNIST, K=0 alone: h_dim and lr, 2 seeds', stacked_tuning(), False),
+    'stacked_script': ("Stacked MNIST, 128,000 examples, the script's conditions",
+                       cell(STACKED_RUN, 'script', (STACKED_K,), TEN), True),
+    'stacked_paper': ("Stacked MNIST, 128,000 examples, the paper's conditions",
+                      cell(STACKED_RUN, 'paper', (STACKED_K,), TEN), True),
 }
 # a part whose K=0 runs are another part's: the same runs bit for bit, as they differ only in swap_moves, which acts
 # at a swap alone; copied (with their checkpoints) rather than run again, so that the part's pool holds both arms
 SAME_K0_RUNS = {'r15_paper_same_init': 'r15_paper_authors_code'}
+COMPARE_SAMPLES = {'stacked_script': 1000, 'stacked_paper': 1000}  # the pool's samples per generator where 26,000
+# would take hours on one thread (80 generators x 80 discriminators of 2,352 inputs); else --compare's default
 CONFIG_COLUMNS = ('dataset', 'train_size', 'paper', 'K', 'seed', 'n_pairs', 'layers', 'h_dim', 'z_dim', 'lr', 'beta1',
                   'mb_size', 'iterations')
 METRIC_COLUMNS = ('modes', 'modes_captured', 'kl', 'score', 'confidence', 'fd', 'high_quality', 'pool_mean', 'pool_worst',
@@ -145,7 +166,7 @@ def checkpoint_iteration(folder):
 
 def command(hp, folder, args, resume):
     flags = [f'--{k}={v}' for k, v in hp.items()]
-    data_root = [f'--data_root={args.data_root}'] if hp['dataset'] == 'mnist' else []
+    data_root = [f'--data_root={args.data_root}'] if hp['dataset'] in ('mnist', 'stacked_mnist') else []
     return [sys.executable, SCRIPT, *flags, *data_root, '--threads=1', f'--out_dir={folder}',
             f'--classifier_dir={args.classifier_dir}', *(['--resume=True'] if resume else [])]
 
@@ -207,7 +228,8 @@ def compare_part(part, args):
         return
     start = time.time()
     subprocess.run([sys.executable, SCRIPT, f'--compare={folder}', f'--data_root={args.data_root}',
-                    f'--classifier_dir={args.classifier_dir}', f'--threads={args.jobs}'],
+                    f'--classifier_dir={args.classifier_dir}', f'--threads={args.jobs}',
+                    *([f'--eval_samples={COMPARE_SAMPLES[part]}'] if part in COMPARE_SAMPLES else [])],
                    cwd=ROOT, check=True, stdout=open(os.path.join(folder, 'compare.log'), 'w'), stderr=subprocess.STDOUT)
     print(f'{part}: pooled with --compare in {minutes(time.time() - start)}', flush=True)
 

@@ -543,7 +543,8 @@ def parse_args(argv):
             sys.exit(0)
         name, eq, text = arg[2:].partition('=')
         if not (arg.startswith('--') and eq and name in cfg):
-            refuse(f'unknown argument {arg!r}: use --name=value with a name from: {", ".join(cfg)}')
+            spaced = f' (write --{name}=VALUE, without a space)' if not eq and name in cfg else ''
+            refuse(f'unknown argument {arg!r}{spaced}: use --name=value with a name from: {", ".join(cfg)}')
         cfg[name] = convert(name, text, cfg[name])
         explicit.add(name)
     if cfg['paper']:  # the paper's conditions, where the command line does not say otherwise
@@ -906,6 +907,9 @@ def load_checkpoint(path, cfg, dev):
 def load_pairs(pairs, saved, where):
     """Load every side from a checkpoint's, or refuse in one line where the script builds other networks."""
     for name, side in pairs.items():
+        if name not in saved:
+            refuse(f'{where} holds no {name}, which this script now builds: a network cannot join a run midway; '
+                   f'start a fresh run (another --out_dir)')
         try:
             side.load_state_dict(saved[name])
         except (KeyError, RuntimeError, ValueError) as error:
@@ -1169,9 +1173,8 @@ def attempt(what, f, said, calls=''):
     naming the function of the algorithm part that calls the networks there (calls)."""
     try:
         return f()
-    except WriteFailed:  # a full disk or an unwritable out_dir is no edit's doing: the run stops (train)
-        raise
-    except Exception as error:  # an edited network: the run goes on, measuring what it still can
+    except RuntimeError as error:  # torch's word for inputs an edited network cannot take (shapes, dtypes): the
+        # run goes on, measuring what it still can; a slip in the code (a KeyError, a NameError) stops it
         if what not in said:
             said.add(what)
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -1806,9 +1809,14 @@ def run(cfg, dev):
     return 130 if stopped else 0
 
 
+def main(argv):
+    """The command line's run (or comparison); its exit status. cfg is no global: the code reads it where passed."""
+    cfg = parse_args(argv)
+    return compare_runs(cfg) if cfg['compare'] else train(cfg)
+
+
 if __name__ == '__main__':
-    cfg = parse_args(sys.argv[1:])
-    status = compare_runs(cfg) if cfg['compare'] else train(cfg)
+    status = main(sys.argv[1:])
     if int(os.environ.get('WORLD_SIZE', 1)) > 1:  # under torchrun, a finished process skips the interpreter's
         sys.stdout.flush()  # teardown, where a gloo thread still running as C++ statics are destroyed can abort it
         sys.stderr.flush()  # (std::terminate, exit status -6) after the run and its files are complete

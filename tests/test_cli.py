@@ -213,3 +213,9 @@ def test_name_equals_value_without_spaces_is_a_hyperparameter_as_python_reads_it
     assert cfg['h_dim'] == 64 and cfg['z_dim'] == 12
     result = subprocess.run([sys.executable, script, '--help'], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and re.search(r'--h_dim\s+64\s+hidden units', result.stdout)
+
+
+def test_a_name_and_its_value_apart_are_refused_saying_how_to_write_them(capsys):
+    with pytest.raises(SystemExit):
+        pg.parse_args(['--K', '5'])
+    assert "unknown argument '--K' (write --K=VALUE, without a space)" in capsys.readouterr().err

@@ -458,3 +458,19 @@ def test_a_side_without_an_optimiser_is_saved_resumed_and_draws_the_samples_with
     z = torch.randn(1, 5, cfg['z_dim'])
     assert torch.equal(module.generate(fresh, z, None), fresh['G_first'].model(z).detach())
     assert len(list((tmp_path / 'whole').glob('0*.png'))) == 4  # iterations 0, 15, 30 and the last
+
+
+def test_a_slip_in_draw_samples_stops_the_run_and_a_side_added_later_cannot_join_a_resume(tmp_path, capsys):
+    """A KeyError is the code's, not a network's that cannot take its input: it is raised, not reported and skipped.
+    A side the checkpoint lacks is refused in one line that says so."""
+    slip, _ = edited_copy(tmp_path, ("    return pairs['G'].model(z)", "    return pairs['G_emma'].model(z)"))
+    with pytest.raises(KeyError, match='G_emma'):
+        slip.train(slip.parse_args([*TINY, f'--out_dir={tmp_path / "slip"}', '--iterations=3']))
+    assert pg.train(pg.parse_args([*TINY, f'--out_dir={tmp_path / "run"}', '--iterations=3'])) == 0
+    (tmp_path / 'later').mkdir()
+    later, _ = edited_copy(tmp_path / 'later', *G_FIRST)
+    with pytest.raises(SystemExit) as stop:
+        later.train(later.parse_args([*TINY, f'--out_dir={tmp_path / "run"}', '--iterations=6', '--resume=True',
+                                      '--resume_edited=True']))
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and 'holds no G_first, which this script now builds' in err and '\n' not in err

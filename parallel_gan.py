@@ -549,6 +549,8 @@ def parse_args(argv):
         explicit.add(name)
     if cfg['paper']:  # the paper's conditions, where the command line does not say otherwise
         cfg.update({name: value for name, value in PAPER.items() if name not in explicit})
+    if cfg['dataset'] == STACKED and 'eval_samples' not in explicit:  # the published protocol's count
+        cfg['eval_samples'] = STACKED_SAMPLES
     with suppress(Exception):  # a missing or damaged checkpoint: load_checkpoint refuses it
         if cfg['resume'] and not cfg['compare']:
             state = torch.load(checkpoint_path(cfg), map_location='cpu', weights_only=True)
@@ -1792,8 +1794,6 @@ def run(cfg, dev):
                   f'it already reached --iterations={cfg["iterations"]}; raise it to go on')
         return 0
     where = f' from {cfg["data_root"]}' if cfg['dataset'] not in MIXTURES else ''
-    if cfg['dataset'] == STACKED and 'eval_samples' not in explicit:  # the published protocol's count
-        cfg['eval_samples'] = STACKED_SAMPLES
     procs.say(f'loading the {cfg["dataset"]} training set{where}')
     images, labels = training_data(cfg)
     with interrupts_caught() as interrupted:  # from here on a Ctrl-C ends in a checkpoint

@@ -91,8 +91,8 @@ def test_a_stacked_run_draws_colour_grids_evaluates_on_1000_modes_and_compares(t
 def test_stacked_mnist_trains_on_128000_examples_and_evaluates_26000_samples_unless_told(tiny_mnist, tmp_path):
     cfg = pg.parse_args(['--dataset=stacked_mnist', f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}',
                          '--iterations=1', '--h_dim=8'])
-    assert cfg['eval_samples'] == 10_000 and pg.train(cfg) == 0
-    assert cfg['eval_samples'] == 26_000  # the published protocol's, set as the run starts
+    assert cfg['eval_samples'] == 26_000 and pg.train(cfg) == 0  # the published protocol's, beside the block's 10,000
+    assert torch.load(tmp_path / 'checkpoint.pt', weights_only=True)['hyperparameters']['eval_samples'] == 26_000
     assert len(pg.training_data(cfg)[0]) == 128_000
     told = pg.parse_args(['--dataset=stacked_mnist', f'--data_root={tiny_mnist}', f'--out_dir={tmp_path / "b"}',
                           '--iterations=1', '--h_dim=8', '--eval_samples=500'])

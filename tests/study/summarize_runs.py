@@ -425,7 +425,7 @@ rule gave a verdict and the judges are not shown equivalent, the primary verdict
 STACKED_TUNE, STACKED_PARTS = 'stacked_tune', ('stacked_script', 'stacked_paper')
 # Stacked MNIST's claims: (name, metric, +1 where higher is better for GAP, what better/worse say)
 STACKED_CLAIMS = [('modes (published: distinct triples of 1,000)', 'modes', +1, ('more modes', 'fewer modes')),
-                  ('KL(triples || uniform)', 'kl', -1, ('lower KL', 'higher KL')),
+                  ('KL(triples ‖ uniform)', 'kl', -1, ('lower KL', 'higher KL')),
                   ('high-confidence modes (3 channels >= 0.9)', 'modes_captured', +1, ('more modes', 'fewer modes')),
                   ('share of high-confidence samples', 'high_quality', +1, ('more', 'fewer')),
                   ('D(x) gap, train - held-out', 'd_gap', -1, ('smaller gap', 'larger gap')),

@@ -5,7 +5,8 @@ K=0 never swaps: independent GANs, the baseline. `python parallel_gan.py --help`
 `--paper=True` sets the paper's conditions, `--compare=DIR` judges runs by one pool of discriminators, and
 `torchrun --nproc_per_node=2 parallel_gan.py` trains one pair per process. Writes out/NNN.png, out/losses.png,
 out/metrics.csv, out/metrics.png and out/checkpoint.pt (--resume=True). Top to bottom: the hyperparameters,
-networks, losses, step, swap, one iteration and the training loop; below one divider, the support.
+networks, losses, step, swap, one iteration, the training loop, and the samples and scores that the pictures,
+the evaluation and --compare take; below one divider, the support.
 """
 import ast
 import csv
@@ -319,23 +320,6 @@ def swap_networks(side, partners, tensors=None):
 
 
 # ------------------------------------------------------------------------------------
-# samples and scores outside training: the sample grids, the evaluation and --compare call the networks only
-# through these two (in eval mode, without gradients). An edit of what the networks take (a conditional GAN's
-# labels) or of which network draws the samples (an average of a generator's weights) goes here too.
-
-def draw_samples(pairs, z, y):
-    """Every generator's samples of noise z, (n_pairs, batch, x_dim) by slot. y (1, batch): the labels asked for,
-    unused here (a conditional GAN's edit reads them)."""
-    return pairs['G'].model(z)
-
-
-def score_inputs(pairs, x, y):
-    """Every discriminator's logits of inputs x (1 or n_pairs, batch, x_dim) whose labels are y (1, batch), unused
-    here: (n_pairs, batch, 1) by slot."""
-    return pairs['D'].model(x)
-
-
-# ------------------------------------------------------------------------------------
 # one iteration and the training loop
 
 def draw_noise(cfg, batch, rng, dtype):
@@ -385,6 +369,23 @@ def train_loop(cfg, pairs, data, noise_rng, recorder):
         if recorder.after(it, stats):
             return True
     return False
+
+
+# ------------------------------------------------------------------------------------
+# samples and scores outside training: the sample grids, the evaluation and --compare call the networks only
+# through these two (in eval mode, without gradients). An edit of what the networks take (a conditional GAN's
+# labels) or of which network draws the samples (an average of a generator's weights) goes here too.
+
+def draw_samples(pairs, z, y):
+    """Every generator's samples of noise z, (n_pairs, batch, x_dim) by slot. y (1, batch): the labels asked for,
+    unused here (a conditional GAN's edit reads them)."""
+    return pairs['G'].model(z)
+
+
+def score_inputs(pairs, x, y):
+    """Every discriminator's logits of inputs x (1 or n_pairs, batch, x_dim) whose labels are y (1, batch), unused
+    here: (n_pairs, batch, 1) by slot."""
+    return pairs['D'].model(x)
 
 
 # ====================================================================================

@@ -1653,8 +1653,8 @@ class Recorder:
         quality = (f'high-confidence modes {join("modes_captured", ".0f")}' if self.cfg['dataset'] == STACKED else
                    f'score {join("score", ".2f")}' if self.cfg['dataset'] not in MIXTURES else
                    f'captured {join("modes_captured", ".0f")} | high quality {join("high_quality", ".2f")}')
-        n_modes = len(mixture(self.cfg['dataset'])[0]) if self.cfg['dataset'] in MIXTURES else 10
-        n_modes = 1000 if self.cfg['dataset'] == STACKED else n_modes
+        dataset = self.cfg['dataset']
+        n_modes = 1000 if dataset == STACKED else len(mixture(dataset)[0]) if dataset in MIXTURES else 10
         procs.say(f'eval {it:>5} | modes {join("modes", ".0f")} of {n_modes} | {quality} | KL {join("kl", ".3f")} | '
                   f'FD {join("fd", ".3g")} | D-pool mean {join("pool_mean", ".2f")} worst {join("pool_worst", ".2f")} '
                   f'| D(x) train {join("d_train", ".2f")} held-out {join("d_heldout", ".2f")}')

@@ -1770,7 +1770,10 @@ def denormals_flushed(dev):
     """On the CPU, denormal floats (below 1.2e-38 in float32) read and written as 0 while the run trains: x86 CPUs
     take many times longer over them, and on MNIST Adam's moments of the always-empty border pixels and the
     gradients through saturated sigmoids sink into that range, which slowed a run by a third after its first
-    1,000 iterations. TensorFlow does the same on the CPU by default; torch does not. Runs stay deterministic."""
+    1,000 iterations. TensorFlow does the same on the CPU by default; torch does not. Runs stay deterministic.
+    torch's worker threads take the setting from the thread that starts them, so train() sets it before the run's
+    first computation: a command-line run flushes in every thread. train() called from Python after torch has
+    already computed in parallel flushes in this thread only (torch cannot reach the running workers)."""
     flushing = dev.type == 'cpu' and torch.set_flush_denormal(True)
     try:
         yield

@@ -338,3 +338,27 @@ def test_a_cpu_run_trains_with_denormals_flushed_and_resumes_bit_for_bit(tiny_mn
     train(*common, f'--out_dir={tmp_path / "split"}', '--iterations=30', '--resume=True')
     assert states == [True] * 60 and not flushed()
     assert_same_run(load(tmp_path / 'whole' / 'checkpoint.pt'), load(tmp_path / 'split' / 'checkpoint.pt'))
+
+
+KEPT_DENORMALS = '''
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import parallel_gan as pg
+kept, step = [], pg.gap_iteration
+def probed(*args):  # doubling 2**20 denormals spans torch's threads: each that does not flush keeps its share
+    kept.append(int((torch.ones(1 << 20, dtype=torch.int32).view(torch.float32) * 2).count_nonzero()))
+    return step(*args)
+pg.gap_iteration = probed
+status = pg.main(sys.argv[2:])
+print(status, kept)
+'''
+
+
+def test_a_command_line_run_flushes_denormals_in_every_thread(tiny_mnist, tmp_path):
+    """torch's worker threads take the setting from the thread that starts them: a run that set it after torch's
+    first parallel work would flush in one thread only, and the share of the others would stay slow."""
+    result = subprocess.run([sys.executable, '-c', KEPT_DENORMALS, os.path.dirname(SCRIPT), f'--data_root={tiny_mnist}',
+                             f'--out_dir={tmp_path}', '--iterations=3', '--threads=2', *SMALL],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == '0 [0, 0, 0]'

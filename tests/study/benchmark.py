@@ -6,17 +6,19 @@
     python tests/study/benchmark.py --against=paper --pairs=2          # what --paper=True costs
     python tests/study/benchmark.py --against=hinge --pairs=2          # an edit: hinge loss and LeakyReLU in D
 
-Both loops run in this process on the same data. Each first trains `--warmup` iterations (default 2,000), so
-that both are timed in the state a run spends its time in, not from fresh weights: on MNIST, Adam's moments of the
-always-empty border pixels and the gradients through saturated sigmoids become denormal floats within the first
-1,000 iterations, which the CPU handles many times slower. Then alternating timed rounds; each times
-`--iterations` iterations (noise, batch and both updates). A loop whose script flushes denormals (parallel_gan.py's
-train() does, on the CPU) runs its rounds flushed, the reference loop (the classic script) does not.
-Printed: the median iterations per second of each, their ratio, and the peak memory of a
-whole default-sized run of each (measured in child processes, so one cannot hide the other's).
+Each loop runs in a child process of its own, started in the arithmetic its script runs in: a command-line run
+of parallel_gan.py flushes denormals in every thread (train() sets it before torch starts its worker threads, which
+take the setting from the thread that starts them), the classic script (the reference loop) in none; one process
+could not hold both. Each child first trains `--warmup` iterations (default 2,000), so that both are timed in the
+state a run spends its time in, not from fresh weights: on MNIST, Adam's moments of the always-empty border pixels
+and the gradients through saturated sigmoids become denormal floats within the first 1,000 iterations, which the
+CPU handles many times slower. Then alternating timed rounds, one child at a time; each times `--iterations`
+iterations (noise, batch and both updates). Printed: the median iterations per second of each, their ratio, and
+the peak memory of a whole default-sized run of each (also in child processes).
 Not collected by pytest: it is a measurement, not a test.
 """
 import argparse
+import multiprocessing
 import os
 import re
 import tempfile
@@ -85,7 +87,6 @@ def parallel_gan_loop(n_pairs, images, dev, module=pg, options=()):
         recent.append(torch.stack(list(stats.values()), 1) if isinstance(stats, dict) else stats)
         if len(recent) == 1000:
             recent.clear()
-    step.flushes = flushes(module)
     return step
 
 
@@ -119,18 +120,70 @@ def flushes(module):
     return hasattr(module, 'denormals_flushed')
 
 
+def denormals_kept():
+    """How many of 2**20 denormal floats torch's threads keep when doubling them: 0 when every thread flushes."""
+    tiny = torch.ones(1 << 20, dtype=torch.int32).view(torch.float32)  # each 1.4e-45, a float32 denormal
+    return int((tiny * 2).count_nonzero())
+
+
 def rate(step, iterations, dev):
-    """Iterations per second of at least `iterations` iterations (a step may do several), with denormals flushed
-    where the loop's script flushes them (step.flushes)."""
+    """Iterations per second of at least `iterations` iterations (a step may do several)."""
     sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
-    if dev.type == 'cpu':
-        torch.set_flush_denormal(getattr(step, 'flushes', False))
     sync()
     start, done = time.perf_counter(), 0
     while done < iterations:
         done += step() or 1
     sync()
     return done / (time.perf_counter() - start)
+
+
+def serve(conn, which, n_pairs, options, device, threads):
+    """A child process's loop: 'reference', 'this' (this parallel_gan.py), 'hinge' (it, edited) or a git revision's
+    parallel_gan.py. Set up in the arithmetic its script runs in, then one timed round per request (0: done)."""
+    dev = pg.pick_device(device)
+    module = (None if which == 'reference' else pg if which == 'this' else edited(HINGE) if which == 'hinge' else
+              version(which))
+    if dev.type == 'cpu':  # before torch's first parallel work, so that its worker threads take it too
+        torch.set_flush_denormal(module is not None and flushes(module))
+    if threads:
+        torch.set_num_threads(threads)
+    images, _ = training_images(dev)
+    step = (reference_loop(n_pairs, images, dev) if module is None else
+            parallel_gan_loop(n_pairs, images, dev, module, options))
+    conn.send(dev.type == 'cpu' and denormals_kept() == 0)  # set up; whether every thread flushes
+    while iterations := conn.recv():
+        conn.send(rate(step, iterations, dev))
+
+
+class Loop:
+    """A loop (serve's `which`) in a child process of its own, started fresh: torch's worker threads keep the
+    denormal setting they started with, so the two loops' arithmetic could not differ within one process."""
+
+    def __init__(self, which, n_pairs, options, args):
+        context = multiprocessing.get_context('spawn')
+        self.conn, theirs = context.Pipe()
+        self.child = context.Process(target=serve, args=(theirs, which, n_pairs, options, args.device, args.threads),
+                                     daemon=True)
+        self.child.start()
+        theirs.close()  # the child's end: a child that dies ends the pipe, and answer() says so
+        self.which = which
+        self.flushes = self.answer()
+
+    def answer(self):
+        try:
+            return self.conn.recv()
+        except EOFError:
+            self.child.join()
+            sys.exit(f'benchmark.py: the {self.which} loop\'s process died (exit status {self.child.exitcode}); '
+                     'its error is above')
+
+    def rate(self, iterations):
+        self.conn.send(iterations)
+        return self.answer()
+
+    def close(self):
+        self.conn.send(0)
+        self.child.join()
 
 
 def peak_memory(which, dev):
@@ -203,32 +256,33 @@ def main():
     if args.memory_child:
         return memory_child(args.memory_child, dev)
 
-    torch.manual_seed(0)
-    images, source = training_images(dev)
+    source = 'MNIST' if os.path.isdir(os.path.join(SHARED_MNIST, 'MNIST', 'raw')) else 'random images'
     name = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'CPU ({os.cpu_count()} cores)'
-    print(f'device {dev} [{name}], {torch.get_num_threads()} threads, torch {torch.__version__}, '
-          f'data: {source}, batch 32, timed after {args.warmup} iterations of training, {args.rounds} alternating '
-          f'rounds, median')
-    print(f'{"n_pairs":>7} {"baseline it/s":>15} {"parallel_gan it/s":>18} {"ratio":>9}')
+    print(f'device {dev} [{name}], {args.threads or torch.get_num_threads()} threads, torch {torch.__version__}, '
+          f'data: {source}, batch 32, each loop in its own process, timed after {args.warmup} iterations of '
+          f'training, {args.rounds} alternating rounds, median')
     options = args.options.split() if args.options else []
     against = {'': 'the reference loop (the classic op sequence, pair after pair)', 'paper': 'parallel_gan.py with '
                '--paper=True', 'hinge': 'parallel_gan.py edited: hinge losses, LeakyReLU in D'}
     print(f'(the baseline: {against.get(args.against, f"parallel_gan.py at {args.against}")}; options {options or "none"})')
+    baseline = {'': ('reference', options), 'paper': ('this', [*options, '--paper=True']),
+                'hinge': ('hinge', options)}.get(args.against, (args.against, options))
     for n_pairs in [int(p) for p in args.pairs.split(',')]:
-        if args.against in ('', 'paper', 'hinge'):
-            old = {'': lambda: reference_loop(n_pairs, images, dev),
-                   'paper': lambda: parallel_gan_loop(n_pairs, images, dev, options=[*options, '--paper=True']),
-                   'hinge': lambda: parallel_gan_loop(n_pairs, images, dev, edited(HINGE), options)}[args.against]()
-        else:
-            old = parallel_gan_loop(n_pairs, images, dev, version(args.against), options)
-        loops = {'baseline': old, 'parallel_gan': parallel_gan_loop(n_pairs, images, dev, options=options)}
+        loops = {'baseline': Loop(baseline[0], n_pairs, baseline[1], args),
+                 'parallel_gan': Loop('this', n_pairs, options, args)}
+        if dev.type == 'cpu' and n_pairs == int(args.pairs.split(',')[0]):
+            print('denormals flushed in every thread: ' + ', '.join(f'{name} {"yes" if loop.flushes else "no"}'
+                                                                  for name, loop in loops.items()))
+            print(f'{"n_pairs":>7} {"baseline it/s":>15} {"parallel_gan it/s":>18} {"ratio":>9}')
         iterations = args.iterations or max(20, int(400 / n_pairs))
-        for step in loops.values():
-            rate(step, max(args.warmup, 20), dev)  # into the steady state (and past the first calls' set-up)
+        for loop in loops.values():  # one at a time: into the steady state (and past the first calls' set-up)
+            loop.rate(max(args.warmup, 20))
         rates = {name: [] for name in loops}
         for _ in range(args.rounds):
-            for name, step in loops.items():
-                rates[name].append(rate(step, iterations, dev))
+            for name, loop in loops.items():
+                rates[name].append(loop.rate(iterations))
+        for loop in loops.values():
+            loop.close()
         base, ours = statistics.median(rates['baseline']), statistics.median(rates['parallel_gan'])
         ratios = sorted(o / r for r, o in zip(rates['baseline'], rates['parallel_gan']))
         print(f'{n_pairs:>7} {base:>15.1f} {ours:>18.1f} {ours / base:>8.2f}x   (per round {ratios[0]:.2f}x..'

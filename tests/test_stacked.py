@@ -35,11 +35,12 @@ def test_the_training_examples_channels_are_independent_draws_and_their_labels_s
     stacked, labels = pg.stacked_mnist(tiny_mnist, n=50_000)
     digits, digit_labels = pg.load_images('mnist', tiny_mnist)
     assert stacked.shape == (50_000, 3 * 784) and stacked.dtype == torch.uint8
-    channels = stacked.reshape(-1, 3, 784)
+    channels, first = stacked[:3000].reshape(-1, 3, 784), labels[:3000]  # (3,000 examples: about 1,000 hits)
     found = [(channels[:, c, None] == digits[None, :100]).all(2) for c in range(3)]  # which of the first 100
-    for c in range(3):  # every channel is one of the training digits, and its label is the one labels give
+    for c in range(3):  # a channel holding one of those digits has its label where labels say
         hit = found[c].any(1)
-        assert (digit_labels[found[c][hit].int().argmax(1)] == labels[hit] // 10 ** (2 - c) % 10).all()
+        assert hit.sum() > 500
+        assert (digit_labels[found[c][hit].int().argmax(1)] == first[hit] // 10 ** (2 - c) % 10).all()
     counts = torch.bincount(labels, minlength=1000)  # 50 expected per triple: uniform, each digit its own draw
     assert len(counts) == 1000 and counts.min() > 15 and counts.max() < 95
     chi2 = ((counts - 50.0) ** 2 / 50).sum()

@@ -2,6 +2,7 @@
 
     python tests/study/benchmark.py                  # n_pairs 2, 4, 8 on the default device
     python tests/study/benchmark.py --pairs=2 --rounds=3 --device=cpu --threads=1
+    python tests/study/benchmark.py --against=classic --pairs=2,4     # against the classic script's iteration, op for op
     python tests/study/benchmark.py --against=HEAD~1 --pairs=2,4      # this version's iteration against an older one's
     python tests/study/benchmark.py --against=paper --pairs=2          # what --paper=True costs
     python tests/study/benchmark.py --against=hinge --pairs=2          # an edit: hinge loss and LeakyReLU in D
@@ -28,6 +29,7 @@ import sys
 import time
 
 import torch
+from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)  # tests/: reference.py and conftest.py
@@ -61,6 +63,43 @@ def reference_loop(n_pairs, images, dev):
         ref.iteration(z, batches.next()[0][0])
         if pg.swaps_at(it, cfg):
             ref.swap(pg.new_partners(cfg, it).tolist())
+    return step
+
+
+def classic_loop(n_pairs, images, dev):
+    """The classic script's iteration, op for op: one noise batch and one minibatch for every pair; per pair, D's
+    loss on a G sample that is not detached (its backward runs through G too), D's step, then a second G sample for
+    G's step; losses -mean(log(D + 1e-8) ...) on D's sigmoid output; torch's default Adam; every network's gradients
+    zeroed after every step; the pairs swap their discriminators every K iterations."""
+    cfg = pg.parse_args([f'--n_pairs={n_pairs}'])
+    h, z_dim, x_dim = cfg['h_dim'], cfg['z_dim'], images.shape[1]
+    mlp = lambda n_in, n_out: nn.Sequential(nn.Linear(n_in, h), nn.ReLU(), nn.Linear(h, n_out), nn.Sigmoid()).to(dev)
+    Gs, Ds = [mlp(z_dim, x_dim) for _ in range(n_pairs)], [mlp(x_dim, 1) for _ in range(n_pairs)]
+    solvers = {net: torch.optim.Adam(net.parameters(), lr=cfg['lr']) for net in Gs + Ds}
+    log = lambda t: torch.log(t + 1e-8)
+    batches = pg.Batches(images, torch.zeros(len(images), dtype=torch.long, device=dev), cfg['mb_size'], 1,
+                         torch.float32)
+    noise, state = torch.Generator(device=dev).manual_seed(2), {'it': 0, 'Ds': Ds}
+
+    def reset_grad():
+        for net in Gs + Ds:
+            net.zero_grad()
+
+    def step():
+        it = state['it'] = state['it'] + 1
+        z = torch.randn(cfg['mb_size'], z_dim, generator=noise, device=dev)
+        x = batches.next()[0][0]
+        for G, D in zip(Gs, state['Ds']):
+            D_loss = -torch.mean(log(D(x)) + log(1 - D(G(z))))
+            D_loss.backward()
+            solvers[D].step()
+            reset_grad()
+            G_loss = -torch.mean(log(D(G(z))))
+            G_loss.backward()
+            solvers[G].step()
+            reset_grad()
+        if pg.swaps_at(it, cfg):
+            state['Ds'] = [state['Ds'][j] for j in pg.new_partners(cfg, it).tolist()]
     return step
 
 
@@ -141,15 +180,15 @@ def serve(conn, which, n_pairs, options, device, threads):
     """A child process's loop: 'reference', 'this' (this parallel_gan.py), 'hinge' (it, edited) or a git revision's
     parallel_gan.py. Set up in the arithmetic its script runs in, then one timed round per request (0: done)."""
     dev = pg.pick_device(device)
-    module = (None if which == 'reference' else pg if which == 'this' else edited(HINGE) if which == 'hinge' else
-              version(which))
+    module = (None if which in ('reference', 'classic') else pg if which == 'this' else edited(HINGE) if which == 'hinge'
+              else version(which))
     if dev.type == 'cpu':  # before torch's first parallel work, so that its worker threads take it too
         torch.set_flush_denormal(module is not None and flushes(module))
     if threads:
         torch.set_num_threads(threads)
     images, _ = training_images(dev)
-    step = (reference_loop(n_pairs, images, dev) if module is None else
-            parallel_gan_loop(n_pairs, images, dev, module, options))
+    step = (reference_loop(n_pairs, images, dev) if which == 'reference' else classic_loop(n_pairs, images, dev)
+            if which == 'classic' else parallel_gan_loop(n_pairs, images, dev, module, options))
     conn.send(dev.type == 'cpu' and denormals_kept() == 0)  # set up; whether every thread flushes
     while iterations := conn.recv():
         conn.send(rate(step, iterations, dev))
@@ -244,9 +283,9 @@ def main():
     parser.add_argument('--device', default='auto')
     parser.add_argument('--threads', type=int, default=0, help='torch threads (0: default)')
     parser.add_argument('--process_rounds', type=int, default=2, help='rounds of the processes row (0: skip it)')
-    parser.add_argument('--against', default='', help='instead of the reference loop, time against: a git revision '
-                        '(its parallel_gan.py), "paper" (this one with --paper=True) or "hinge" (this one edited: '
-                        'hinge losses, LeakyReLU in D); alternating rounds')
+    parser.add_argument('--against', default='', help='instead of the reference loop, time against: "classic" (the '
+                        'classic script\'s iteration, op for op), a git revision (its parallel_gan.py), "paper" (this '
+                        'one with --paper=True) or "hinge" (this one edited: hinge losses, LeakyReLU in D)')
     parser.add_argument('--options', default='', help='hyperparameters of both loops, e.g. --options=--K=0')
     parser.add_argument('--memory_child', default='', help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -263,10 +302,11 @@ def main():
           f'training, {args.rounds} alternating rounds, median')
     options = args.options.split() if args.options else []
     against = {'': 'the reference loop (the classic op sequence, pair after pair)', 'paper': 'parallel_gan.py with '
-               '--paper=True', 'hinge': 'parallel_gan.py edited: hinge losses, LeakyReLU in D'}
+               '--paper=True', 'hinge': 'parallel_gan.py edited: hinge losses, LeakyReLU in D',
+               'classic': 'the classic script\'s iteration, op for op'}
     print(f'(the baseline: {against.get(args.against, f"parallel_gan.py at {args.against}")}; options {options or "none"})')
     baseline = {'': ('reference', options), 'paper': ('this', [*options, '--paper=True']),
-                'hinge': ('hinge', options)}.get(args.against, (args.against, options))
+                'hinge': ('hinge', options), 'classic': ('classic', options)}.get(args.against, (args.against, options))
     for n_pairs in [int(p) for p in args.pairs.split(',')]:
         loops = {'baseline': Loop(baseline[0], n_pairs, baseline[1], args),
                  'parallel_gan': Loop('this', n_pairs, options, args)}

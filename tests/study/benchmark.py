@@ -2,7 +2,7 @@
 
     python tests/study/benchmark.py                  # n_pairs 2, 4, 8 on the default device
     python tests/study/benchmark.py --pairs=2 --rounds=3 --device=cpu --threads=1
-    python tests/study/benchmark.py --against=classic --pairs=2,4     # against the classic script's iteration, op for op
+    python tests/study/benchmark.py --against=classic --pairs=2,4     # the classic script's iteration, op for op
     python tests/study/benchmark.py --against=HEAD~1 --pairs=2,4      # this version's iteration against an older one's
     python tests/study/benchmark.py --against=paper --pairs=2          # what --paper=True costs
     python tests/study/benchmark.py --against=hinge --pairs=2          # an edit: hinge loss and LeakyReLU in D
@@ -177,11 +177,12 @@ def rate(step, iterations, dev):
 
 
 def serve(conn, which, n_pairs, options, device, threads):
-    """A child process's loop: 'reference', 'this' (this parallel_gan.py), 'hinge' (it, edited) or a git revision's
-    parallel_gan.py. Set up in the arithmetic its script runs in, then one timed round per request (0: done)."""
+    """A child process's loop: 'reference', 'classic', 'this' (this parallel_gan.py), 'hinge' (it, edited) or a git
+    revision's parallel_gan.py. Set up in the arithmetic its script runs in, then one timed round per request (0: done)."""
     dev = pg.pick_device(device)
-    module = (None if which in ('reference', 'classic') else pg if which == 'this' else edited(HINGE) if which == 'hinge'
-              else version(which))
+    module = None  # the reference and classic loops: written in this file
+    if which not in ('reference', 'classic'):
+        module = pg if which == 'this' else edited(HINGE) if which == 'hinge' else version(which)
     if dev.type == 'cpu':  # before torch's first parallel work, so that its worker threads take it too
         torch.set_flush_denormal(module is not None and flushes(module))
     if threads:

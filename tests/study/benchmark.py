@@ -14,8 +14,10 @@ could not hold both. Each child first trains `--warmup` iterations (default 2,00
 state a run spends its time in, not from fresh weights: on MNIST, Adam's moments of the always-empty border pixels
 and the gradients through saturated sigmoids become denormal floats within the first 1,000 iterations, which the
 CPU handles many times slower. Then alternating timed rounds, one child at a time; each times `--iterations`
-iterations (noise, batch and both updates). Printed: the median iterations per second of each, their ratio, and
-the peak memory of a whole default-sized run of each (also in child processes).
+iterations (noise, batch and both updates). Printed: the median iterations per second of each, their ratio, the
+peak memory of 300 iterations of each at 2 pairs beside that of the data alone (also in child processes), and the
+processes row (--process_rounds): 2 pairs as 1 process x 2 threads against torchrun's 2 processes x 1 thread.
+To time an edit of yours against the code it started from: --against=HEAD.
 Not collected by pytest: it is a measurement, not a test.
 """
 import argparse
@@ -227,24 +229,31 @@ class Loop:
 
 
 def peak_memory(which, dev):
-    """Peak memory of a child process that runs 300 iterations of one loop on full-size data (MiB)."""
+    """(peak once the data are loaded, peak after 300 iterations) of a child process that trains one loop on
+    full-size data, in MiB."""
     child = subprocess.run([sys.executable, __file__, f'--memory_child={which}', f'--device={dev}'],
                            capture_output=True, text=True)
     if child.returncode != 0:
-        return float('nan')
-    return float(child.stdout.split()[-1])
+        return float('nan'), float('nan')
+    data, trained = child.stdout.split()[-2:]
+    return float(data), float(trained)
+
+
+def peak(dev):
+    """This process's peak memory so far, in MiB: GPU memory allocated, or resident memory."""
+    if dev.type == 'cuda':
+        return torch.cuda.max_memory_allocated() / 2**20
+    with open('/proc/self/status') as f:  # VmHWM: this process's peak (ru_maxrss would include the parent's)
+        return next(int(line.split()[1]) for line in f if line.startswith('VmHWM')) / 1024
 
 
 def memory_child(which, dev):
     images, _ = training_images(dev)
+    data = peak(dev)
     step = (reference_loop if which == 'reference' else parallel_gan_loop)(2, images, dev)
     for _ in range(300):
         step()
-    if dev.type == 'cuda':
-        print(torch.cuda.max_memory_allocated() / 2**20)
-    else:
-        with open('/proc/self/status') as f:  # VmHWM: this process's peak (ru_maxrss would include the parent's)
-            print(next(int(line.split()[1]) for line in f if line.startswith('VmHWM')) / 1024)
+    print(data, peak(dev))
 
 
 def script_rate(launcher, threads, data_root, out_dir, iterations=4001):
@@ -283,7 +292,9 @@ def main():
                         '(the steady state of a run; 0: time fresh weights)')
     parser.add_argument('--device', default='auto')
     parser.add_argument('--threads', type=int, default=0, help='torch threads (0: default)')
-    parser.add_argument('--process_rounds', type=int, default=2, help='rounds of the processes row (0: skip it)')
+    parser.add_argument('--process_rounds', type=int, default=2, help='rounds of the processes row: 2 pairs on the CPU '
+                        'as 1 process x 2 threads against torchrun\'s 2 processes x 1 thread, whole 4,001-iteration '
+                        'runs of the script (0: skip it)')
     parser.add_argument('--against', default='', help='instead of the reference loop, time against: "classic" (the '
                         'classic script\'s iteration, op for op), a git revision (its parallel_gan.py), "paper" (this '
                         'one with --paper=True) or "hinge" (this one edited: hinge losses, LeakyReLU in D)')
@@ -300,7 +311,7 @@ def main():
     name = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'CPU ({os.cpu_count()} cores)'
     print(f'device {dev} [{name}], {args.threads or torch.get_num_threads()} threads, torch {torch.__version__}, '
           f'data: {source}, batch 32, each loop in its own process, timed after {args.warmup} iterations of '
-          f'training, {args.rounds} alternating rounds, median')
+          f'training, {args.rounds} alternating round{"s" * (args.rounds != 1)}, median')
     options = args.options.split() if args.options else []
     against = {'': 'the reference loop (the classic op sequence, pair after pair)', 'paper': 'parallel_gan.py with '
                '--paper=True', 'hinge': 'parallel_gan.py edited: hinge losses, LeakyReLU in D',
@@ -330,9 +341,10 @@ def main():
               f'{ratios[-1]:.2f}x)', flush=True)
     if args.against:
         return
-    ref_mem, our_mem = peak_memory('reference', dev), peak_memory('parallel_gan', dev)
+    (ref_data, ref_mem), (our_data, our_mem) = peak_memory('reference', dev), peak_memory('parallel_gan', dev)
     kind = 'GPU memory allocated' if dev.type == 'cuda' else 'resident memory'
-    print(f'peak {kind}, 2 pairs, full-size data: reference {ref_mem:.0f} MiB, parallel_gan {our_mem:.0f} MiB')
+    print(f'peak {kind}, 2 pairs, 300 iterations on full-size data: reference {ref_mem:.0f} MiB, parallel_gan '
+          f'{our_mem:.0f} MiB (the data loaded, before either loop: {ref_data:.0f} and {our_data:.0f} MiB)')
     if args.process_rounds:
         processes_row(args.process_rounds)
 

@@ -7,16 +7,17 @@
     python tests/study/benchmark.py --against=paper --pairs=2          # what --paper=True costs
     python tests/study/benchmark.py --against=hinge --pairs=2          # an edit: hinge loss and LeakyReLU in D
 
-Each loop runs in a child process of its own, started in the arithmetic its script runs in: a command-line run
+Each loop runs in a child process of its own, with denormals flushed or not as its script runs: a command-line run
 of parallel_gan.py flushes denormals in every thread (train() sets it before torch starts its worker threads, which
-take the setting from the thread that starts them), the classic script (the reference loop) in none; one process
-could not hold both. Each child first trains `--warmup` iterations (default 2,000), so that both are timed in the
-state a run spends its time in, not from fresh weights: on MNIST, Adam's moments of the always-empty border pixels
-and the gradients through saturated sigmoids become denormal floats within the first 1,000 iterations, which the
-CPU handles many times slower. Then alternating timed rounds, one child at a time; each times `--iterations`
-iterations (noise, batch and both updates). Printed: the median iterations per second of each, their ratio, the
-peak memory of 300 iterations of each at 2 pairs beside that of the data alone (also in child processes), and the
-processes row (--process_rounds): 2 pairs as 1 process x 2 threads against torchrun's 2 processes x 1 thread.
+take the setting from the thread that starts them), the reference and classic loops (as the classic script) in
+none; one process could not hold both. Each child first trains `--warmup` iterations (default 2,000), so that both
+are timed in the state a run spends its time in, not from fresh weights: on MNIST, Adam's moments of the
+always-empty border pixels and the gradients through saturated sigmoids become denormal floats within the first
+1,000 iterations, which the CPU handles many times slower. Then alternating timed rounds, one child at a time; each
+times `--iterations` iterations (noise, batch and both updates). Printed: the median iterations per second of each,
+their ratio, the peak memory of 300 iterations of each at 2 pairs beside that of the data alone (also in child
+processes), and the processes row (--process_rounds): 2 pairs as 1 process x 2 threads against torchrun's 2
+processes x 1 thread.
 To time an edit of yours against the code it started from: --against=HEAD.
 Not collected by pytest: it is a measurement, not a test.
 """
@@ -180,7 +181,8 @@ def rate(step, iterations, dev):
 
 def serve(conn, which, n_pairs, options, device, threads):
     """A child process's loop: 'reference', 'classic', 'this' (this parallel_gan.py), 'hinge' (it, edited) or a git
-    revision's parallel_gan.py. Set up in the arithmetic its script runs in, then one timed round per request (0: done)."""
+    revision's parallel_gan.py. Set up with denormals flushed or not as its script runs, then one timed round per
+    request (0: done)."""
     dev = pg.pick_device(device)
     module = None  # the reference and classic loops: written in this file
     if which not in ('reference', 'classic'):
@@ -313,10 +315,11 @@ def main():
           f'data: {source}, batch 32, each loop in its own process, timed after {args.warmup} iterations of '
           f'training, {args.rounds} alternating round{"s" * (args.rounds != 1)}, median')
     options = args.options.split() if args.options else []
-    against = {'': 'the reference loop (the classic op sequence, pair after pair)', 'paper': 'parallel_gan.py with '
-               '--paper=True', 'hinge': 'parallel_gan.py edited: hinge losses, LeakyReLU in D',
-               'classic': 'the classic script\'s iteration, op for op'}
-    print(f'(the baseline: {against.get(args.against, f"parallel_gan.py at {args.against}")}; options {options or "none"})')
+    against = {'': 'the reference loop (the classic op sequence slimmed, pair after pair)',
+               'classic': 'the classic script\'s iteration, op for op', 'paper': 'parallel_gan.py with --paper=True',
+               'hinge': 'parallel_gan.py edited: hinge losses, LeakyReLU in D'}
+    baseline_name = against.get(args.against, f'parallel_gan.py at {args.against}')
+    print(f'(the baseline: {baseline_name}; options {options or "none"})')
     baseline = {'': ('reference', options), 'paper': ('this', [*options, '--paper=True']),
                 'hinge': ('hinge', options), 'classic': ('classic', options)}.get(args.against, (args.against, options))
     for n_pairs in [int(p) for p in args.pairs.split(',')]:

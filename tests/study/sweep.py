@@ -40,7 +40,7 @@ STACKED_GRID = [(128, 1e-3), (64, 1e-3), (128, 2e-4), (64, 2e-4)]  # (h_dim, lr)
 STACKED_K = 290
 # Stacked MNIST at 5 epochs (fixed after stacked_script and stacked_paper, before any of its runs): a K=0 run to
 # 20,000 iterations was the first to make confident samples (README); the script's conditions, K=2000 (10 swaps,
-# as in the short parts), 10 seeds, h_dim and lr as chosen by stacked_tune; about 4 minutes a run on one thread
+# as in the short parts), 10 seeds, h_dim and lr as chosen by stacked_tune; about 6 minutes a run on one thread, two at a time
 STACKED_LONG_RUN = {**STACKED_RUN, 'iterations': 20_001, 'log_every': 2000, 'sample_every': 2000}
 STACKED_LONG_K = 2000
 CONDITIONS = {  # a condition's name (the CSV's condition column): the hyperparameters it sets
@@ -144,8 +144,9 @@ PARTS = {  # name: (what it is, its runs, whether its runs share one pool of dis
 # a part whose K=0 runs are another part's: the same runs bit for bit, as they differ only in swap_moves, which acts
 # at a swap alone; copied (with their checkpoints) rather than run again, so that the part's pool holds both arms
 SAME_K0_RUNS = {'r15_paper_same_init': 'r15_paper_authors_code'}
-COMPARE_SAMPLES = {'stacked_script': 1000, 'stacked_paper': 1000, 'stacked_script_long': 1000}  # the pool's samples per generator where 26,000
-# would take hours on one thread (80 generators x 80 discriminators of 2,352 inputs); else --compare's default
+# the pool's samples per generator where 26,000 would take hours on one thread (80 generators x 80 discriminators
+# of 2,352 inputs); else --compare's default
+COMPARE_SAMPLES = dict.fromkeys(('stacked_script', 'stacked_paper', 'stacked_script_long'), 1000)
 CONFIG_COLUMNS = ('dataset', 'train_size', 'paper', 'K', 'seed', 'n_pairs', 'layers', 'h_dim', 'z_dim', 'lr', 'beta1',
                   'mb_size', 'iterations')
 METRIC_COLUMNS = ('modes', 'modes_captured', 'kl', 'score', 'confidence', 'fd', 'high_quality', 'pool_mean', 'pool_worst',

@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'parallel_gan.py')
 # real MNIST for the tests that need it: the data_root in $GAP_MNIST (DIR with DIR/MNIST/raw), else ../shared/mnist
 SHARED_MNIST = os.environ.get('GAP_MNIST') or os.path.join(ROOT, '..', 'shared', 'mnist')
-sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests'), os.path.join(ROOT, 'tests', 'study')]
+sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests'), os.path.join(ROOT, 'study')]
 
 
 def write_idx(path, tensor):

@@ -1,11 +1,11 @@
 """Speed of parallel_gan.py's training iteration against the plain reference loop.
 
-    python tests/study/benchmark.py                  # n_pairs 2, 4, 8 on the default device
-    python tests/study/benchmark.py --pairs=2 --rounds=3 --device=cpu --threads=1
-    python tests/study/benchmark.py --against=classic --pairs=2,4     # the classic script's iteration, op for op
-    python tests/study/benchmark.py --against=HEAD~1 --pairs=2,4      # this version's iteration against an older one's
-    python tests/study/benchmark.py --against=paper --pairs=2          # what --paper=True costs
-    python tests/study/benchmark.py --against=hinge --pairs=2          # an edit: hinge loss and LeakyReLU in D
+    python study/benchmark.py                  # n_pairs 2, 4, 8 on the default device
+    python study/benchmark.py --pairs=2 --rounds=3 --device=cpu --threads=1
+    python study/benchmark.py --against=classic --pairs=2,4     # the classic script's iteration, op for op
+    python study/benchmark.py --against=HEAD~1 --pairs=2,4      # this version's iteration against an older one's
+    python study/benchmark.py --against=paper --pairs=2          # what --paper=True costs
+    python study/benchmark.py --against=hinge --pairs=2          # an edit: hinge loss and LeakyReLU in D
 
 Each loop runs in a child process of its own, with denormals flushed or not as its script runs: a command-line run
 of parallel_gan.py flushes denormals in every thread (train() sets it before torch starts its worker threads, which
@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TESTS = os.path.dirname(HERE)  # tests/: reference.py and conftest.py
-ROOT = os.path.dirname(TESTS)  # the repository: parallel_gan.py
+ROOT = os.path.dirname(HERE)  # the repository: parallel_gan.py
+TESTS = os.path.join(ROOT, 'tests')  # reference.py, the plain loop
 sys.path[:0] = [ROOT, TESTS]
 import parallel_gan as pg  # noqa: E402
 from reference import ReferenceGAP  # noqa: E402

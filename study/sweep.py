@@ -1,10 +1,10 @@
 """The study's sweeps, part by part: runs what is missing (a finished run is skipped, an interrupted one resumed),
 one thread per run, N at a time; then pools the part's runs with --compare and writes their rows into the
-study's CSV (.assets/study_runs.csv), from which tests/study/summarize_runs.py rebuilds the study's tables and figures.
+study's CSV (study/runs.csv), from which study/summarize_runs.py rebuilds the study's tables and figures.
 
-    python tests/study/sweep.py --list                # every part: its runs, how many are done, what it is
-    python tests/study/sweep.py r15_script            # run one part, two runs at a time
-    python tests/study/sweep.py r15_script r15_paper --jobs=1
+    python study/sweep.py --list                # every part: its runs, how many are done, what it is
+    python study/sweep.py r15_script            # run one part, two runs at a time
+    python study/sweep.py r15_script r15_paper --jobs=1
 
 Ctrl-C stops the runs at their next iteration with a checkpoint each; the same command continues them. Each run
 writes out/study/PART/RUN/ (its log in log.txt there). The protocol (seeds, lengths, K) is the README's.
@@ -19,9 +19,9 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/study/ -> the repository
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # study/ -> the repository
 SCRIPT = os.path.join(ROOT, 'parallel_gan.py')
-STUDY_CSV = os.path.join(ROOT, '.assets', 'study_runs.csv')
+STUDY_CSV = os.path.join(ROOT, 'study', 'runs.csv')
 SHARED_MNIST = os.path.join(ROOT, '..', 'shared', 'mnist')
 
 # the settings of each kind of part, fixed before any run (the README's protocol)

@@ -1,11 +1,19 @@
 """Rebuild the study's tables, intervals and figures from the study's CSV alone (a row per run and generator, as
-study/sweep.py writes it): every table into study/RESULTS.md, a short summary on the screen.
+study/sweep.py writes it): every table into study/RESULTS.md, the generated blocks of README.md and study/README.md,
+a short summary on the screen.
 
-    python study/summarize_runs.py                             # study/runs.csv -> study/RESULTS.md
-    python study/summarize_runs.py FILE.csv --results=R.md     # another CSV, another results file
+    python study/summarize_runs.py                             # study/runs.csv -> study/RESULTS.md and both READMEs
+    python study/summarize_runs.py FILE.csv --results=R.md     # another CSV, another results file (no README)
     python study/summarize_runs.py --figures=.assets           # and the forest plot and the per-seed figures
+    python study/summarize_runs.py --readmes A.md B.md         # rebuild these files' blocks (--readmes alone: none)
 
-The README's protocol: a run's value is its generators' (or discriminators') mean in the claim's metric; the
+A generated block is the lines between
+    <!-- generated: NAME (rebuilt by study/summarize_runs.py from study/runs.csv) -->
+    <!-- /generated: NAME -->
+(each marker a line of its own); GENERATED[NAME](runs) makes its content. A block without a builder, or a builder
+without a block in any of the files, is refused in one line, before any file is rewritten.
+
+study/README.md's protocol: a run's value is its generators' (or discriminators') mean in the claim's metric; the
 effect is mean(K>0) - mean(K=0) over seeds; its 95% interval a percentile bootstrap over seeds (each arm resampled
 with replacement, 10,000 times, numpy's default_rng(0)); the verdict says which way where the interval excludes 0,
 else "no difference detected".
@@ -14,6 +22,9 @@ import argparse
 import csv
 import math
 import os
+import re
+import sys
+import textwrap
 from collections import defaultdict
 
 import numpy as np
@@ -23,6 +34,7 @@ ROOT = os.path.dirname(HERE)  # study/ -> the repository
 STUDY_CSV = os.path.join(ROOT, 'study', 'runs.csv')
 RESULTS = os.path.join(HERE, 'RESULTS.md')
 EARLIER = os.path.join(HERE, 'earlier_study.md')  # the earlier study's tables: no CSV holds its runs
+READMES = (os.path.join(ROOT, 'README.md'), os.path.join(HERE, 'README.md'))  # the files with generated blocks
 RESAMPLES = 10_000
 # claim: (its name, the metric on images, on 2-D points, +1 where higher is better for GAP, what better/worse say)
 CLAIMS = {
@@ -48,7 +60,8 @@ SUPERSEDED = {'stacked_script': 'stacked_script_long'}
 ALONE = [('R15, 100 points', 'script (none of the six)', 'r15_script', 2, 'r15_script'),
          *[('R15, 100 points', f'{c} alone', f'r15_{c}', 2, 'r15_script' if c == 'swap_matching' else f'r15_{c}')
            for c in ('own_noise', 'prior_mixed', 'input_noise', 'clip', 'swap_matching', 'batch_norm')],
-         ('R15, 100 points', 'paper_without_batch_norm', 'r15_paper_without_batch_norm', 2, 'r15_paper_without_batch_norm'),
+         ('R15, 100 points', 'paper_without_batch_norm', 'r15_paper_without_batch_norm', 2,
+          'r15_paper_without_batch_norm'),
          ('R15, 100 points', 'paper (all six)', 'r15_paper', 2, 'r15_paper'),
          ('R15, 100 points', 'paper (all six), plain code', 'r15_paper_plain', 2, 'r15_paper_plain'),
          # the authors' code (hma02/GAN-evaluation) on top of the paper's: each of its two unstated choices, and both
@@ -276,7 +289,8 @@ def robustness_cells(runs):
 
 
 def robustness_table(runs):
-    lines = ['| condition | lr | h_dim | z_dim | seeds | modes captured, K=0 | effect of K=2 [95% interval] | verdict |',
+    lines = ['| condition | lr | h_dim | z_dim | seeds | modes captured, K=0 | effect of K=2 [95% interval] '
+             '| verdict |',
              '|---|---|---|---|---|---|---|---|']
     for c in robustness_cells(runs):
         r = judge(c, 'coverage')
@@ -302,7 +316,8 @@ def alone_cells(runs):
             for r in treated + baseline:  # a K=0 part borrowed from another must hold the same setting
                 mismatched = [k for k in ('dataset', 'train_size', *SETTING) if r[k] != treated[0][k]]
                 if mismatched:
-                    raise ValueError(f'{part} against the K=0 runs of {baseline_part}: their {", ".join(mismatched)} differ')
+                    raise ValueError(f'{part} against the K=0 runs of {baseline_part}: their '
+                                     f'{", ".join(mismatched)} differ')
             cell = {'part': part, 'baseline_part': baseline_part, 'condition': treated[0]['condition'],
                     'dataset': treated[0]['dataset'], 'train_size': treated[0]['train_size'],
                     'setting': {k: treated[0][k] for k in SETTING}, 'K': K, 'arm': treated[0]['arm'],
@@ -315,8 +330,9 @@ def alone_table(runs):
     """Each of the paper's conditions alone on top of the script's (R15 with 100 points, and batch norm on 1,000
     MNIST images), beside none and all six: per row the effect of swapping on coverage, on the D(x) gap and on
     GAM-II's error rate, each with its interval and verdict."""
-    lines = ['| data | condition | K | seeds (K=0 / K) | modes captured (R15) or classes (MNIST), K=0 | effect [95% interval] '
-             '| verdict | D(x) gap, K=0 | effect [95% interval] | verdict | GAM-II, K=0 | effect [95% interval] | verdict |',
+    lines = ['| data | condition | K | seeds (K=0 / K) | modes captured (R15) or classes (MNIST), K=0 '
+             '| effect [95% interval] | verdict | D(x) gap, K=0 | effect [95% interval] | verdict | GAM-II, K=0 '
+             '| effect [95% interval] | verdict |',
              '|---' * 13 + '|']
     for data, condition, c in alone_cells(runs):
         K = next(k for d, cond, _, k, _ in ALONE if (d, cond) == (data, condition))
@@ -360,7 +376,8 @@ def bimodal_table(runs, part=BIMODAL):
         r = judge(c, claim)
         if r:
             lines.append(f'| {name.split(" (")[0]} | {len(r["baseline"])} / {len(r["treated"])} | '
-                         f'{np.mean(r["baseline"]):.3g} | {np.mean(r["treated"]):.3g} | {interval(r)} | {r["verdict"]} |')
+                         f'{np.mean(r["baseline"]):.3g} | {np.mean(r["treated"]):.3g} | {interval(r)} | '
+                         f'{r["verdict"]} |')
     seeds = {arm: ', '.join(f'{v:g}' for v in sorted(value(r, 'modes_captured') for r in c[arm]))
              for arm in ('baseline', 'treated')}
     lines.append(f'\nModes captured, every seed in order: K=0: {seeds["baseline"]}; K={c["K"]}: {seeds["treated"]}.')
@@ -600,8 +617,9 @@ def shown_path(path):
     return os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
 
 
-def rerun_table(runs):
-    """Each part run again by later code (RERUNS) beside the original: per claim and K, both effects and verdicts."""
+def rerun_table(runs, arm=None):
+    """Each part run again by later code (RERUNS) beside the original: per claim and K (only the K of this arm,
+    'primary' or 'secondary', where one is given), both effects and verdicts."""
     by_part = defaultdict(list)
     for c in cells(runs):
         by_part[c['part']].append(c)
@@ -609,6 +627,8 @@ def rerun_table(runs):
              'interval] | verdict |', '|---' * 8 + '|']
     for again, first in RERUNS.items():
         for before in by_part.get(first, []):
+            if arm and before['arm'] != arm:
+                continue
             after = next((c for c in by_part.get(again, []) if c['K'] == before['K']), None)
             for claim, (name, *_) in CLAIMS.items():
                 old = judge(before, claim)
@@ -671,14 +691,126 @@ def results(runs, source):
     return '\n\n'.join(parts) + '\n'
 
 
-def write_results(runs, source, path=RESULTS):
-    """The results file written at path atomically (a temporary file beside it, then renamed over it)."""
+def write_whole(path, text):
+    """text written at path atomically: a temporary file beside it, then renamed over it."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    text, tmp = results(runs, source), f'{path}.{os.getpid()}.tmp'
+    tmp = f'{path}.{os.getpid()}.tmp'
     with open(tmp, 'w') as f:
         f.write(text)
     os.replace(tmp, path)
     return path
+
+
+def write_results(runs, source, path=RESULTS):
+    """The results file written at path atomically (a temporary file beside it, then renamed over it)."""
+    return write_whole(path, results(runs, source))
+
+
+def coverage_table(runs):
+    """The project README's headline: mode coverage per data set and condition at the verdict's K (K=0's mean in
+    modes captured on 2-D data, classes on MNIST, published modes of 1,000 on Stacked MNIST)."""
+    lines = ['| data | condition | K | seeds (K=0 / K) | K=0 mean | effect [95% interval] | verdict |',
+             '|---|---|---|---|---|---|---|']
+    for c in study_cells(runs):
+        r = judge(c, 'coverage') if c['arm'] == 'primary' else None
+        if r:
+            lines.append(f'| {data_name(c)} | {c["condition"]} | {c["K"]} | {len(r["baseline"])} / '
+                         f'{len(r["treated"])} | {np.mean(r["baseline"]):.3g} | {interval(r)} | {r["verdict"]} |')
+    return '\n'.join(lines)
+
+
+def stacked_block(runs):
+    """Stacked MNIST's cells (stacked_table) under a line saying what they compare, from the runs themselves."""
+    table = stacked_table(runs)
+    if table is None:
+        return '(stacked_script, stacked_paper: not run yet)'
+    found = [c for c in cells(runs) if c['part'] in STACKED_PARTS]
+    arms = {}  # K: (iterations, the parts that ran it)
+    for c in found:
+        arms.setdefault(c['K'], (int(c['treated'][0]['iterations']), []))[1].append(f'`{c["part"]}`')
+    said = ' or '.join(f'K={K} ({it:,} iterations: {", ".join(parts)})' for K, (it, parts) in arms.items())
+    seeds = sorted({n for c in found for n in (len(c['baseline']), len(c['treated']))})
+    pairs = sorted({int(r['n_pairs']) for c in found for r in c['baseline'] + c['treated']})
+    return wrapped(f'Per cell, K=0 against {said}, {" to ".join(map(str, seeds))} seeds per arm; a run\'s value is '
+                   f'the mean of its {" or ".join(map(str, pairs))} generators; effect, 95% bootstrap interval and '
+                   f'verdict as for every other cell ([RESULTS.md](RESULTS.md)):') + f'\n\n{table}'
+
+
+def alone_block(runs):
+    note = own_baseline_note(runs)
+    return alone_table(runs) + (f'\n\n{wrapped(note)}' if note else '')
+
+
+def wrapped(text, width=115):
+    """A paragraph in lines of at most width characters, as the READMEs' prose is wrapped."""
+    return textwrap.fill(text, width, break_long_words=False, break_on_hyphens=False)
+
+
+# the READMEs' generated blocks: NAME -> a function of the runs that returns the block's markdown (links in a block
+# of study/README.md are relative to study/)
+GENERATED = {
+    'coverage': coverage_table,  # README.md, "The study"
+    'cells': verdict_table,  # study/README.md: every claim x data set x condition at the verdict's K
+    'alone': alone_block,  # study/README.md: each of the paper's conditions alone
+    'robustness': robustness_table,  # study/README.md: the R15 coverage verdicts at other settings
+    'rerun': lambda runs: rerun_table(runs, 'primary'),  # study/README.md: the plain-PyTorch code, run again
+    'stacked': stacked_block,  # study/README.md: Stacked MNIST
+}
+OPENING = '<!-- generated: {} (rebuilt by study/summarize_runs.py from study/runs.csv) -->'
+CLOSING = '<!-- /generated: {} -->'
+MARKERS = ('<!-- generated:', '<!-- /generated:')  # how a line that is a marker begins
+NAME = re.compile(r'<!-- /?generated: (\S+)')
+
+
+class BlockError(ValueError):
+    """A README's generated blocks do not match GENERATED (said in one line)."""
+
+
+def rebuilt(text, built, where):
+    """text with every generated block's content replaced by built[name]; and the blocks' names, in order."""
+    lines, out, names, i = text.split('\n'), [], [], 0
+    while i < len(lines):
+        line, i = lines[i], i + 1
+        out.append(line)
+        if not line.startswith(MARKERS):
+            continue
+        name = NAME.match(line)[1] if NAME.match(line) else 'NAME'
+        if line != OPENING.format(name):
+            raise BlockError(f'{where}, line {i}: {line!r} {"closes" if line.startswith(MARKERS[1]) else "opens"} no '
+                             f'block (a block: {OPENING.format("NAME")} ... {CLOSING.format("NAME")}, each a line)')
+        if name not in built:
+            raise BlockError(f'{where}, line {i}: block {name!r} has no builder (GENERATED has '
+                             f'{", ".join(built) or "none"})')
+        end = next((j for j in range(i, len(lines)) if lines[j].startswith(MARKERS)), None)
+        if end is None or lines[end] != CLOSING.format(name):
+            raise BlockError(f'{where}, line {i}: block {name!r} is not closed by {CLOSING.format(name)} before '
+                             f'{"the next marker" if end is not None else "the end"}')
+        out += [built[name], lines[end]]
+        names.append(name)
+        i = end + 1
+    return '\n'.join(out), names
+
+
+def rebuild_readmes(runs, paths=READMES, generated=None):
+    """Every generated block of the files at paths rebuilt from the runs; a file whose text changes is rewritten
+    atomically. Checks every file before it writes any: a block whose name has no builder, or a builder that no file
+    has a block for, raises BlockError. Returns [(path, the names of its blocks, whether it was rewritten)]."""
+    generated = GENERATED if generated is None else generated
+    built = {name: (build(runs) or '(not run yet)').strip('\n') for name, build in generated.items()}
+    found = []
+    for path in paths:
+        with open(path) as f:
+            old = f.read()
+        new, names = rebuilt(old, built, shown_path(path))
+        found.append((path, names, old, new))
+    unused = [name for name in built if not any(name in names for _, names, _, _ in found)]
+    if unused:
+        raise BlockError(f'no block for the builder{"s" * (len(unused) > 1)} {", ".join(unused)} in '
+                         f'{", ".join(shown_path(p) for p in paths) or "no file"}')
+    for path, _, old, new in found:
+        if new != old:
+            write_whole(path, new)
+    return [(path, names, new != old) for path, names, old, new in found]
 
 
 def summary(runs, path):
@@ -697,9 +829,19 @@ if __name__ == '__main__':
     parser.add_argument('--results', default=RESULTS, help='where every table goes, as markdown (default '
                         'study/RESULTS.md)')
     parser.add_argument('--figures', help='also write the forest plot and per-seed figures into this folder')
+    parser.add_argument('--readmes', nargs='*', help='the files whose generated blocks to rebuild (default: README.md '
+                        'and study/README.md where the CSV is study/runs.csv, else none)')
     args = parser.parse_args()
     runs = read_runs(args.csv)
     print(summary(runs, write_results(runs, args.csv, args.results)))
+    readmes = args.readmes if args.readmes is not None else \
+        READMES if os.path.abspath(args.csv) == os.path.abspath(STUDY_CSV) else []
+    try:
+        for path, names, rewritten in rebuild_readmes(runs, readmes) if readmes else []:
+            print(f'{shown_path(path)}: blocks {", ".join(names) or "none"} '
+                  f'{"rewritten" if rewritten else "unchanged"}')
+    except BlockError as e:
+        sys.exit(f'summarize_runs.py: {e}')
     if args.figures:
         for path in figures(runs, args.figures):
             print(f'wrote {path}')

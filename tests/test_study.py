@@ -1,7 +1,11 @@
-"""The study's tools (study/): the sweep's parts hold the README's protocol, and summarize_runs.py rebuilds the
-tables, intervals, verdicts and figures from a CSV of runs alone, into RESULTS.md."""
+"""The study's tools (study/): the sweep's parts hold study/README.md's protocol, and study/summarize_runs.py
+rebuilds the tables, intervals, verdicts and figures from a CSV of runs alone, into study/RESULTS.md and the
+generated blocks of README.md and study/README.md."""
 import csv
+import hashlib
 import os
+import re
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -96,8 +100,9 @@ def test_summary_rebuilds_effects_intervals_verdicts_and_figures_from_the_csv(tm
     assert '| generalisation | script | R15, 100 points | 2 | 5 / 5 | 0.08 | -0.042 [' in text
     assert '| r15_script | R15, 100 points, the script\'s conditions | 10 | abc1234 |' in text  # the part's commit
     written = summary.figures(runs, str(tmp_path / 'figures'))
-    assert [os.path.basename(p) for p in written] == ['study_forest.png', 'study_forest_small.png', 'study_seeds_coverage.png',
-                                                       'study_seeds_gam2.png', 'study_seeds_generalisation.png']
+    assert [os.path.basename(p) for p in written] == ['study_forest.png', 'study_forest_small.png',
+                                                       'study_seeds_coverage.png', 'study_seeds_gam2.png',
+                                                       'study_seeds_generalisation.png']
     assert all(open(p, 'rb').read(8) == b'\x89PNG\r\n\x1a\n' for p in written)
 
 
@@ -118,7 +123,8 @@ def test_each_condition_alone_pairs_the_matching_swap_with_a_k0_arm(tmp_path):
     cell = found['swap_matching alone']
     assert {r['part'] for r in cell['baseline']} == {'r15_script'} and [r['K'] for r in cell['baseline']] == [0] * 5
     assert {r['part'] for r in cell['treated']} == {'r15_swap_matching'} and len(cell['treated']) == 5
-    assert summary.judge(cell, 'coverage')['effect'] == pytest.approx(4.4 - 8)  # K=2 of the swap rule - the script's K=0
+    # K=2 of the swap rule - the script's K=0
+    assert summary.judge(cell, 'coverage')['effect'] == pytest.approx(4.4 - 8)
     assert found['own_noise alone'] is None and found['paper (all six)'] is None
     table = summary.alone_table(runs)
     assert '| R15, 100 points | swap_matching alone | 2 | 5 (r15_script) / 5 | 8.00 | -3.6 [' in table
@@ -145,14 +151,16 @@ def test_each_condition_alone_pairs_the_matching_swap_with_a_k0_arm(tmp_path):
 
 def test_the_summary_writes_results_md_and_prints_a_short_summary(tmp_path):
     """The command line: every table into the results file (written whole, nothing left beside it), on the screen
-    only the answer, each condition alone and the path."""
+    only the answer, each condition alone and the path; another CSV than the study's rebuilds no README."""
     path, results = tmp_path / 'runs.csv', tmp_path / 'out' / 'RESULTS.md'
     arms = {**R15_ARMS, ('r15_paper_lr2e-4_z2', 'r15', 100, 'paper', 0, 'baseline'): [7, 8, 7, 6, 7, 8],
             ('r15_paper_lr2e-4_z2', 'r15', 100, 'paper', 2, 'primary'): [7, 11, 8, 12, 7, 8]}
     write_runs(path, arms, R15_METRICS)
+    readmes = [hashlib.md5(open(p, 'rb').read()).hexdigest() for p in summary.READMES]
     shown = subprocess.run([sys.executable, SUMMARIZE, str(path), f'--results={results}'], capture_output=True,
                            text=True, cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
+    assert [hashlib.md5(open(p, 'rb').read()).hexdigest() for p in summary.READMES] == readmes
     assert '| mode coverage | **no: fewer modes** on 1 of 1;' in shown.stdout
     assert '| R15, 100 points | swap_matching alone | 2 | 5 (r15_script) / 5 |' in shown.stdout
     assert shown.stdout.rstrip().endswith(f'every table: {results}')
@@ -253,3 +261,94 @@ def test_a_part_run_again_by_later_code_stands_beside_the_original_and_stays_out
     rows = [line for line in summary.rerun_table(runs).splitlines() if 'mode coverage' in line]
     assert len(rows) == 1 and rows[0].startswith('| r15_script | mode coverage | 2 | 5 / 5 | -4.2 [')
     assert '| no: fewer modes | +0 [' in rows[0] and rows[0].endswith('| no difference detected |')
+
+
+def readme_copies(tmp_path):
+    """Copies of README.md and study/README.md, laid out as in the repository."""
+    paths = [tmp_path / 'README.md', tmp_path / 'study' / 'README.md']
+    paths[1].parent.mkdir()
+    for source, copy in zip(summary.READMES, paths):
+        shutil.copy(source, copy)
+    return paths
+
+
+def block(text, name):
+    """The content of the generated block NAME in text."""
+    found = re.findall(re.escape(summary.OPENING.format(name)) + r'\n(.*?)\n' + re.escape(summary.CLOSING.format(name)),
+                       text, re.S)
+    assert len(found) == 1, name
+    return found[0]
+
+
+def outside_blocks(text):
+    return re.sub(r'(<!-- generated: (\S+) .*?-->\n).*?(\n<!-- /generated: \2 -->)', r'\1\3', text, flags=re.S)
+
+
+def test_the_readmes_generated_blocks_are_rebuilt_from_the_runs_and_a_second_rebuild_changes_nothing(tmp_path):
+    """Every builder of GENERATED has a block in README.md or study/README.md; rebuilt from other runs, each block
+    holds its builder's output and nothing outside the blocks changes; rebuilt again, no file changes (nor on the
+    command line, which says so)."""
+    path = tmp_path / 'runs.csv'
+    write_runs(path, R15_ARMS, R15_METRICS)
+    runs = summary.read_runs(path)
+    readmes = readme_copies(tmp_path)
+    before = [p.read_text() for p in readmes]
+    first = summary.rebuild_readmes(runs, readmes)
+    assert sorted(name for _, names, _ in first for name in names) == sorted(summary.GENERATED)
+    assert 'coverage' in first[0][1] and {'cells', 'alone', 'stacked'} <= set(first[1][1])
+    assert all(rewritten for *_, rewritten in first)  # these runs are not the study's
+    after = [p.read_text() for p in readmes]
+    for name, build in summary.GENERATED.items():
+        assert block('\n'.join(after), name) == build(runs).strip('\n')
+    assert '| R15, 100 points | script | 2 | 5 / 5 | 8 | -4.2 [' in block(after[0], 'coverage')
+    assert [outside_blocks(t) for t in after] == [outside_blocks(t) for t in before]
+    assert not any(rewritten for *_, rewritten in summary.rebuild_readmes(runs, readmes))
+    assert [p.read_text() for p in readmes] == after
+    assert os.listdir(readmes[1].parent) == ['README.md']  # no temporary file left
+
+    shown = subprocess.run([sys.executable, SUMMARIZE, str(path), f'--results={tmp_path / "R.md"}', '--readmes',
+                            *map(str, readmes)], capture_output=True, text=True, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert f'{readmes[0]}: blocks coverage unchanged' in shown.stdout
+    assert [p.read_text() for p in readmes] == after
+
+
+def test_the_committed_readmes_hold_what_the_study_csv_rebuilds(tmp_path):
+    """README.md and study/README.md as committed are what `python study/summarize_runs.py` makes of
+    study/runs.csv: rerun it after the CSV changes."""
+    if not os.path.exists(summary.STUDY_CSV):
+        pytest.skip('no study CSV in this checkout')
+    readmes = readme_copies(tmp_path)
+    changed = [p for p, _, rewritten in summary.rebuild_readmes(summary.read_runs(summary.STUDY_CSV), readmes)
+               if rewritten]
+    assert not changed, f'{changed}: run python study/summarize_runs.py'
+
+
+def test_a_block_without_a_builder_or_a_builder_without_a_block_is_refused_in_one_line(tmp_path):
+    """An unknown block name, a builder without a block, a block never closed and a stray closing marker are each
+    refused in one line, and no file is rewritten, not even one whose blocks are fine; on the command line, exit
+    status 1."""
+    path = tmp_path / 'runs.csv'
+    write_runs(path, R15_ARMS, R15_METRICS)
+    runs = summary.read_runs(path)
+    readmes = readme_copies(tmp_path)
+    study = readmes[1].read_text()
+    unknown = f'{summary.OPENING.format("nosuch")}\nold\n{summary.CLOSING.format("nosuch")}\n'
+    refusals = [(study + unknown, summary.GENERATED, "block 'nosuch' has no builder"),
+                (study, {**summary.GENERATED, 'extra': lambda runs: 'x'}, 'no block for the builder extra in '),
+                (study + summary.OPENING.format('cells') + '\n', summary.GENERATED,
+                 "block 'cells' is not closed by <!-- /generated: cells --> before the end"),
+                (study + summary.CLOSING.format('cells') + '\n', summary.GENERATED, 'closes no block')]
+    for text, generated, said in refusals:
+        readmes[1].write_text(text)
+        before = [p.read_text() for p in readmes]
+        with pytest.raises(summary.BlockError, match=re.escape(said)) as refused:
+            summary.rebuild_readmes(runs, readmes, generated)
+        assert '\n' not in str(refused.value)
+        assert [p.read_text() for p in readmes] == before
+
+    readmes[1].write_text(study + unknown)
+    shown = subprocess.run([sys.executable, SUMMARIZE, str(path), f'--results={tmp_path / "R.md"}', '--readmes',
+                            *map(str, readmes)], capture_output=True, text=True, cwd=tmp_path)
+    assert shown.returncode == 1 and shown.stderr.count('\n') == 1 and "block 'nosuch' has no builder" in shown.stderr
+    assert readmes[1].read_text() == study + unknown

@@ -35,6 +35,7 @@ from torch import nn
 z_dim = 10  # noise dimensions fed to each generator
 h_dim = 128  # hidden units of every generator and discriminator
 layers = 1  # hidden layers of every generator and discriminator (the reference: 1)
+pack = 1  # PacGAN: each D judges packs of this many samples side by side, mb_size/pack packs a step (1: off)
 # GAP
 n_pairs = 2  # generator/discriminator pairs trained side by side
 K = 100  # the discriminators change partners every K iterations (0: never, independent GANs)
@@ -141,6 +142,19 @@ class BatchNorm(nn.Module):
         return out.reshape(batch, n, features).transpose(0, 1)
 
 
+class Pack(nn.Module):
+    """PacGAN's packing (Lin et al. 2018): (n, batch, features) -> (n, batch / m, m * features), each row m
+    consecutive samples side by side, so that a discriminator judges m samples at once."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        n, batch, features = x.shape
+        return x.reshape(n, batch // self.m, self.m * features)
+
+
 class Networks(nn.Sequential):
     """One side's n networks as one sequence of pair-batched layers; an input (1, batch, features) goes to each."""
 
@@ -168,9 +182,10 @@ def generator(n, cfg, x_dim):
 
 
 def discriminator(n, cfg, x_dim):
-    """n discriminators, a sample (x_dim) -> the logit of P(real)."""
-    h, layers = cfg['h_dim'], []
-    for fan_in in [x_dim] + [h] * (cfg['layers'] - 1):
+    """n discriminators, a sample (x_dim) -> the logit of P(real); with pack > 1 (PacGAN), a pack of that many
+    samples -> one logit."""
+    h, layers = cfg['h_dim'], [Pack(cfg['pack'])] if cfg['pack'] > 1 else []
+    for fan_in in [x_dim * cfg['pack']] + [h] * (cfg['layers'] - 1):
         layers.append(Linear(n, fan_in, h))
         if cfg['batch_norm']:
             layers.append(BatchNorm(n, h))
@@ -215,13 +230,17 @@ def make_pairs(cfg, x_dim, dev, dtype, n=None):
     n = n or cfg['n_pairs']
     G = generator(n, cfg, x_dim).to(dev, dtype)
     D = discriminator(n, cfg, x_dim).to(dev, dtype)
-    if cfg['same_init']:  # the authors' code: every pair starts from pair 1's weights
-        with torch.no_grad():
-            for t in (*G.parameters(), *G.buffers(), *D.parameters(), *D.buffers()):
-                t.copy_(t[:1].expand_as(t))
     G_optimizer = torch.optim.Adam(G.parameters(), lr=cfg['lr'], betas=(cfg['beta1'], 0.999), fused=True)
     D_optimizer = torch.optim.Adam(D.parameters(), lr=cfg['lr'], betas=(cfg['beta1'], 0.999), fused=True)
     return {'G': Side(G, G_optimizer, cfg['n_pairs']), 'D': Side(D, D_optimizer, cfg['n_pairs'])}
+
+
+@torch.no_grad()
+def start_alike(pairs):
+    """same_init (the authors' code): every pair's networks, of every side, start from pair 1's weights."""
+    for side in pairs.values():
+        for t in side.weights():
+            t.copy_(t[:1].expand_as(t))
 
 
 # ------------------------------------------------------------------------------------
@@ -255,9 +274,11 @@ def clip_gradients(model, max_norm):
 
 
 def train_step(G, D, z, x, y=None, input_noise=(None, None, None), clip=0.0):
-    """One step of every pair. z, x: (1, batch, dim) shared by every pair or (n_pairs, batch, dim); y: the labels
-    (unused: a conditional GAN's edit reads them). Pair i's losses reach only pair i's networks, so one backward
-    of their sum trains every pair. Returns each pair's statistics, {name: (n_pairs,)}."""
+    """One step of every pair. x: each pair's real batch (n_pairs, batch, x_dim), where every pair sees the same
+    one a view of it, so that a gradient with respect to x (an R1 penalty's) is each pair's own; z: (1, batch,
+    z_dim) shared by every pair or (n_pairs, batch, z_dim); y: x's labels (n_pairs, batch), unused (a conditional
+    GAN's edit reads them). Pair i's losses reach only pair i's networks, so one backward of their sum trains
+    every pair. Returns each pair's statistics, {name: (n_pairs,) or one value for all}."""
     fake = G.model(z)  # each generator runs once; the G step reuses its samples
 
     real_logit = D.model(noisy(x, input_noise[0]))
@@ -352,7 +373,9 @@ def gap_iteration(it, pairs, data, noise_rng, cfg):
     next minibatch as D's inputs, and its labels (support part: Batches)."""
     G, D, dtype = pairs['G'], pairs['D'], getattr(torch, cfg['dtype'])
     z = to_slots(draw_noise(cfg, cfg['mb_size'], noise_rng, dtype), G)
-    x, y = data.next()
+    # every pair's real batch: one batch shared by every pair is viewed once per pair, so that each pair's real
+    # inputs are its own (a gradient with respect to them, as an R1 penalty takes, is then each pair's)
+    x, y = (t.expand(cfg['n_pairs'], *t.shape[1:]) for t in data.next())
     input_noise = input_noise_of(cfg, it, x.shape[-1], noise_rng, dtype)
     # own_share: under torchrun, this process's pairs' part of what every pair drew (support part)
     z, x, y, *input_noise = (own_share(t) for t in (z, x, y, *input_noise))
@@ -384,8 +407,14 @@ def draw_samples(pairs, z, y):
 
 def score_inputs(pairs, x, y):
     """Every discriminator's logits of inputs x (1 or n_pairs, batch, x_dim) whose labels are y (1, batch), unused
-    here: (n_pairs, batch, 1) by slot."""
-    return pairs['D'].model(x)
+    here: (n_pairs, batch, 1) by slot. A packing D (PacGAN) judges packs of consecutive inputs, the last pack
+    filled up from the first inputs, and each input gets its pack's logit."""
+    D, batch = pairs['D'].model, x.shape[1]
+    pack = D[0].m if isinstance(D[0], Pack) else 1
+    if pack > 1:
+        filled = torch.arange(-(-batch // pack) * pack, device=x.device) % batch
+        x, y = x[:, filled], y[:, filled]
+    return D(x).repeat_interleave(pack, 1)[:, :batch]
 
 
 # ====================================================================================
@@ -419,24 +448,39 @@ class PerPair(nn.Module):
 
 CLASSIFIER_VERSION = 2  # bump when the classifier or its training changes, so caches are rebuilt
 CLASSIFIER_EPOCHS = {'mnist': 3, 'fashion_mnist': 6}
-COUNTS = ('z_dim', 'h_dim', 'layers', 'n_pairs', 'K', 'mb_size', 'iterations', 'seed', 'log_every', 'sample_every',
-          'train_size', 'eval_every', 'eval_samples', 'threads')  # whole numbers (2e5 written in the block is one)
-# a resume may change these: the run continues exactly, only its schedule, its files or its lr change
-RESUMABLE = ('lr', 'iterations', 'log_every', 'sample_every', 'out_dir', 'resume', 'resume_edited', 'data_root',
+CLASSIFIER_THREADS = 2  # the classifier trains on this many CPU threads, whatever a run's --threads (the study's: 2)
+# whole numbers (2e5 written in the block is one)
+COUNTS = ('z_dim', 'h_dim', 'layers', 'pack', 'n_pairs', 'K', 'mb_size', 'iterations', 'seed', 'log_every',
+          'sample_every', 'train_size', 'eval_every', 'eval_samples', 'threads')
+# a resume may change these, and every learning rate (a name that starts with lr: lr, lr_G, lr_D, ...): the run
+# continues exactly, only its schedule, its files or its learning rates change
+RESUMABLE = ('iterations', 'log_every', 'sample_every', 'out_dir', 'resume', 'resume_edited', 'data_root',
              'eval_every', 'eval_at_end', 'eval_samples', 'classifier_dir', 'compare', 'device', 'threads')
-NOT_CONFIGURATION = (*RESUMABLE, 'seed')  # runs that differ only in these are seeds of one configuration
+# the names the support code reads: an edit may remove any other from the block
+NEEDED = ('n_pairs', 'mb_size', 'iterations', 'seed', *RESUMABLE, 'dataset', 'train_size', 'dtype')
+
+
+def resumable(name):
+    """Whether a resume may change the hyperparameter name (RESUMABLE, or a learning rate)."""
+    return name in RESUMABLE or name.startswith('lr')
+
+
+def seeds_alike(name):
+    """Whether runs that differ in name alone are seeds of one configuration (the seed, or what a resume changes)."""
+    return name == 'seed' or resumable(name)
 POOL_KEYS = ('z_dim', 'h_dim', 'layers', 'dataset')  # runs that differ in these cannot share one pool in --compare
 IMAGE_DATASETS = {'mnist': 'MNIST', 'fashion_mnist': 'FashionMNIST'}  # torchvision's class and folder names
 STACKED = 'stacked_mnist'  # three MNIST digits as the colour channels (stacked_mnist, below): 1,000 modes
 STACKED_SIZE, STACKED_SAMPLES = 128_000, 26_000  # its published training set and samples per generator (PacGAN, VEEGAN)
 MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte',
                't10k-labels-idx1-ubyte')
+SCRIPT_NAME = os.path.basename(__file__)  # this file's name, in every message (a renamed copy says its own)
 ACCEPTED = {bool: 'True or False', int: 'a whole number', float: 'a number', str: 'a string',
             None: 'a number, True/False or a string'}
 KINDS_OF = {int: COUNTS, float: ('lr', 'beta1', 'input_noise', 'clip'),  # what the block's names take, as shipped
             bool: ('paper', 'own_noise', 'batch_norm', 'same_init', 'resume', 'resume_edited', 'eval_at_end'),
-            str: ('prior', 'swap', 'swap_moves', 'out_dir', 'dataset', 'data_root', 'classifier_dir', 'compare', 'device',
-                  'dtype')}
+            str: ('prior', 'swap', 'swap_moves', 'out_dir', 'dataset', 'data_root', 'classifier_dir', 'compare',
+                  'device', 'dtype')}
 
 
 # ------------------------------------------------------------------------------------
@@ -451,7 +495,7 @@ def read_block():
         if line.startswith('# --- end of hyperparameters'):
             return table
         found = re.fullmatch(r'(\w+)\s*=(?!=)\s*[^#]+?(?:\s*#\s*(.*))?', line)  # as Python writes it: h_dim=64 too
-        where = f'{os.path.basename(__file__)} line {number}'
+        where = f'{SCRIPT_NAME} line {number}'
         if line.strip() and not line.startswith('#') and (not found or found[1] not in globals()):
             refuse(f'{where}: {line.strip()!r} is not a hyperparameter; write one `name = value  # meaning` per line')
         if found:
@@ -459,6 +503,16 @@ def read_block():
             if of_kind(kind_of(name, value), value) is None:
                 refuse(f'{where}: {name} must be {ACCEPTED[kind_of(name, value)]}, not {value!r}')
             table.append((name, of_kind(kind_of(name, value), value), found[2] or ''))
+
+
+def read_anywhere():
+    """The names that the code outside the hyperparameter block looks up, as cfg[NAME] or cfg.get(NAME) with NAME
+    quoted: the hyperparameters it reads (a name that no code reads, which an edit left behind, `lr` beside `lr_G` and `lr_D`,
+    changes nothing)."""
+    with open(__file__) as f:
+        source = f.read()
+    outside = source[:source.index('# --- hyperparameters')] + source[source.index('# --- end of hyperparameters'):]
+    return set(re.findall(r'(?:\[|\.get\()\s*[\'"](\w+)[\'"]', outside))
 
 
 def kind_of(name, default):
@@ -477,7 +531,7 @@ def of_kind(kind, value):
 
 def refuse(message):
     """Bad input: one line on stderr and exit status 2, before any work starts."""
-    print(f'parallel_gan.py: error: {message}', file=sys.stderr)
+    print(f'{SCRIPT_NAME}: error: {message}', file=sys.stderr)
     sys.exit(2)
 
 
@@ -496,31 +550,40 @@ def convert(name, text, default):
 
 
 def check(cfg):
-    """Refuse values that make no sense, before any work starts."""
+    """Refuse values that make no sense, before any work starts; a rule whose names an edit removed from the block
+    is skipped (the code that read them is gone too)."""
     at_least = {'z_dim': 1, 'h_dim': 1, 'layers': 1, 'n_pairs': 1, 'mb_size': 1, 'iterations': 1, 'log_every': 1,
                 'sample_every': 1, 'eval_samples': 2, 'K': 0, 'train_size': 0, 'eval_every': 0, 'threads': 0,
-                'input_noise': 0, 'clip': 0}  # 0: off (never, all, torch's default, none)
+                'input_noise': 0, 'clip': 0, 'pack': 1}  # 0: off (never, all, torch's default, none)
     one_of = {'dataset': (*IMAGE_DATASETS, STACKED, *MIXTURES), 'dtype': ('float32', 'float64'),
               'prior': ('gaussian', 'uniform', 'mixed'), 'swap': ('derangement', 'matching'),
               'swap_moves': ('network', 'weights')}
-    rules = [(cfg[k] >= low and math.isfinite(cfg[k]), f'{k} must be at least {low}' + ' (0: off)' * (low == 0))
-             for k, low in at_least.items()]
-    rules += [(cfg[k] in values, f'{k} must be one of {", ".join(values)}') for k, values in one_of.items()]
+    rules = [((k,), lambda c, k=k, low=low: c[k] >= low and math.isfinite(c[k]),
+              f'{k} must be at least {low}' + ' (0: off)' * (low == 0)) for k, low in at_least.items()]
+    rules += [((k,), lambda c, k=k, values=values: c[k] in values, f'{k} must be one of {", ".join(values)}')
+              for k, values in one_of.items()]
+    rules += [((k,), lambda c, k=k: c[k] > 0 and math.isfinite(c[k]), f'{k} must be a positive number')
+              for k in cfg if k.startswith('lr') and type(cfg[k]) in (int, float)]  # lr, lr_G, lr_D, ...
     rules += [
-        (cfg['K'] == 0 or cfg['n_pairs'] >= 2, 'K>0 swaps discriminators between pairs: it needs n_pairs >= 2 '
-                                               '(or K=0)'),
-        (cfg['mb_size'] >= 2 or not cfg['batch_norm'], 'batch_norm needs mb_size of at least 2'),
-        (not cfg['same_init'] or cfg['own_noise'] or cfg['prior'] == 'mixed' or cfg['input_noise'] > 0,
+        (('K', 'n_pairs'), lambda c: c['K'] == 0 or c['n_pairs'] >= 2,
+         'K>0 swaps discriminators between pairs: it needs n_pairs >= 2 (or K=0)'),
+        (('mb_size', 'batch_norm'), lambda c: c['mb_size'] >= 2 or not c['batch_norm'],
+         'batch_norm needs mb_size of at least 2'),
+        (('mb_size', 'pack'), lambda c: c['mb_size'] % c['pack'] == 0,
+         f'mb_size={cfg.get("mb_size")} cannot be cut into packs of pack={cfg.get("pack")}: mb_size must be a '
+         f'multiple of pack (PacGAN\'s D sees mb_size/pack packs a step)'),
+        (('same_init', 'own_noise', 'prior', 'input_noise'),
+         lambda c: not c['same_init'] or c['own_noise'] or c['prior'] == 'mixed' or c['input_noise'] > 0,
          'same_init with every pair on the same noise and batches trains copies of one GAN: add own_noise=True, '
          "prior='mixed' or input_noise (or paper=True)"),
-        (cfg['lr'] > 0 and math.isfinite(cfg['lr']), 'lr must be a positive number'),
-        (0 <= cfg['beta1'] < 1, 'beta1 must be at least 0 and below 1'),
-        (0 <= cfg['seed'] < 2 ** 32, 'seed must be a whole number from 0 to 2**32 - 1 (4294967295)'),
-        (re.fullmatch(r'auto|cpu|cuda(:\d+)?', cfg['device']), "device must be 'auto', 'cpu' or 'cuda[:N]'"),
-        (not cfg['device'].startswith('cuda') or torch.cuda.is_available(),
-         f"device {cfg['device']!r} asked for, but CUDA is not available here (use --device=cpu or auto)")]
-    for ok, message in rules:
-        if not ok:
+        (('beta1',), lambda c: 0 <= c['beta1'] < 1, 'beta1 must be at least 0 and below 1'),
+        (('seed',), lambda c: 0 <= c['seed'] < 2 ** 32, 'seed must be a whole number from 0 to 2**32 - 1 (4294967295)'),
+        (('device',), lambda c: re.fullmatch(r'auto|cpu|cuda(:\d+)?', c['device']),
+         "device must be 'auto', 'cpu' or 'cuda[:N]'"),
+        (('device',), lambda c: not c['device'].startswith('cuda') or torch.cuda.is_available(),
+         f"device {cfg.get('device')!r} asked for, but CUDA is not available here (use --device=cpu or auto)")]
+    for names, ok, message in rules:
+        if all(name in cfg for name in names) and not ok(cfg):
             refuse(message)
 
 
@@ -535,6 +598,10 @@ def parse_args(argv):
     table = read_block()
     cfg = {name: default for name, default, _ in table}
     block_values, explicit = dict(cfg), set()
+    missing = [name for name in NEEDED if name not in cfg]
+    if missing:
+        refuse(f'the hyperparameter block has no {", ".join(missing)}, which the support code reads: keep '
+               f'{"it" if len(missing) == 1 else "them"} in the block')
     for arg in argv:
         if arg in ('-h', '--help'):
             with suppress(BrokenPipeError):  # `--help | head`: the reader stopped early, which is no error
@@ -548,7 +615,10 @@ def parse_args(argv):
             refuse(f'unknown argument {arg!r}{spaced}: use --name=value with a name from: {", ".join(cfg)}')
         cfg[name] = convert(name, text, cfg[name])
         explicit.add(name)
-    if cfg['paper']:  # the paper's conditions, where the command line does not say otherwise
+        if name not in read_anywhere():
+            print(f"{SCRIPT_NAME}: warning: --{name} changes nothing: no code in {SCRIPT_NAME} reads cfg['{name}']",
+                  file=sys.stderr)
+    if cfg.get('paper'):  # the paper's conditions, where the command line does not say otherwise
         cfg.update({name: value for name, value in PAPER.items() if name not in explicit})
     if cfg['dataset'] == STACKED and 'eval_samples' not in explicit:  # the published protocol's count
         cfg['eval_samples'] = STACKED_SAMPLES
@@ -580,7 +650,7 @@ def load_images(dataset, root, train=True):
         for empty in made:  # leave no empty folders behind, which would look like a half-done download
             with suppress(OSError):
                 os.rmdir(empty)
-        sys.exit(f'parallel_gan.py: could not load {folder} from {raw}/ ({reason}).\n'
+        sys.exit(f'{SCRIPT_NAME}: could not load {folder} from {raw}/ ({reason}).\n'
                  f'To run offline, put the four uncompressed files {", ".join(MNIST_FILES)}\n'
                  f'in {raw}/ (torchvision\'s raw layout), or point --data_root at a folder that has them.')
     return data.data.reshape(len(data.data), -1), data.targets
@@ -693,7 +763,7 @@ class PairBatches(list):
 
 def make_batches(data, labels, cfg, seed, dtype):
     """One shuffle shared by every pair, or each pair its own (own_noise)."""
-    if not cfg['own_noise']:
+    if not cfg.get('own_noise'):
         return Batches(data, labels, cfg['mb_size'], seed, dtype)
     seeds = [seed + 1_000_003 * (k + 1) for k in range(cfg['n_pairs'])]
     return PairBatches(Batches(data, labels, cfg['mb_size'], seed, dtype) for seed in seeds)
@@ -778,8 +848,11 @@ def pick_device(name):
 
 
 def own_share(t):
-    """This process's pairs' part of t, every pair's (n_pairs, ...); t shared by every pair, (1, ...), as it is."""
-    return t if procs.world == 1 or t is None or len(t) == 1 else t[procs.slots.to(t.device)]
+    """This process's pairs' part of t, every pair's (n_pairs, ...); t shared by every pair, (1, ...), as it is,
+    and one tensor viewed once per pair (expand) still a view."""
+    if procs.world == 1 or t is None or len(t) == 1:
+        return t
+    return t[:len(procs.slots)] if t.stride(0) == 0 else t[procs.slots.to(t.device)]
 
 
 def exchange(t, partners):
@@ -893,11 +966,11 @@ def load_checkpoint(path, cfg, dev):
     except Exception as error:
         refuse(f'cannot resume: {path} is damaged or not a checkpoint of this script ({type(error).__name__})')
     changed = '; '.join(f'{k}={saved[k]!r} there, {cfg[k]!r} now' for k in cfg
-                        if k not in RESUMABLE and saved[k] != cfg[k])
+                        if not resumable(k) and saved.get(k) != cfg[k])
     edits, there = code_differences(state['code'], algorithm_code()), state.get('device', 'cpu')
     if changed:
         refuse(f'cannot resume from {path} with other settings, which would not continue it exactly ({changed}); '
-               f'a resume may change only {", ".join(RESUMABLE)}')
+               f'a resume may change only the learning rates (lr, lr_*) and {", ".join(RESUMABLE)}')
     if there != dev.type:
         refuse(f'cannot resume from {path} on the {dev.type}: it was written on the {there}, and its noise and data '
                f'order continue exactly only there (--device={there})')
@@ -931,17 +1004,23 @@ def classifier():
 
 
 def fit_classifier(images, labels, epochs, dev, batch_size=128, seed=0):
-    """Train a classifier on uint8 (N, 784) images with Adam."""
+    """Train a classifier on uint8 (N, 784) images with Adam, on CLASSIFIER_THREADS CPU threads whatever --threads
+    says (a product summed by another number of threads rounds otherwise: another classifier, other metrics)."""
     torch.manual_seed(seed)
     model = classifier().to(dev)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     images, labels = images.to(dev), labels.to(dev).long()
-    for _ in range(epochs):
-        for batch in torch.randperm(len(images), device=dev).split(batch_size):
-            loss = F.cross_entropy(model(images[batch].float() / 255), labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(CLASSIFIER_THREADS)
+    try:
+        for _ in range(epochs):
+            for batch in torch.randperm(len(images), device=dev).split(batch_size):
+                loss = F.cross_entropy(model(images[batch].float() / 255), labels[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
     return model.eval()
 
 
@@ -958,7 +1037,8 @@ def load_classifier(cfg, dev, images, labels):
     if cfg['dataset'] == STACKED:
         cfg, (images, labels) = {**cfg, 'dataset': 'mnist'}, load_images('mnist', cfg['data_root'])
     test_images, test_labels = load_images(cfg['dataset'], cfg['data_root'], train=False)
-    fingerprint = [CLASSIFIER_VERSION, *(zlib.crc32(t.contiguous().numpy()) for t in (images, labels, test_images))]
+    fingerprint = [CLASSIFIER_VERSION, dev.type, CLASSIFIER_THREADS,  # all that makes its bits, as the cache's key
+                   *(zlib.crc32(t.contiguous().numpy()) for t in (images, labels, test_images))]
     path, epochs = os.path.join(cfg['classifier_dir'], f'{cfg["dataset"]}.pt'), CLASSIFIER_EPOCHS[cfg['dataset']]
     model = classifier().to(dev)
     try:
@@ -1206,7 +1286,7 @@ def find_runs(folder):
     if not runs:
         refuse(f'--compare={folder}: none of its {len(paths)} checkpoint(s) could be read: {", ".join(damaged)}')
     for path in damaged:
-        print(f'parallel_gan.py: warning: skipping {path}: damaged or not a checkpoint of this script', file=sys.stderr)
+        print(f'{SCRIPT_NAME}: warning: skipping {path}: damaged or not a checkpoint of this script', file=sys.stderr)
     values = {key: sorted({repr(state['hyperparameters'][key]) for _, state in runs}) for key in POOL_KEYS}
     differ = [f'{key} ({" vs ".join(v)})' for key, v in values.items() if len(v) > 1]
     if differ:
@@ -1216,8 +1296,8 @@ def find_runs(folder):
 
 
 def configurations(runs):
-    """Each run's configuration: the hyperparameters in which the runs differ, but NOT_CONFIGURATION, and its code."""
-    keys = [k for k in runs[0][1]['hyperparameters'] if k not in NOT_CONFIGURATION
+    """Each run's configuration: the hyperparameters in which the runs differ (but seeds_alike), and its code."""
+    keys = [k for k in runs[0][1]['hyperparameters'] if not seeds_alike(k)
             and len({repr(state['hyperparameters'][k]) for _, state in runs}) > 1]
     configs = [' '.join(f'{k}={state["hyperparameters"][k]}' for k in keys) for _, state in runs]
     codes = [state.get('code') for _, state in runs]
@@ -1366,9 +1446,10 @@ def save_figure(fig, path):
         pyplot().close(fig)
 
 
-def save_samples(path, samples, it, partners, real=None):
+def save_samples(path, samples, it, partners, real=None, row_labels=None):
     """Each generator's samples (G1, G2, ...), with its discriminator now (partners[i]): 16 images drawn 3x as a
-    4x4 grid (Stacked MNIST's three channels as RGB), or 2-D points over the real ones."""
+    4x4 grid (Stacked MNIST's three channels as RGB), or 2-D points over the real ones. row_labels: the class each row of
+    a grid asks for (a conditional GAN's), written left of it."""
     plt = pyplot()
     n = len(samples)
     cols = min(n, 4)
@@ -1394,6 +1475,9 @@ def save_samples(path, samples, it, partners, real=None):
                 grid[30 * (k // 4):30 * (k // 4) + 28, 30 * (k % 4):30 * (k % 4) + 28] = image
             ax.imshow(grid.squeeze(2).numpy(), cmap='Greys_r', vmin=0, vmax=1,
                       interpolation='nearest')  # [0, 1]: as_unit_pixels
+            for r, label in enumerate(row_labels or []):
+                ax.text(-0.01, 1 - (30 * r + 14) / (4 * 30 - 2), str(label), transform=ax.transAxes, ha='right',
+                        va='center', fontsize=9)
         else:
             ax.scatter(*real[:2000].T.numpy(), s=1, c='lightgrey')
             ax.scatter(*points.T.numpy(), s=1, c='C3')
@@ -1530,6 +1614,8 @@ class Recorder:
             self.pairs = make_pairs(cfg, images.shape[1], dev, dtype)
         except ValueError as error:
             refuse(f'cannot build the networks: {error}')
+        if cfg.get('same_init'):  # every side's networks, an edit's own sides too
+            start_alike(self.pairs)
         flat = [f'{name}.{k}' for name, side in self.pairs.items() for k, t in
                 (*side.model.named_parameters(), *side.model.named_buffers()) if t.shape[:1] != (cfg['n_pairs'],)]
         if flat:
@@ -1550,6 +1636,7 @@ class Recorder:
         classes = int(labels.max()) + 1  # the labels a conditional GAN's grid asks for: images, a class per row
         self.fixed_y = (torch.arange(16) // 4 % classes if self.real is None else torch.arange(1000) % classes)
         self.fixed_y = self.fixed_y.to(dev, labels.dtype)[None]
+        self.classes, self.conditional = classes, None  # whether the samples depend on the labels: at the first grid
         last, every = cfg['iterations'] - 1, cfg['sample_every']  # the last grid's number: as wide as every name
         self.digits = max(3, len(str(self.grids + last // every - self.iteration // every - (last % every == 0))))
         evaluates = evaluates_at(cfg['iterations'] - 1, cfg)  # the last iteration does, when any does
@@ -1575,8 +1662,8 @@ class Recorder:
         self.grids = state.get('grids', self.iteration // saved['sample_every'] + 1)  # (older checkpoints: by count)
         self.history, self.names = state['log']['history'], state['log']['names']
         self.recent = list((recent[:, procs.slots] if procs.world > 1 and len(recent) else recent).to(procs.device))
-        changes = '; '.join(f'{k}={saved[k]!r} there, {self.cfg[k]!r} now' for k in RESUMABLE
-                            if k != 'resume' and k in saved and saved[k] != self.cfg[k])
+        changes = '; '.join(f'{k}={saved[k]!r} there, {self.cfg[k]!r} now' for k in self.cfg
+                            if resumable(k) and k != 'resume' and k in saved and saved[k] != self.cfg[k])
         procs.say(f'resumed from {path} after iteration {self.iteration}, '
                   + (f'with these changes: {changes}' if changes else 'with its own hyperparameters'))
 
@@ -1592,7 +1679,7 @@ class Recorder:
         if it == self.start:  # the speed counts from here: not the set-up, nor the first iteration's warm-up
             self.clock, self.since = time.perf_counter(), it + 1
         self.iteration, self.names = it, names
-        self.recent.append(torch.stack(list(stats.values()), 1))
+        self.recent.append(statistics_of_pairs(stats, len(procs.slots) if procs.world > 1 else cfg['n_pairs']))
         origins = [side.origin for side in self.share.values()]
         if origins != self.origins:  # a swap moved the networks of a side, and their origins with them
             self.swaps.append(it)
@@ -1674,9 +1761,13 @@ class Recorder:
     def samples(self, it):
         G, D = self.pairs['G'], self.pairs['D']
         order = [G.origin.index(g) for g in range(len(G.origin))]  # the slot of G1, G2, ...
-        save_samples(self.path(f'{self.grids:0{self.digits}d}.png'),
-                     generate(self.pairs, to_slots(self.fixed_z, G), self.fixed_y)[order], it,
-                     [D.origin[slot] for slot in order], self.real)
+        z = to_slots(self.fixed_z, G)
+        samples = generate(self.pairs, z, self.fixed_y)
+        if self.conditional is None and self.real is None:  # a conditional GAN's grids say which class each row is
+            self.conditional = not torch.equal(samples, generate(self.pairs, z, (self.fixed_y + 1) % self.classes))
+        rows = self.fixed_y[0, ::4].tolist() if self.conditional else None
+        save_samples(self.path(f'{self.grids:0{self.digits}d}.png'), samples[order], it,
+                     [D.origin[slot] for slot in order], self.real, rows)
 
     def losses(self):
         if procs.leader:
@@ -1684,8 +1775,22 @@ class Recorder:
 
     def stop(self, message):
         self.losses()
-        sys.exit(f'parallel_gan.py: {message}; stopped. The last good checkpoint ({checkpoint_path(self.cfg)}) is '
+        sys.exit(f'{SCRIPT_NAME}: {message}; stopped. The last good checkpoint ({checkpoint_path(self.cfg)}) is '
                  f'untouched.')
+
+
+def statistics_of_pairs(stats, n):
+    """A step's statistics as one (n, statistics) tensor: each one value per pair (n,), or one value for all, shown
+    for each pair; any other shape is refused in one line."""
+    device = next((v.device for v in stats.values() if torch.is_tensor(v)), None)
+    columns = []
+    for name, value in stats.items():
+        value = torch.as_tensor(value, device=device).detach()
+        if value.shape not in ((), (n,)):
+            sys.exit(f'{SCRIPT_NAME}: the statistic {name!r} that train_step returns has shape {tuple(value.shape)}; '
+                     f'a statistic is one value per pair, ({n},), or one value for all pairs, ()')
+        columns.append(value.expand(n))
+    return torch.stack(columns, 1)
 
 
 RUN_FILES = ('checkpoint.pt', 'NNN.png', 'losses.png', 'metrics.csv', 'metrics.png')  # all a run writes in out_dir
@@ -1754,11 +1859,11 @@ def train(cfg):
             status = run(cfg, dev)
         procs.close(finished=True)
     except WriteFailed as failure:
-        sys.exit(f'parallel_gan.py: {failure}; stopped. {what_is_left(cfg)}')
+        sys.exit(f'{SCRIPT_NAME}: {failure}; stopped. {what_is_left(cfg)}')
     except RuntimeError as error:  # a collective failed: another process died or hung
         if procs.world == 1:
             raise
-        print(f'parallel_gan.py: process {procs.rank} lost the other processes ({str(error).splitlines()[0]}); '
+        print(f'{SCRIPT_NAME}: process {procs.rank} lost the other processes ({str(error).splitlines()[0]}); '
               f'stopped. {what_is_left(cfg)}', file=sys.stderr, flush=True)
         procs.close(finished=False)  # said first: tearing down after a loss can take a while
         sys.exit(1)
@@ -1803,7 +1908,7 @@ def run(cfg, dev):
     with interrupts_caught() as interrupted:  # from here on a Ctrl-C ends in a checkpoint
         recorder = Recorder(cfg, dev, images, labels, state, interrupted)
         world, threads = procs.world, torch.get_num_threads()
-        procs.say(f'GAP: {cfg["n_pairs"]} pairs, K={cfg["K"]}, {cfg["train_size"] or len(images)} {cfg["dataset"]} '
+        procs.say(f'GAP: {cfg["n_pairs"]} pairs, K={cfg.get("K")}, {cfg["train_size"] or len(images)} {cfg["dataset"]} '
                   f'training points, device {dev}, {cfg["dtype"]}, {world} process{"es" * (world > 1)} x {threads} '
                   f'thread{"s" * (threads > 1)}, iterations {recorder.iteration + 1}..{cfg["iterations"] - 1}')
         if cfg['eval_every'] and not recorder.evaluator:

@@ -148,15 +148,17 @@ def test_the_command_line_takes_the_number_forms_of_the_block():
 
 def test_every_hyperparameter_of_the_block_has_one_kind_and_the_name_lists_name_only_hyperparameters():
     """KINDS_OF gives each name of the block the kind it takes whatever the block holds (a name without one would
-    take its edited value's kind, a name in two would take the first); RESUMABLE, NOT_CONFIGURATION and POOL_KEYS
-    name only hyperparameters, and what fixes the run (K, the seed) cannot change on a resume."""
+    take its edited value's kind, a name in two would take the first); RESUMABLE, NEEDED and POOL_KEYS name only
+    hyperparameters, and what fixes the run (K, the seed) cannot change on a resume; every learning rate can."""
     names = [name for name, _, _ in pg.read_block()]
     declared = [name for kind_names in pg.KINDS_OF.values() for name in kind_names]
     assert sorted(names) == sorted(declared) and pg.KINDS_OF[int] == pg.COUNTS
     for name, default, _ in pg.read_block():
         assert pg.kind_of(name, default) is type(default), name
-    assert set(pg.RESUMABLE) | set(pg.NOT_CONFIGURATION) | set(pg.POOL_KEYS) <= set(names)
-    assert 'K' not in pg.RESUMABLE and 'seed' not in pg.RESUMABLE and 'seed' in pg.NOT_CONFIGURATION
+    assert set(pg.RESUMABLE) | set(pg.NEEDED) | set(pg.POOL_KEYS) <= set(names)
+    assert not pg.resumable('K') and not pg.resumable('seed') and pg.seeds_alike('seed') and not pg.seeds_alike('K')
+    assert pg.resumable('lr') and pg.resumable('lr_D') and pg.seeds_alike('lr_G')
+    assert set(names) <= pg.read_anywhere()  # the code reads every shipped name: none is said to change nothing
 
 
 def test_a_value_of_the_wrong_kind_in_the_block_is_refused_with_its_line_number(tmp_path):

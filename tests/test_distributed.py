@@ -35,7 +35,8 @@ def finish(proc, timeout=120):
 
 @pytest.mark.parametrize('conditions, iterations, split', [
     ([], 150, 80),
-    (['--paper=True', '--n_pairs=4', '--K=5', '--layers=2'], 70, 70),  # every condition, matching swaps over processes
+    (['--paper=True', '--n_pairs=4', '--K=5', '--layers=2', '--pack=2'], 70, 70),  # every condition, matching swaps
+    # over processes, and PacGAN's packs
 ], ids=['blog', 'paper'])  # paper: no resume here, which would change its input noise's schedule (test_run's resumes it)
 def test_two_processes_with_a_resume_give_the_single_process_losses(tiny_mnist, tmp_path, conditions, iterations, split):
     data = f'--data_root={tiny_mnist}'

@@ -2,6 +2,8 @@
 README's "Editing the script" says, and each checked to train the right gradients (against autograd on the real
 networks, or against the reference loop with the same edit), to swap and to resume."""
 import math
+import subprocess
+import sys
 from copy import deepcopy
 
 import pytest
@@ -10,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import parallel_gan as pg
-from conftest import ctrl_c_at, edited_copy, load
+from conftest import SCRIPT, ctrl_c_at, edited_copy, load
 from test_gap import assert_matches_reference
 from test_run import assert_same_run
 
@@ -18,7 +20,7 @@ F64, CPU = torch.float64, torch.device('cpu')
 
 D_HIDDEN = ("""        layers.append(nn.ReLU(inplace=True))
     return Networks(*layers, Linear(n, h, 1))""")
-D_LINEAR = """    for fan_in in [x_dim] + [h] * (cfg['layers'] - 1):
+D_LINEAR = """    for fan_in in [x_dim * cfg['pack']] + [h] * (cfg['layers'] - 1):
         layers.append(Linear(n, fan_in, h))"""
 EDITS = {  # the README's recipes: (old, new) in parallel_gan.py
     'leaky_relu_in_D': (D_HIDDEN, D_HIDDEN.replace('nn.ReLU(inplace=True)', 'nn.LeakyReLU(0.2, inplace=True)')),
@@ -474,3 +476,123 @@ def test_a_slip_in_draw_samples_stops_the_run_and_a_side_added_later_cannot_join
                                       '--resume_edited=True']))
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and 'holds no G_first, which this script now builds' in err and '\n' not in err
+
+
+# the README's R1 recipe: its weight in the block, train_step given it, the textbook penalty on the real inputs
+R1 = (("clip = 0.0  # clip each network's gradient", "r1 = 10.0  # R1 penalty weight: r1/2 E|grad_x D(x)|^2 on real data\n"
+       "clip = 0.0  # clip each network's gradient"),
+      ("def train_step(G, D, z, x, y=None, input_noise=(None, None, None), clip=0.0):",
+       "def train_step(G, D, z, x, y=None, input_noise=(None, None, None), clip=0.0, r1=0.0):"),
+      ("    real_logit = D.model(noisy(x, input_noise[0]))\n", "    real_x = noisy(x, input_noise[0]).requires_grad_(True)\n"
+       "    real_logit = D.model(real_x)\n"),
+      ("    D_loss = d_loss(real_logit, fake_logit)\n",
+       "    grad, = torch.autograd.grad(real_logit.sum(), real_x, create_graph=True)\n"
+       "    R1 = grad.square().sum(2).mean(1)  # each pair's mean squared gradient norm on its real batch\n"
+       "    D_loss = d_loss(real_logit, fake_logit) + r1 / 2 * R1\n"),
+      ("'D(G(z))': torch.sigmoid(fake_logit).mean((1, 2))}", "'D(G(z))': torch.sigmoid(fake_logit).mean((1, 2)), 'R1': R1}"),
+      ("    stats = train_step(G, D, z, x, y, input_noise, cfg['clip'])",
+       "    stats = train_step(G, D, z, x, y, input_noise, cfg['clip'], cfg['r1'])"))
+
+
+def test_an_r1_penalty_written_the_textbook_way_is_each_pairs_own(tmp_path):
+    """Under the script's conditions every pair sees the same real batch; the R1 recipe's gradient with respect to
+    it is still each pair's own: the same penalties, losses and D weights as a plain loop that takes R1 of one GAN
+    at a time, through swaps; the penalty is logged per pair, and a run trains and resumes with it."""
+    module, _ = edited_copy(tmp_path, *R1)
+    assert_matches_reference(2, module=module, iterations=40, K=10, h_dim=32,
+                             edit_reference=lambda ref: setattr(ref, 'r1', 10.0), train_step_args=(10.0,))
+    cfg = module.parse_args(['--n_pairs=2', '--h_dim=32'])
+    torch.manual_seed(0)
+    pairs = module.make_pairs(cfg, 784, CPU, F64)
+    D_before = deepcopy(pairs['D'].model)
+    x = torch.rand(1, 32, 784, dtype=F64).expand(2, -1, -1)  # one batch, viewed once per pair (gap_iteration's)
+    stats = module.train_step(pairs['G'], pairs['D'], torch.randn(1, 32, 10, dtype=F64), x, None, (None,) * 3, 0.0,
+                              10.0)
+    own = []
+    for i in range(2):  # pair i's penalty: its own D before the step, on the batch alone
+        x_i = x[i].clone().requires_grad_(True)
+        grad, = torch.autograd.grad(D_before(x_i[None])[i].sum(), x_i)
+        own.append(grad.square().sum(1).mean())
+    assert torch.allclose(stats['R1'], torch.stack(own), rtol=0, atol=1e-12)
+    assert not torch.allclose(stats['R1'][0], stats['R1'][1])  # two discriminators, two penalties
+    whole, split = whole_and_split(module, tmp_path, '--n_pairs=2', '--K=5')
+    assert_same_run(whole, split)
+    assert all(len(row['R1']) == 2 for row in whole['log']['history'])
+
+
+TTUR = (("lr = 1e-3  # learning rate of every network (its optimiser: Adam, in make_pairs)",
+         "lr_G = 1e-4  # the generators' learning rate (two time-scale update rule, TTUR)\n"
+         "lr_D = 4e-4  # the discriminators' learning rate"),
+        ("G.parameters(), lr=cfg['lr'],", "G.parameters(), lr=cfg['lr_G'],"),
+        ("D.parameters(), lr=cfg['lr'],", "D.parameters(), lr=cfg['lr_D'],"))
+
+
+def test_two_learning_rates_replace_lr_and_either_changes_on_a_resume(tmp_path, capsys):
+    """The README's TTUR recipe: lr_G and lr_D in place of lr. The run trains each side at its own rate; a resume
+    with a new lr_D is accepted, said, and trains D at it from there, G at its own; --lr is no name any more."""
+    module, script = edited_copy(tmp_path, *TTUR)
+    out = f'--out_dir={tmp_path / "run"}'
+    assert module.train(module.parse_args([*TINY, '--iterations=12', out])) == 0
+    rates = lambda state: [state['pairs'][side]['optimizer']['param_groups'][0]['lr'] for side in ('G', 'D')]
+    assert rates(load(tmp_path / 'run' / 'checkpoint.pt')) == [1e-4, 4e-4]
+    assert module.train(module.parse_args([*TINY, '--iterations=20', out, '--resume=True', '--lr_D=1e-3'])) == 0
+    assert 'with these changes: lr_D=0.0004 there, 0.001 now; iterations=12 there, 20 now' in capsys.readouterr().out
+    state = load(tmp_path / 'run' / 'checkpoint.pt')
+    assert rates(state) == [1e-4, 1e-3] and state['hyperparameters']['lr_D'] == 1e-3 and 'lr' not in state['hyperparameters']
+    with pytest.raises(SystemExit) as stop:
+        module.parse_args(['--lr=5e-4'])
+    assert stop.value.code == 2 and "unknown argument '--lr=5e-4'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        module.parse_args(['--lr_D=0'])
+    assert 'lr_D must be a positive number' in capsys.readouterr().err
+
+
+def test_a_name_that_no_code_reads_is_said_to_change_nothing(tmp_path, capsys):
+    """The TTUR recipe with `lr` left in the block: --lr is accepted, and one line says that it changes nothing;
+    a name the code reads is given silently."""
+    module, _ = edited_copy(tmp_path, *TTUR[1:], ("lr = 1e-3  # learning rate", "lr_G = 1e-4  # G's\nlr_D = 4e-4  # D's\n"
+                                                  "lr = 1e-3  # learning rate"))
+    module.parse_args(['--lr=5e-4', '--lr_D=1e-3'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"parallel_gan.py: warning: --lr changes nothing: no code in parallel_gan.py reads cfg['lr']"]
+
+
+def test_a_statistic_of_another_shape_is_refused_in_one_line_and_one_value_for_all_is_shown_for_each_pair(tmp_path):
+    ends = "'D(G(z))': torch.sigmoid(fake_logit).mean((1, 2))}"
+    bad, script = edited_copy(tmp_path, (ends, ends[:-1] + ", 'fake_mean': fake.mean((2,))}"))
+    result = subprocess.run([sys.executable, script, *TINY, '--iterations=5', f'--out_dir={tmp_path / "bad"}'],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert result.stderr.strip() == ("parallel_gan.py: the statistic 'fake_mean' that train_step returns has shape "
+                                     "(2, 32); a statistic is one value per pair, (2,), or one value for all pairs, ()")
+    (tmp_path / 'good').mkdir()
+    good, script = edited_copy(tmp_path / 'good', (ends, ends[:-1] + ", 'lr_now': D.optimizer.param_groups[0]['lr']}"))
+    result = subprocess.run([sys.executable, script, *TINY, '--iterations=5', '--log_every=4',
+                             f'--out_dir={tmp_path / "good"}'], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and '| lr_now 0.001/0.001 |' in result.stdout
+
+
+ENCODER = (("    return {'G': Side(G, G_optimizer, cfg['n_pairs']), 'D': Side(D, D_optimizer, cfg['n_pairs'])}",
+            "    E = discriminator(n, {**cfg, 'h_dim': 8}, x_dim).to(dev, dtype)  # an encoder's stand-in\n"
+            "    E_optimizer = torch.optim.Adam(E.parameters(), lr=cfg['lr'])\n"
+            "    return {'G': Side(G, G_optimizer, cfg['n_pairs']), 'D': Side(D, D_optimizer, cfg['n_pairs']),\n"
+            "            'E': Side(E, E_optimizer, cfg['n_pairs'])}"),)
+
+
+def test_same_init_starts_every_side_alike_an_added_one_too(tmp_path):
+    module, _ = edited_copy(tmp_path, *ENCODER)
+    for same in (True, False):
+        out = tmp_path / f'same_{same}'
+        assert module.train(module.parse_args([*TINY, '--n_pairs=3', '--own_noise=True', f'--same_init={same}',
+                                               '--iterations=1', '--K=0', f'--out_dir={out}'])) == 0
+        for side in ('E', 'G', 'D'):
+            weights = load(out / 'checkpoint.pt')['pairs'][side]['model'].values()
+            alike = all(torch.equal(t[k], t[0]) for t in weights for k in range(3))
+            assert alike == (same and side == 'E'), (side, same)  # G and D took a step: they differ again
+
+
+def test_a_renamed_copy_of_the_script_names_itself(tmp_path):
+    copy = tmp_path / 'my_gan.py'
+    copy.write_text(open(SCRIPT).read())
+    result = subprocess.run([sys.executable, str(copy), '--pack=3'], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.startswith('my_gan.py: error: mb_size=32 cannot be cut')

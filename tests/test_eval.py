@@ -157,7 +157,7 @@ R15_CENTRE = (10.0, 9.96)  # where R15's own coordinates put the centre that mix
 
 
 CONDITIONAL_D = (  # a conditional GAN's discriminator: the sample and its label, one-hot, side by side
-    ("for fan_in in [x_dim] + [h]", "for fan_in in [x_dim + 10] + [h]"),
+    ("for fan_in in [x_dim * cfg['pack']] + [h]", "for fan_in in [(x_dim + 10) * cfg['pack']] + [h]"),
     ("    real_logit = D.model(noisy(x, input_noise[0]))",
      "    label = F.one_hot(y.long(), 10).to(x.dtype)\n"
      "    real_logit = D.model(torch.cat([noisy(x, input_noise[0]), label], -1))"),
@@ -196,30 +196,37 @@ def test_a_conditional_gan_edit_trains_and_evaluates_what_it_still_can(tiny_mnis
 WITH_LABEL = (  # the README's recipe: the label beside each input, one-hot
     "def with_label(t, y):\n"
     "    \"\"\"t (1 or n_pairs, batch, features) with each row's label (1 or n_pairs, batch), one-hot, beside it.\"\"\"\n"
-    "    return torch.cat([t, F.one_hot(y.long(), 10).to(t.dtype).expand(len(t), -1, -1)], -1)\n\n\n")
+    "    label = F.one_hot(y.long(), 10).to(t.dtype)\n"
+    "    n = max(len(t), len(label))\n"
+    "    return torch.cat([t.expand(n, -1, -1), label.expand(n, -1, -1)], -1)\n\n\n")
 CONDITIONAL_GAN = (  # the README's recipe: G and D both take the label, in training and in draw_samples/score_inputs
     ("for fan_in in [cfg['z_dim']] + [h]", "for fan_in in [cfg['z_dim'] + 10] + [h]"),
-    ("for fan_in in [x_dim] + [h]", "for fan_in in [x_dim + 10] + [h]"),
+    ("for fan_in in [x_dim * cfg['pack']] + [h]", "for fan_in in [(x_dim + 10) * cfg['pack']] + [h]"),
     ("    fake = G.model(z)", "    fake = G.model(with_label(z, y))"),
     ("D.model(noisy(x, input_noise[0]))", "D.model(with_label(noisy(x, input_noise[0]), y))"),
     ("D.model(noisy(fake.detach(), input_noise[1]))", "D.model(with_label(noisy(fake.detach(), input_noise[1]), y))"),
     ("D.model(noisy(fake, input_noise[2]))", "D.model(with_label(noisy(fake, input_noise[2]), y))"),
     ("def draw_samples(pairs, z, y):", WITH_LABEL + "def draw_samples(pairs, z, y):"),
     ("    return pairs['G'].model(z)", "    return pairs['G'].model(with_label(z, y))"),
-    ("    return pairs['D'].model(x)", "    return pairs['D'].model(with_label(x, y))"))
+    ("    return D(x).repeat_interleave", "    return D(with_label(x, y)).repeat_interleave"))
 
 
-@pytest.mark.parametrize('own_noise', [False, True])
+@pytest.mark.parametrize('own_noise, pack', [(False, 1), (True, 2)])
 def test_the_conditional_gan_recipe_trains_resumes_draws_its_grids_and_is_measured(tiny_mnist, tmp_path, capsys,
-                                                                                   own_noise):
-    """G and D conditioned on the batch's labels (shared, or each pair's own batch): it trains and resumes; the
-    sample grids (a class per row) and every evaluation column come through draw_samples and score_inputs."""
+                                                                                   monkeypatch, own_noise, pack):
+    """G and D conditioned on the batch's labels (shared, or each pair's own batch; D judging single samples or
+    PacGAN's packs of two): it trains and resumes; the sample grids (a class per row, labelled) and every
+    evaluation column come through draw_samples and score_inputs. An unconditional run's grids have no row labels."""
     module, _ = edited_copy(tmp_path, *CONDITIONAL_GAN)
+    labels = []
+    grid = module.save_samples
+    monkeypatch.setattr(module, 'save_samples', lambda *args: labels.append(args[-1]) or grid(*args))
     out = tmp_path / 'out'
     common = [f'--data_root={tiny_mnist}', f'--out_dir={out}', f'--classifier_dir={tiny_mnist}/cls',
               '--h_dim=16', '--eval_every=10', '--eval_samples=200', '--log_every=5', '--sample_every=5',
-              f'--own_noise={own_noise}']
+              f'--own_noise={own_noise}', f'--pack={pack}']
     assert module.train(module.parse_args([*common, '--iterations=11'])) == 0
+    assert labels == [[0, 1, 2, 3]] * 3
     assert module.train(module.parse_args([*common, '--iterations=16', '--resume=True'])) == 0
     printed = capsys.readouterr().out
     assert 'it      15 | D_loss' in printed and 'Traceback' not in printed and 'cannot' not in printed
@@ -232,6 +239,10 @@ def test_the_conditional_gan_recipe_trains_resumes_draws_its_grids_and_is_measur
     recorder = module.Recorder(module.parse_args([*common, '--iterations=1']), torch.device('cpu'),
                                *module.training_data(module.parse_args(common)), None, [])
     assert recorder.fixed_y.tolist() == [[0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]]  # a class per grid row
+    monkeypatch.setattr(pg, 'save_samples', lambda *args: labels.append(args[-1]) or grid(*args))
+    assert pg.train(pg.parse_args([*common[:2], '--h_dim=16', '--iterations=2', f'--out_dir={tmp_path / "plain"}',
+                                   '--eval_every=0'])) == 0
+    assert labels[-1] is None
 
 
 def test_the_classifier_cache_is_reused_and_rebuilt_when_stale(tmp_path, monkeypatch, capsys):
@@ -308,3 +319,18 @@ def test_a_discriminators_accuracy_is_the_share_it_takes_for_real_at_one_half():
     mean, accuracy = pg.judge_real(pairs, points, torch.zeros(4))
     assert accuracy.tolist() == [0.5, 0.5]  # 0.55 and 0.62 are taken for real; 0.45 (and 0.35) not
     assert mean.tolist() == pytest.approx([float(torch.sigmoid(logit).mean())] * 2, abs=1e-6)
+
+
+def test_the_classifier_is_the_same_bits_whatever_threads_the_run_uses():
+    """The classifier (cached once, shared by every run of a study) trains on CLASSIFIER_THREADS threads: a run with
+    --threads=1 and one with 2 get the same weights, and the run's own thread count is left as it was."""
+    images, labels = toy_digits(600, seed=1)
+    before, weights = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            weights.append(pg.fit_classifier(images.reshape(600, -1), labels, 1, torch.device('cpu')).state_dict())
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])

@@ -16,6 +16,8 @@ def pairs(n_pairs=2, K=10, dtype=F64, seed=0, dev=CPU, **extra):
     cfg = pg.parse_args([f'--n_pairs={n_pairs}', f'--K={K}', *[f'--{k}={v}' for k, v in extra.items()]])
     torch.manual_seed(seed)
     pairs = pg.make_pairs(cfg, 784, torch.device(dev), dtype)
+    if cfg['same_init']:  # as a run starts (the Recorder)
+        pg.start_alike(pairs)
     return pairs['G'], pairs['D']
 
 
@@ -54,17 +56,18 @@ def test_every_network_is_initialised_like_nn_linear():
 
 
 def assert_matches_reference(n_pairs=2, dev=CPU, module=pg, iterations=150, K=10, losses=None, edit_reference=None,
-                             **options):
+                             train_step_args=(), **options):
     """Same starting weights, same noise and batches: the same D and G losses as the reference loop, within 1e-9,
     in float64, through a swap wherever swaps_at says; at the end the same weights (and running statistics).
-    options: hyperparameters (the paper's conditions among them). Returns the last iteration's losses."""
+    options: hyperparameters (the paper's conditions among them); train_step_args: an edited train_step's own
+    arguments after clip. Returns the last iteration's losses."""
     cfg = module.parse_args([f'--n_pairs={n_pairs}', f'--K={K}', *[f'--{k}={v}' for k, v in options.items()]])
     torch.manual_seed(0)
     pairs = module.make_pairs(cfg, 784, torch.device(dev), F64)
     G, D = pairs['G'], pairs['D']
     ref = ReferenceGAP(n_pairs, cfg['z_dim'], cfg['h_dim'], 784, cfg['lr'], cfg['layers'], cfg['beta1'],
                        *([losses] if losses else []), batch_norm=cfg['batch_norm'], output=module.IMAGE_OUTPUT,
-                       clip=cfg['clip'])
+                       clip=cfg['clip'], pack=cfg['pack'])
     if edit_reference:
         edit_reference(ref)
     ref.to(F64).to(dev).copy_weights_from(G.model, D.model)
@@ -73,10 +76,10 @@ def assert_matches_reference(n_pairs=2, dev=CPU, module=pg, iterations=150, K=10
                                F64)
     swaps = 0
     for it in range(iterations):
-        z = module.draw_noise(cfg, 32, g, F64).to(dev)
-        x, y = (t.to(dev) for t in data.next())
+        z = module.draw_noise(cfg, cfg['mb_size'], g, F64).to(dev)
+        x, y = (t.to(dev).expand(n_pairs, *t.shape[1:]) for t in data.next())  # as gap_iteration gives them
         noise = tuple(e if e is None else e.to(dev) for e in module.input_noise_of(cfg, it, 784, g, F64))
-        stats = module.train_step(G, D, z, x, y, noise, cfg['clip'])
+        stats = module.train_step(G, D, z, x, y, noise, cfg['clip'], *train_step_args)
         ours = torch.stack([stats['D_loss'], stats['G_loss']], 1)
         theirs = ref.iteration(z if len(z) > 1 else z[0], x if len(x) > 1 else x[0], noise)
         assert torch.allclose(ours, theirs, rtol=0, atol=1e-9), f'iteration {it}'
@@ -89,7 +92,7 @@ def assert_matches_reference(n_pairs=2, dev=CPU, module=pg, iterations=150, K=10
     assert ours[:, 0].std() > 0  # the pairs really differ
     for side, nets in ((G, ref.G), (D, ref.D)):
         fresh = type(ref)(n_pairs, cfg['z_dim'], cfg['h_dim'], 784, 1e-3, cfg['layers'], batch_norm=cfg['batch_norm'],
-                          output=module.IMAGE_OUTPUT)
+                          output=module.IMAGE_OUTPUT, pack=cfg['pack'])
         if edit_reference:
             edit_reference(fresh)
         fresh.to(F64).to(dev).copy_weights_from(G.model, D.model)

@@ -89,7 +89,7 @@ def test_a_resume_refuses_changes_that_would_not_continue_exactly(tiny_mnist, tm
     common = [f'--data_root={tiny_mnist}', f'--out_dir={tmp_path}', '--K=5', *SMALL]
     train(*common, '--iterations=12')
     code, message = stopped(capsys, *common, '--iterations=20', '--resume=True', *change)
-    assert code == 2 and named in message and 'may change only lr, iterations' in message
+    assert code == 2 and named in message and 'may change only the learning rates (lr, lr_*) and iterations' in message
     assert len(message.splitlines()) == 1
 
 

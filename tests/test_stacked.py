@@ -103,3 +103,35 @@ def test_stacked_mnist_trains_on_128000_examples_and_evaluates_26000_samples_unl
 def pyplot_image(path):
     import matplotlib.image
     return matplotlib.image.imread(str(path))
+
+
+def channel_classifier():
+    """A stand-in for the MNIST classifier whose class logits are an image's first 10 pixels: a channel's digit and
+    its probability are then set by hand."""
+    first_ten = torch.nn.Linear(784, 10, bias=False)
+    with torch.no_grad():
+        first_ten.weight.copy_(torch.eye(10, 784))
+    return torch.nn.Sequential(first_ten, torch.nn.Identity())
+
+
+def stacked_sample(digits, probabilities):
+    """A Stacked MNIST sample (3 * 784) whose channel c the stand-in reads as digits[c] with probabilities[c]."""
+    channels = torch.zeros(3, 784)
+    for c, (d, p) in enumerate(zip(digits, probabilities)):
+        channels[c, d] = math.log(9 * p / (1 - p))  # softmax over that logit and nine zeros: p
+    return channels.reshape(-1)
+
+
+def test_one_sample_of_a_triple_makes_it_a_mode_as_published():
+    samples = torch.stack([stacked_sample((1, 2, 3), (0.99,) * 3)] * 9 + [stacked_sample((4, 5, 6), (0.99,) * 3)])
+    metrics = pg.stacked_metrics(channel_classifier(), samples, pg.feature_stats(torch.randn(100, 10)))
+    assert metrics['modes'] == 2 and metrics['modes_captured'] == 2  # (4, 5, 6): one sample of ten
+    assert metrics['histogram'][456] == pytest.approx(0.1) and metrics['histogram'][123] == pytest.approx(0.9)
+
+
+def test_a_sample_is_confident_only_where_its_weakest_channel_reaches_0_9():
+    samples = torch.stack([stacked_sample((1, 2, 3), (0.95, 0.95, 0.95)), stacked_sample((4, 5, 6), (0.95, 0.95, 0.89)),
+                           stacked_sample((7, 8, 9), (0.95, 0.95, 0.91)), stacked_sample((1, 2, 3), (0.5, 0.5, 0.5))])
+    metrics = pg.stacked_metrics(channel_classifier(), samples, pg.feature_stats(torch.randn(100, 10)))
+    assert metrics['modes'] == 3  # every triple its digits, however unsure
+    assert metrics['modes_captured'] == 2 and metrics['high_quality'] == 0.5  # (1, 2, 3) and (7, 8, 9), once each

@@ -86,6 +86,24 @@ def stacked_tuning():
              'baseline', 'script') for h, lr in STACKED_GRID for s in (0, 1)]
 
 
+# The positive control (PacGAN, Lin et al. 2018), fixed before any of its runs: can this setup detect a remedy for
+# mode collapse that is known to work? K=0 with D judging single samples against K=0 with PacGAN2 (packs of two),
+# and, where K is given, GAP with packs (K>0 against K=0, both packed), under the script's conditions, 10 seeds,
+# each data set at its own part's settings. PacGAN's D sees a batch of B packs, each of `pack` samples, so the
+# packed arm takes mb_size = PACK * B (the unpacked arm's B) and the same number of iterations, as PacGAN's runs do.
+PACK = 2
+
+
+def packing(settings, K, seeds, unpacked=True, **data):
+    """The control and GAP with packs, seed by seed: K=0 unpacked (K0-s{seed}, the data set's own part's K=0 runs
+    again), K=0 packed (K0-pack2-s{seed}) and, where K, packed GAP (K{K}-pack2-s{seed})."""
+    packed = {**settings, 'pack': PACK, 'mb_size': PACK * settings['mb_size']}
+    arms = [('K0-s', settings, 0, 'baseline')] * unpacked + [(f'K0-pack{PACK}-s', packed, 0, 'baseline')]
+    arms += [(f'K{K}-pack{PACK}-s', packed, K, 'primary')] if K else []
+    return [(f'{name}{s}', {**hp, **data, **CONDITIONS['script'], 'K': k, 'seed': s}, arm, 'script')
+            for s in seeds for name, hp, k, arm in arms]
+
+
 TEN, FIVE = range(10), range(5)
 INTERRUPTED = []  # set by Ctrl-C: start no more runs
 R15, GRID_2500 = dict(dataset='r15', train_size=100), dict(dataset='grid25', train_size=2500)
@@ -140,15 +158,26 @@ PARTS = {  # name: (what it is, its runs, whether its runs share one pool of dis
                       cell(STACKED_RUN, 'paper', (STACKED_K,), TEN), True),
     'stacked_script_long': ("Stacked MNIST, 128,000 examples, the script's conditions, 20,001 iterations (5 epochs)",
                             cell(STACKED_LONG_RUN, 'script', (STACKED_LONG_K,), TEN), True),
+    # the positive control, PacGAN2 against K=0 (and GAP with packs where a K is given), the script's conditions
+    'r15_pack': ("R15, 100 points: K=0 unpacked and packed (PacGAN2, the control), GAP with packs (K=2)",
+                 packing(TOY, 2, TEN, **R15), True),
+    'grid25_pack': ("grid25, 60,000 points: K=0 unpacked and packed (the control), GAP with packs (K=600)",
+                    packing(TWO_D, 600, TEN, dataset='grid25'), True),
+    'ring8_pack': ("ring8, 60,000 points: K=0 unpacked and packed (PacGAN2, the control)",
+                   packing(TWO_D, None, TEN, dataset='ring8'), True),
+    'stacked_pack': ("Stacked MNIST at 20,001 iterations: K=0 packed (PacGAN2; its unpacked arm: stacked_script_long's "
+                     "K=0 runs)", packing(STACKED_LONG_RUN, None, TEN, unpacked=False), True),
 }
+# the control's unpacked arm where a packing part does not run it again: another part's K=0 runs (summarize_runs.py)
+UNPACKED_ELSEWHERE = {'stacked_pack': 'stacked_script_long'}
 # a part whose K=0 runs are another part's: the same runs bit for bit, as they differ only in swap_moves, which acts
 # at a swap alone; copied (with their checkpoints) rather than run again, so that the part's pool holds both arms
 SAME_K0_RUNS = {'r15_paper_same_init': 'r15_paper_authors_code'}
 # the pool's samples per generator where 26,000 would take hours on one thread (80 generators x 80 discriminators
 # of 2,352 inputs); else --compare's default
-COMPARE_SAMPLES = dict.fromkeys(('stacked_script', 'stacked_paper', 'stacked_script_long'), 1000)
+COMPARE_SAMPLES = dict.fromkeys(('stacked_script', 'stacked_paper', 'stacked_script_long', 'stacked_pack'), 1000)
 CONFIG_COLUMNS = ('dataset', 'train_size', 'paper', 'K', 'seed', 'n_pairs', 'layers', 'h_dim', 'z_dim', 'lr', 'beta1',
-                  'mb_size', 'iterations')
+                  'mb_size', 'iterations', 'pack')
 METRIC_COLUMNS = ('modes', 'modes_captured', 'kl', 'score', 'confidence', 'fd', 'high_quality', 'pool_mean', 'pool_worst',
                   'd_train', 'd_heldout', 'd_gap', 'd_train_acc', 'd_heldout_acc', 'd_acc_gap')
 POOL_COLUMNS = ('pool_error', 'pool_error_others', 'd_fake_error', 'd_real_error', 'best_by_pool')

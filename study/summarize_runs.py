@@ -86,6 +86,7 @@ def read_runs(path):
             run['rows'].append(row)
     for run in runs.values():
         run['K'], run['seed'], run['train_size'] = int(run['K']), int(run['seed']), int(run['train_size'])
+        run['pack'] = int(run.get('pack') or 1)  # a CSV from before PacGAN's packing: every D judged one sample
         run.setdefault('commit', '')  # a CSV from before the column
     return list(runs.values())
 
@@ -124,7 +125,8 @@ def cells(runs):
     """Every comparison of the study: a dict per (part, condition, data, setting, K>0) with each arm's runs."""
     groups = defaultdict(list)
     for run in runs:
-        groups[run['part'], run['condition'], run['dataset'], run['train_size'], *(run[k] for k in SETTING)].append(run)
+        groups[run['part'], run['condition'], run['dataset'], run['train_size'], *(run[k] for k in SETTING),
+               run['pack']].append(run)
     found = []
     for key, members in groups.items():
         baseline = [r for r in members if r['arm'] == 'baseline']
@@ -133,8 +135,8 @@ def cells(runs):
             arm = [r for r in members if r['K'] == K]
             if baseline and arm:
                 found.append({'part': key[0], 'condition': key[1], 'dataset': key[2], 'train_size': key[3],
-                              'setting': dict(zip(SETTING, key[4:])), 'K': K, 'arm': arm[0]['arm'],
-                              'baseline': baseline, 'treated': arm})
+                              'setting': dict(zip(SETTING, key[4:-1])), 'pack': key[-1], 'K': K,
+                              'arm': arm[0]['arm'], 'baseline': baseline, 'treated': arm})
     return found
 
 
@@ -210,7 +212,7 @@ def study_cells(runs):
     """The main study's comparisons (the script's and the paper's conditions; the robustness and ablation parts
     aside, and a part whose successor has runs), primary K first."""
     have = {r['part'] for r in runs}
-    aside = {*ROBUSTNESS_PARTS, *RERUNS, *(old for old, new in SUPERSEDED.items() if new in have)}
+    aside = {*ROBUSTNESS_PARTS, *RERUNS, *PACKING, *(old for old, new in SUPERSEDED.items() if new in have)}
     return [c for c in cells(runs) if c['part'] not in aside and c['condition'] in CONDITION_NAMES]
 
 
@@ -512,6 +514,110 @@ def parts_table(runs):
     return '\n'.join(lines)
 
 
+# the positive control (PacGAN, Lin et al. 2018): each packing part's K=0 runs with D judging packs of two against
+# its K=0 runs with D judging single samples, or those of another part (PACKING: part -> where its unpacked K=0 runs
+# are; None: in the part itself); and GAP with packs, K>0 against K=0, both packed (cells() of the packing parts)
+PACKING = {'r15_pack': None, 'grid25_pack': None, 'ring8_pack': None, 'stacked_pack': 'stacked_script_long'}
+# (what, metric on images, on 2-D points, +1 where higher is better); GAM-II only where both arms share a pool
+CONTROL_CLAIMS = [('modes (2-D: captured; Stacked MNIST: distinct triples)', 'modes', 'modes_captured', +1),
+                  ('high-confidence modes (Stacked MNIST)', 'modes_captured', None, +1),
+                  ('share of high-quality samples', 'high_quality', 'high_quality', +1),
+                  ('KL(modes ‖ uniform)', 'kl', 'kl', -1),
+                  ('D(x) gap, train - held-out', 'd_gap', 'd_gap', -1),
+                  ('GAM-II pool error', 'pool_error', 'pool_error', +1)]
+
+
+def control_cells(runs):
+    """Per packing part: the unpacked K=0 runs (baseline) and the packed ones (treated), and whether they share a
+    pool of discriminators (GAM-II)."""
+    found = []
+    for part, elsewhere in PACKING.items():
+        treated = [r for r in runs if r['part'] == part and r['K'] == 0 and r['pack'] > 1]
+        baseline = [r for r in runs if r['part'] == (elsewhere or part) and r['K'] == 0 and r['pack'] == 1]
+        if treated and baseline:
+            found.append({'part': part, 'dataset': treated[0]['dataset'], 'train_size': treated[0]['train_size'],
+                          'pack': treated[0]['pack'], 'baseline': baseline, 'treated': treated,
+                          'pooled': elsewhere is None, 'baseline_part': elsewhere or part})
+    return found
+
+
+def control_judgement(cell, name, metric, better):
+    """The control's effect (packed - unpacked), interval and verdict in one metric; None where it is not there."""
+    if metric is None or metric == 'pool_error' and not cell['pooled']:
+        return None
+    treated, baseline = ([value(r, metric) for r in cell[arm]] for arm in ('treated', 'baseline'))
+    if any(math.isnan(v) for v in treated + baseline):
+        return None
+    effect, low, high = bootstrap(treated, baseline)
+    said = ('no difference detected' if low <= 0 <= high else
+            'yes: better with packs' if effect * better > 0 else 'no: worse with packs')
+    if metric == 'pool_error':
+        real = [[value(r, 'd_real_error') for r in cell[arm]] for arm in ('treated', 'baseline')]
+        _, lo, hi = bootstrap(*real)
+        if not lo <= 0 <= hi:
+            said = (f'no verdict: the judges differ (held-out real error {np.mean(real[1]):.2f} unpacked against '
+                    f'{np.mean(real[0]):.2f})')
+    return {'effect': effect, 'low': low, 'high': high, 'verdict': said, 'treated': treated, 'baseline': baseline}
+
+
+def control_table(runs):
+    """The positive control: per data set and metric, each arm's mean, the effect of packing and its verdict."""
+    lines = ['| data | metric | seeds (unpacked / packed) | unpacked mean | packed mean | effect [95% interval] | '
+             'verdict |', '|---|---|---|---|---|---|---|']
+    for c in control_cells(runs):
+        stacked = c['dataset'] == 'stacked_mnist'
+        for name, images, points, better in CONTROL_CLAIMS:
+            r = control_judgement(c, name, images if stacked else points, better)
+            if r:
+                lines.append(f'| {data_name(c)} | {name} | {len(r["baseline"])} / {len(r["treated"])} | '
+                             f'{np.mean(r["baseline"]):.3g} | {np.mean(r["treated"]):.3g} | {interval(r)} | '
+                             f'{r["verdict"]} |')
+        if not c['pooled']:
+            lines.append(f'| {data_name(c)} | GAM-II pool error | - | - | - | - | not measured: the unpacked arm is '
+                         f'`{c["baseline_part"]}`\'s, pooled apart |')
+    return '\n'.join(lines) if len(lines) > 2 else None
+
+
+def packed_gap_table(runs):
+    """GAP with packs: K>0 against K=0, both packed, per claim, beside the same data's cell without packs."""
+    lines = ['| data | claim | K | with packs: K=0 mean | effect [95% interval] | verdict | without packs: effect '
+             '[95% interval] | verdict |', '|---|---|---|---|---|---|---|---|']
+    unpacked = {(c['dataset'], c['train_size'], c['K']): c for c in study_cells(runs)
+                if c['condition'] == 'script' and c['arm'] == 'primary'}
+    for c in (c for c in cells(runs) if c['part'] in PACKING and c['pack'] > 1):
+        plain = unpacked.get((c['dataset'], c['train_size'], c['K']))
+        for claim, (name, *_) in CLAIMS.items():
+            r, p = judge(c, claim), judge(plain, claim) if plain else None
+            if r:
+                lines.append(f'| {data_name(c)} | {name.split(" (")[0]} | {c["K"]} | {np.mean(r["baseline"]):.3g} | '
+                             f'{interval(r)} | {r["verdict"]} | {interval(p) if p else "-"} | '
+                             f'{p["verdict"] if p else "-"} |')
+    return '\n'.join(lines) if len(lines) > 2 else None
+
+
+def detectable_table(runs):
+    """For each GAP cell with no difference detected, on a data set the control ran on: the smallest effect the
+    cell could have detected (its interval's half-width) beside packing's effect on the same data and metric."""
+    control = {(c['dataset'], c['train_size']): c for c in control_cells(runs)}
+    lines = ['| claim | condition | data | K | GAP: effect [95% interval] | half-width | packing: effect [95% '
+             'interval] | packing\'s effect / half-width |', '|---|---|---|---|---|---|---|---|']
+    for claim, (name, *_) in CLAIMS.items():
+        for c in study_cells(runs):
+            here = control.get((c['dataset'], c['train_size']))
+            r = judge(c, claim) if c['arm'] == 'primary' and here else None
+            if not r or r['verdict'] != 'no difference detected':
+                continue
+            metric = metric_of(claim, c['dataset'])
+            better = next(b for _, images, points, b in CONTROL_CLAIMS
+                          if (images if c['dataset'] == 'stacked_mnist' else points) == metric)
+            p = control_judgement(here, name, metric, better)
+            half = (r['high'] - r['low']) / 2
+            ratio = f'{abs(p["effect"]) / half:.2g}' if p and half > 0 else '-'
+            lines.append(f'| {name.split(" (")[0]} | {c["condition"]} | {data_name(c)} | {c["K"]} | {interval(r)} | '
+                         f'{half:.3g} | {interval(p) if p else "not measured"} | {ratio} |')
+    return '\n'.join(lines) if len(lines) > 2 else None
+
+
 def pyplot():
     import matplotlib
     matplotlib.use('Agg')
@@ -662,6 +768,11 @@ def report(runs):
         STACKED_CHOICE, stacked_tuning_table(runs) or '(stacked_tune: not run yet)',
         STACKED_CHOSEN or '(no choice yet)',
         stacked_table(runs) or '(stacked_script, stacked_paper: not run yet)',
+        '## The positive control: PacGAN2 (packs of two) against K=0, the script\'s conditions',
+        control_table(runs) or '(the packing parts: not run yet)',
+        '## GAP with packs: K>0 against K=0, both packed', packed_gap_table(runs) or '(not run yet)',
+        '## What a "no difference detected" could have seen: its interval\'s half-width beside packing\'s effect',
+        detectable_table(runs) or '(not run yet)',
         '## The secondary K', verdict_table(runs, 'secondary'),
         '## The R15 parts run again by the plain-PyTorch code', 'The same maths and settings; the runs no longer '
         'repeat bit for bit, so the effects move within their intervals.', rerun_table(runs),
@@ -755,6 +866,9 @@ GENERATED = {
     'robustness': robustness_table,  # study/README.md: the R15 coverage verdicts at other settings
     'rerun': lambda runs: rerun_table(runs, 'primary'),  # study/README.md: the plain-PyTorch code, run again
     'stacked': stacked_block,  # study/README.md: Stacked MNIST
+    'control': control_table,  # study/README.md: the positive control, PacGAN2 against K=0
+    'packed_gap': packed_gap_table,  # study/README.md: GAP with packs
+    'detectable': detectable_table,  # study/README.md: what a 'no difference' could have seen
 }
 OPENING = '<!-- generated: {} (rebuilt by study/summarize_runs.py from study/runs.csv) -->'
 CLOSING = '<!-- /generated: {} -->'

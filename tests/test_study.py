@@ -299,7 +299,7 @@ def test_the_readmes_generated_blocks_are_rebuilt_from_the_runs_and_a_second_reb
     assert all(rewritten for *_, rewritten in first)  # these runs are not the study's
     after = [p.read_text() for p in readmes]
     for name, build in summary.GENERATED.items():
-        assert block('\n'.join(after), name) == build(runs).strip('\n')
+        assert block('\n'.join(after), name) == (build(runs) or '(not run yet)').strip('\n')
     assert '| R15, 100 points | script | 2 | 5 / 5 | 8 | -4.2 [' in block(after[0], 'coverage')
     assert [outside_blocks(t) for t in after] == [outside_blocks(t) for t in before]
     assert not any(rewritten for *_, rewritten in summary.rebuild_readmes(runs, readmes))
@@ -352,3 +352,43 @@ def test_a_block_without_a_builder_or_a_builder_without_a_block_is_refused_in_on
                             *map(str, readmes)], capture_output=True, text=True, cwd=tmp_path)
     assert shown.returncode == 1 and shown.stderr.count('\n') == 1 and "block 'nosuch' has no builder" in shown.stderr
     assert readmes[1].read_text() == study + unknown
+
+
+def test_the_control_compares_packed_with_unpacked_k0_and_gap_with_packs_only_among_packed_runs(tmp_path):
+    """A packing part: K=0 unpacked, K=0 packed and K=2 packed. The control compares the two K=0 arms; GAP with
+    packs compares K=2 with the packed K=0 alone (never with the unpacked one); the main tables leave the part
+    out; a 'no difference detected' cell on the same data gets its half-width beside packing's effect."""
+    path, rows = tmp_path / 'runs.csv', []
+
+    def add(part, K, pack, values):
+        for seed, v in enumerate(values):
+            for g in (1, 2):
+                rows.append({'part': part, 'condition': 'script', 'arm': 'primary' if K else 'baseline',
+                             'dataset': 'r15', 'train_size': 100, 'K': K, 'seed': seed, 'lr': 1e-3, 'h_dim': 64,
+                             'z_dim': 10, 'pack': pack, 'run': f'K{K}-pack{pack}-s{seed}', 'generator': g,
+                             'iteration': 100, 'modes_captured': v, 'high_quality': 0.9, 'kl': 1 / v, 'd_gap': 0.1,
+                             'pool_error': 0.3, 'd_real_error': 0.2, 'commit': 'abc1234'})
+    add('r15_pack', 0, 1, [6, 7, 6, 7, 6])
+    add('r15_pack', 0, 2, [9, 10, 9, 10, 9])
+    add('r15_pack', 2, 2, [9, 10, 10, 9, 9])
+    add('r15_script', 0, '', [8, 8, 8, 8, 8])  # a part from before the pack column: single samples
+    add('r15_script', 2, '', [8, 8, 8, 8, 8.2])
+    with open(path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, sweep.COLUMNS, extrasaction='ignore')
+        writer.writeheader()
+        writer.writerows(rows)
+    runs = summary.read_runs(path)
+    control = summary.control_table(runs)
+    assert '| R15, 100 points | modes (2-D: captured; Stacked MNIST: distinct triples) | 5 / 5 | 6.4 | 9.4 | +3 [' in control
+    assert control.count('yes: better with packs') == 2  # modes, and KL (lower)
+    assert '| R15, 100 points | D(x) gap, train - held-out | 5 / 5 | 0.1 | 0.1 | +0 [+0, +0] | no difference detected |' \
+        in control
+    packed, = [c for c in summary.cells(runs) if c['part'] == 'r15_pack']
+    assert {r['pack'] for r in packed['baseline'] + packed['treated']} == {2} and len(packed['baseline']) == 5
+    gap = summary.packed_gap_table(runs)
+    assert gap.startswith('| data | claim | K | with packs') and '| R15, 100 points | mode coverage | 2 | 9.4 |' in gap
+    assert {c['part'] for c in summary.study_cells(runs)} == {'r15_script'}
+    coverage, gam, gap_row = summary.detectable_table(runs).splitlines()[2:]
+    assert coverage.startswith('| mode coverage | script | R15, 100 points | 2 | +0.04 [')
+    assert '| 0.06 | +3 [' in coverage and coverage.endswith('| 50 |')
+    assert gap_row.startswith('| generalisation | script |') and gap_row.endswith('| 0 | +0 [+0, +0] | - |')

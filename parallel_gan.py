@@ -458,16 +458,6 @@ RESUMABLE = ('iterations', 'log_every', 'sample_every', 'out_dir', 'resume', 're
              'eval_every', 'eval_at_end', 'eval_samples', 'classifier_dir', 'compare', 'device', 'threads')
 # the names the support code reads: an edit may remove any other from the block
 NEEDED = ('n_pairs', 'mb_size', 'iterations', 'seed', *RESUMABLE, 'dataset', 'train_size', 'dtype')
-
-
-def resumable(name):
-    """Whether a resume may change the hyperparameter name (RESUMABLE, or a learning rate)."""
-    return name in RESUMABLE or name.startswith('lr')
-
-
-def seeds_alike(name):
-    """Whether runs that differ in name alone are seeds of one configuration (the seed, or what a resume changes)."""
-    return name == 'seed' or resumable(name)
 POOL_KEYS = ('z_dim', 'h_dim', 'layers', 'dataset')  # runs that differ in these cannot share one pool in --compare
 IMAGE_DATASETS = {'mnist': 'MNIST', 'fashion_mnist': 'FashionMNIST'}  # torchvision's class and folder names
 STACKED = 'stacked_mnist'  # three MNIST digits as the colour channels (stacked_mnist, below): 1,000 modes
@@ -481,6 +471,16 @@ KINDS_OF = {int: COUNTS, float: ('lr', 'beta1', 'input_noise', 'clip'),  # what 
             bool: ('paper', 'own_noise', 'batch_norm', 'same_init', 'resume', 'resume_edited', 'eval_at_end'),
             str: ('prior', 'swap', 'swap_moves', 'out_dir', 'dataset', 'data_root', 'classifier_dir', 'compare',
                   'device', 'dtype')}
+
+
+def resumable(name):
+    """Whether a resume may change the hyperparameter name (RESUMABLE, or a learning rate)."""
+    return name in RESUMABLE or name.startswith('lr')
+
+
+def seeds_alike(name):
+    """Whether runs that differ in name alone are seeds of one configuration (the seed, or what a resume changes)."""
+    return name == 'seed' or resumable(name)
 
 
 # ------------------------------------------------------------------------------------
@@ -507,8 +507,8 @@ def read_block():
 
 def read_anywhere():
     """The names that the code outside the hyperparameter block looks up, as cfg[NAME] or cfg.get(NAME) with NAME
-    quoted: the hyperparameters it reads (a name that no code reads, which an edit left behind, `lr` beside `lr_G` and `lr_D`,
-    changes nothing)."""
+    quoted: the hyperparameters it reads (a name that no code reads, which an edit left behind, `lr` beside `lr_G`
+    and `lr_D`, changes nothing)."""
     with open(__file__) as f:
         source = f.read()
     outside = source[:source.index('# --- hyperparameters')] + source[source.index('# --- end of hyperparameters'):]
@@ -1448,8 +1448,8 @@ def save_figure(fig, path):
 
 def save_samples(path, samples, it, partners, real=None, row_labels=None):
     """Each generator's samples (G1, G2, ...), with its discriminator now (partners[i]): 16 images drawn 3x as a
-    4x4 grid (Stacked MNIST's three channels as RGB), or 2-D points over the real ones. row_labels: the class each row of
-    a grid asks for (a conditional GAN's), written left of it."""
+    4x4 grid (Stacked MNIST's three channels as RGB), or 2-D points over the real ones. row_labels: the class each
+    row of a grid asks for (a conditional GAN's), written left of it."""
     plt = pyplot()
     n = len(samples)
     cols = min(n, 4)

@@ -538,7 +538,8 @@ def test_two_learning_rates_replace_lr_and_either_changes_on_a_resume(tmp_path, 
     assert module.train(module.parse_args([*TINY, '--iterations=20', out, '--resume=True', '--lr_D=1e-3'])) == 0
     assert 'with these changes: lr_D=0.0004 there, 0.001 now; iterations=12 there, 20 now' in capsys.readouterr().out
     state = load(tmp_path / 'run' / 'checkpoint.pt')
-    assert rates(state) == [1e-4, 1e-3] and state['hyperparameters']['lr_D'] == 1e-3 and 'lr' not in state['hyperparameters']
+    assert rates(state) == [1e-4, 1e-3] and state['hyperparameters']['lr_D'] == 1e-3
+    assert 'lr' not in state['hyperparameters']
     with pytest.raises(SystemExit) as stop:
         module.parse_args(['--lr=5e-4'])
     assert stop.value.code == 2 and "unknown argument '--lr=5e-4'" in capsys.readouterr().err
@@ -550,8 +551,8 @@ def test_two_learning_rates_replace_lr_and_either_changes_on_a_resume(tmp_path, 
 def test_a_name_that_no_code_reads_is_said_to_change_nothing(tmp_path, capsys):
     """The TTUR recipe with `lr` left in the block: --lr is accepted, and one line says that it changes nothing;
     a name the code reads is given silently."""
-    module, _ = edited_copy(tmp_path, *TTUR[1:], ("lr = 1e-3  # learning rate", "lr_G = 1e-4  # G's\nlr_D = 4e-4  # D's\n"
-                                                  "lr = 1e-3  # learning rate"))
+    module, _ = edited_copy(tmp_path, *TTUR[1:], ("lr = 1e-3  # learning rate",
+                                                  "lr_G = 1e-4  # G's\nlr_D = 4e-4  # D's\nlr = 1e-3  # learning rate"))
     module.parse_args(['--lr=5e-4', '--lr_D=1e-3'])
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"parallel_gan.py: warning: --lr changes nothing: no code in parallel_gan.py reads cfg['lr']"]

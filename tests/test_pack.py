@@ -39,9 +39,8 @@ def test_packs_of_two_train_as_a_plain_loop_that_packs_each_pairs_batches(option
 
 def test_pack_1_is_the_script_without_packing_bit_for_bit(tmp_path):
     """The script with every line of packing taken out trains, evaluates and saves exactly what pack=1 does."""
-    plain, _ = edited_copy(tmp_path, (
-        "pack = 1  # PacGAN: each D judges packs of this many samples side by side, mb_size/pack packs a step (1: off)\n",
-        ''), (
+    block_line = next(line for line in open(pg.__file__).read().splitlines() if line.startswith('pack = 1  #'))
+    plain, _ = edited_copy(tmp_path, (block_line + '\n', ''), (
         "    h, layers = cfg['h_dim'], [Pack(cfg['pack'])] if cfg['pack'] > 1 else []\n"
         "    for fan_in in [x_dim * cfg['pack']] + [h] * (cfg['layers'] - 1):",
         "    h, layers = cfg['h_dim'], []\n"

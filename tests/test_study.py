@@ -379,14 +379,16 @@ def test_the_control_compares_packed_with_unpacked_k0_and_gap_with_packs_only_am
         writer.writerows(rows)
     runs = summary.read_runs(path)
     control = summary.control_table(runs)
-    assert '| R15, 100 points | modes (2-D: captured; Stacked MNIST: distinct triples) | 5 / 5 | 6.4 | 9.4 | +3 [' in control
+    modes = '| R15, 100 points | modes (2-D: captured; Stacked MNIST: distinct triples) | 5 / 5 | 6.4 | 9.4 | +3 ['
+    assert modes in control
     assert control.count('yes: better with packs') == 2  # modes, and KL (lower)
-    assert '| R15, 100 points | D(x) gap, train - held-out | 5 / 5 | 0.1 | 0.1 | +0 [+0, +0] | no difference detected |' \
-        in control
+    gap = '| R15, 100 points | D(x) gap, train - held-out | 5 / 5 | 0.1 | 0.1 | +0 [+0, +0] | no difference detected |'
+    assert gap in control
     packed, = [c for c in summary.cells(runs) if c['part'] == 'r15_pack']
     assert {r['pack'] for r in packed['baseline'] + packed['treated']} == {2} and len(packed['baseline']) == 5
-    gap = summary.packed_gap_table(runs)
-    assert gap.startswith('| data | claim | K | with packs') and '| R15, 100 points | mode coverage | 2 | 9.4 |' in gap
+    packed_gap = summary.packed_gap_table(runs)
+    assert packed_gap.startswith('| data | claim | K | with packs')
+    assert '| R15, 100 points | mode coverage | 2 | 9.4 |' in packed_gap
     assert {c['part'] for c in summary.study_cells(runs)} == {'r15_script'}
     coverage, gam, gap_row = summary.detectable_table(runs).splitlines()[2:]
     assert coverage.startswith('| mode coverage | script | R15, 100 points | 2 | +0.04 [')

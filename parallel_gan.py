@@ -1785,7 +1785,11 @@ def statistics_of_pairs(stats, n):
     device = next((v.device for v in stats.values() if torch.is_tensor(v)), None)
     columns = []
     for name, value in stats.items():
-        value = torch.as_tensor(value, device=device).detach()
+        try:
+            value = torch.as_tensor(value, device=device).detach()
+        except (TypeError, ValueError, RuntimeError):
+            sys.exit(f'{SCRIPT_NAME}: the statistic {name!r} that train_step returns is {type(value).__name__}, not a '
+                     f'number or tensor; a statistic is one value per pair, ({n},), or one value for all pairs, ()')
         if value.shape not in ((), (n,)):
             sys.exit(f'{SCRIPT_NAME}: the statistic {name!r} that train_step returns has shape {tuple(value.shape)}; '
                      f'a statistic is one value per pair, ({n},), or one value for all pairs, ()')

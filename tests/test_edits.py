@@ -566,6 +566,12 @@ def test_a_statistic_of_another_shape_is_refused_in_one_line_and_one_value_for_a
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     assert result.stderr.strip() == ("parallel_gan.py: the statistic 'fake_mean' that train_step returns has shape "
                                      "(2, 32); a statistic is one value per pair, (2,), or one value for all pairs, ()")
+    (tmp_path / 'word').mkdir()
+    _, script = edited_copy(tmp_path / 'word', (ends, ends[:-1] + ", 'note': 'hello'}"))
+    result = subprocess.run([sys.executable, script, *TINY, '--iterations=5', f'--out_dir={tmp_path / "word"}'],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.strip().startswith(
+        "parallel_gan.py: the statistic 'note' that train_step returns is str, not a number or tensor;")
     (tmp_path / 'good').mkdir()
     good, script = edited_copy(tmp_path / 'good', (ends, ends[:-1] + ", 'lr_now': D.optimizer.param_groups[0]['lr']}"))
     result = subprocess.run([sys.executable, script, *TINY, '--iterations=5', '--log_every=4',

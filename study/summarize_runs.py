@@ -596,14 +596,16 @@ def packed_gap_table(runs):
 
 
 def detectable_table(runs):
-    """For each GAP cell with no difference detected, on a data set the control ran on: the smallest effect the
-    cell could have detected (its interval's half-width) beside packing's effect on the same data and metric."""
+    """For each GAP cell with no difference detected, on a data set the control ran on for as many iterations: the
+    smallest effect the cell could have detected (its interval's half-width) beside packing's effect on the same
+    data and metric, and their ratio where packing helped."""
     control = {(c['dataset'], c['train_size']): c for c in control_cells(runs)}
     lines = ['| claim | condition | data | K | GAP: effect [95% interval] | half-width | packing: effect [95% '
-             'interval] | packing\'s effect / half-width |', '|---|---|---|---|---|---|---|---|']
+             'interval] | packing\'s gain / half-width |', '|---|---|---|---|---|---|---|---|']
     for claim, (name, *_) in CLAIMS.items():
         for c in study_cells(runs):
             here = control.get((c['dataset'], c['train_size']))
+            here = here if here and here['treated'][0]['iterations'] == c['treated'][0]['iterations'] else None
             r = judge(c, claim) if c['arm'] == 'primary' and here else None
             if not r or r['verdict'] != 'no difference detected':
                 continue
@@ -612,7 +614,8 @@ def detectable_table(runs):
                           if (images if c['dataset'] == 'stacked_mnist' else points) == metric)
             p = control_judgement(here, name, metric, better)
             half = (r['high'] - r['low']) / 2
-            ratio = f'{abs(p["effect"]) / half:.2g}' if p and half > 0 else '-'
+            helped = p and half > 0 and p['verdict'].startswith('yes')
+            ratio = f'{abs(p["effect"]) / half:.2g}' if helped else '-'
             lines.append(f'| {name.split(" (")[0]} | {c["condition"]} | {data_name(c)} | {c["K"]} | {interval(r)} | '
                          f'{half:.3g} | {interval(p) if p else "not measured"} | {ratio} |')
     return '\n'.join(lines) if len(lines) > 2 else None

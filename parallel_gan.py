@@ -410,7 +410,7 @@ def score_inputs(pairs, x, y):
     here: (n_pairs, batch, 1) by slot. A packing D (PacGAN) judges packs of consecutive inputs, the last pack
     filled up from the first inputs, and each input gets its pack's logit."""
     D, batch = pairs['D'].model, x.shape[1]
-    pack = D[0].m if isinstance(D[0], Pack) else 1
+    pack = next((layer.m for layer in D.modules() if isinstance(layer, Pack)), 1)
     if pack > 1:
         filled = torch.arange(-(-batch // pack) * pack, device=x.device) % batch
         x, y = x[:, filled], y[:, filled]

@@ -46,7 +46,7 @@ def test_pack_1_is_the_script_without_packing_bit_for_bit(tmp_path):
         "    h, layers = cfg['h_dim'], []\n"
         "    for fan_in in [x_dim] + [h] * (cfg['layers'] - 1):"), (
         "    D, batch = pairs['D'].model, x.shape[1]\n"
-        "    pack = D[0].m if isinstance(D[0], Pack) else 1\n"
+        "    pack = next((layer.m for layer in D.modules() if isinstance(layer, Pack)), 1)\n"
         "    if pack > 1:\n"
         "        filled = torch.arange(-(-batch // pack) * pack, device=x.device) % batch\n"
         "        x, y = x[:, filled], y[:, filled]\n"

@@ -597,7 +597,7 @@ def parse_args(argv):
     global block_values, explicit
     table = read_block()
     cfg = {name: default for name, default, _ in table}
-    block_values, explicit = dict(cfg), set()
+    block_values, explicit, read = dict(cfg), set(), read_anywhere()
     missing = [name for name in NEEDED if name not in cfg]
     if missing:
         refuse(f'the hyperparameter block has no {", ".join(missing)}, which the support code reads: keep '
@@ -615,7 +615,7 @@ def parse_args(argv):
             refuse(f'unknown argument {arg!r}{spaced}: use --name=value with a name from: {", ".join(cfg)}')
         cfg[name] = convert(name, text, cfg[name])
         explicit.add(name)
-        if name not in read_anywhere():
+        if name not in read:
             print(f"{SCRIPT_NAME}: warning: --{name} changes nothing: no code in {SCRIPT_NAME} reads cfg['{name}']",
                   file=sys.stderr)
     if cfg.get('paper'):  # the paper's conditions, where the command line does not say otherwise

@@ -150,13 +150,24 @@ def judge(cell, claim):
     result = {'effect': effect, 'low': low, 'high': high, 'verdict': verdict(claim, effect, low, high),
               'treated': treated, 'baseline': baseline}
     if claim == 'gam2':  # the paper's condition for GAM: judges equally strict on held-out real data
-        real = [[value(r, 'd_real_error') for r in cell[arm]] for arm in ('treated', 'baseline')]
-        difference, lo, hi = bootstrap(*real)
-        result['judges'] = (float(np.mean(real[1])), float(np.mean(real[0])), lo, hi)
-        if not lo <= 0 <= hi:
-            result['verdict'] = (f'no verdict: the judges differ (held-out real error {np.mean(real[1]):.2f} for K=0 '
-                                 f'against {np.mean(real[0]):.2f})')
+        result['judges'] = real_errors(cell)
+        result['verdict'] = judges_differ(result['judges'], 'for K=0') or result['verdict']
     return result
+
+
+def real_errors(cell):
+    """How each arm's judges reject held-out real data: (baseline's mean, treated's mean, the 95% interval of their
+    difference)."""
+    real = [[value(r, 'd_real_error') for r in cell[arm]] for arm in ('treated', 'baseline')]
+    _, low, high = bootstrap(*real)
+    return float(np.mean(real[1])), float(np.mean(real[0])), low, high
+
+
+def judges_differ(judges, baseline_name):
+    """GAM-II's 'no verdict' where the two arms' judges (real_errors) differ detectably, else None."""
+    baseline, treated, low, high = judges
+    return None if low <= 0 <= high else (f'no verdict: the judges differ (held-out real error {baseline:.2f} '
+                                          f'{baseline_name} against {treated:.2f})')
 
 
 # the secondary GAM-II analysis (set after the primary rule, see EQUIVALENCE_NOTE): the judges are taken as comparable
@@ -552,11 +563,7 @@ def control_judgement(cell, name, metric, better):
     said = ('no difference detected' if low <= 0 <= high else
             'yes: better with packs' if effect * better > 0 else 'no: worse with packs')
     if metric == 'pool_error':
-        real = [[value(r, 'd_real_error') for r in cell[arm]] for arm in ('treated', 'baseline')]
-        _, lo, hi = bootstrap(*real)
-        if not lo <= 0 <= hi:
-            said = (f'no verdict: the judges differ (held-out real error {np.mean(real[1]):.2f} unpacked against '
-                    f'{np.mean(real[0]):.2f})')
+        said = judges_differ(real_errors(cell), 'unpacked') or said
     return {'effect': effect, 'low': low, 'high': high, 'verdict': said, 'treated': treated, 'baseline': baseline}
 
 
